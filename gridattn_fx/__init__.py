@@ -1,0 +1,30 @@
+"""gridattn-fx: Grid-Attention for pretrained vision transformers, as a torch.compile backend.
+
+    compiled = torch.compile(model, backend="gridattn", options={"stride": 2})
+    gm, report = gridattn_fx.rewrite(model, (images,), stride=2)
+    print(gridattn_fx.last_report())
+"""
+
+from .api import capture, rewrite
+from .config import GridAttnConfig
+from .dynamo_backend import backend
+from .grid import TokenLayout, cluster, grid_mask, grouped_attention, masked_attention, recover
+from .report import Report, SiteReport, last_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GridAttnConfig",
+    "Report",
+    "SiteReport",
+    "TokenLayout",
+    "backend",
+    "capture",
+    "cluster",
+    "grid_mask",
+    "grouped_attention",
+    "last_report",
+    "masked_attention",
+    "recover",
+    "rewrite",
+]

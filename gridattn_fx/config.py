@@ -1,0 +1,109 @@
+"""User options: one validated config object, built from keyword options or ``torch.compile(options=...)``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+from .grid import Stride, normalize_stride
+
+IMPLEMENTATIONS = ("grouped", "masked")
+
+
+@dataclass(frozen=True)
+class GridAttnConfig:
+    """What the pass may rewrite and how.
+
+    stride            int or (Gh, Gw); 1 leaves every site alone.
+    min_image_tokens  sites whose query image has fewer tokens are skipped (grouping tiny images
+                      costs more in regrouping than it saves).
+    include/exclude   regexes searched in each site's module path; a site must match some
+                      ``include`` (when given) and no ``exclude``.
+    implementation    "grouped" (regrouped attention, G times fewer FLOPs) or "masked" (dense
+                      SDPA with the grid mask: the exact oracle, for checking).
+    strict            raise when the pass fails instead of compiling the original graph.
+    """
+
+    stride: Stride = (2, 2)
+    min_image_tokens: int = 1024
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    implementation: str = "grouped"
+    strict: bool = False
+    _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
+    _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        try:
+            stride = normalize_stride(self.stride)
+        except TypeError as err:
+            raise TypeError(f"option 'stride': {err}") from None
+        if min(stride) < 1:
+            raise ValueError(f"option 'stride' must be >= 1, got {self.stride!r}")
+        object.__setattr__(self, "stride", stride)
+        if not isinstance(self.min_image_tokens, int) or isinstance(self.min_image_tokens, bool):
+            raise TypeError(f"option 'min_image_tokens' must be an int, got {self.min_image_tokens!r}")
+        if self.min_image_tokens < 0:
+            raise ValueError(f"option 'min_image_tokens' must be >= 0, got {self.min_image_tokens}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, str) for v in value
+            ):
+                raise TypeError(f"option '{name}' must be a list of regex strings, got {value!r}")
+            try:
+                compiled = tuple(re.compile(v) for v in value)
+            except re.error as err:
+                raise ValueError(f"option '{name}': bad regex: {err}") from None
+            object.__setattr__(self, name, tuple(value))
+            object.__setattr__(self, f"_{name}_re", compiled)
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"option 'implementation' must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+            )
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"option 'strict' must be a bool, got {self.strict!r}")
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.init)
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> tuple["GridAttnConfig", dict]:
+        """Split ``options`` into our config and the inductor options to pass through."""
+        ours, inductor = {}, {}
+        known_inductor = _inductor_option_names()
+        for key, value in (options or {}).items():
+            if key in cls.option_names():
+                ours[key] = value
+            elif key in known_inductor:
+                inductor[key] = value
+            else:
+                raise ValueError(
+                    f"unknown gridattn option {key!r}: expected one of {', '.join(cls.option_names())} "
+                    "or an inductor config option (torch._inductor.list_options())"
+                )
+        return cls(**ours), inductor
+
+    def with_options(self, **options) -> "GridAttnConfig":
+        from dataclasses import replace
+
+        unknown = set(options) - set(self.option_names())
+        if unknown:
+            raise ValueError(f"unknown gridattn option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **options)
+
+    def selects(self, module_path: str) -> tuple[bool, str]:
+        """Whether include/exclude admit a module path, and why not."""
+        if self._include_re and not any(r.search(module_path) for r in self._include_re):
+            return False, f"not matched by include={list(self.include)}"
+        for r in self._exclude_re:
+            if r.search(module_path):
+                return False, f"matched by exclude {r.pattern!r}"
+        return True, ""
+
+
+def _inductor_option_names() -> set[str]:
+    import torch._inductor
+
+    return set(torch._inductor.list_options())

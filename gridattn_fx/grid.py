@@ -1,0 +1,377 @@
+"""The grid semantics as plain tensor functions.
+
+Everything here runs eagerly on real tensors *and* is what the rewrite inserts into graphs:
+``passes/grid_rewrite.py`` traces :meth:`GridPlan.grouped` / :meth:`GridPlan.masked` with
+``torch.fx`` and inlines the result, so the code tested directly is the code that runs compiled.
+For that reason every shape decision here depends only on plan constants (layouts, stride, ranks),
+never on ``tensor.shape`` read at run time; batch and head sizes flow through ``-1`` and
+``size()`` calls, so a batch size that changes (even symbolically) needs no new plan.
+
+Reference semantics (DESIGN.md section 1): a rewritten site computes
+``SDPA(q, k, v, attn_mask = B + log M)`` where ``M`` (see :func:`grid_mask`) keeps a query/key pair
+iff one of them is not an image token or both fall into the same group ``(r % Gh, c % Gw)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+Stride = tuple[int, int]
+
+__all__ = [
+    "TokenLayout",
+    "GridPlan",
+    "cluster",
+    "recover",
+    "grid_mask",
+    "grouped_attention",
+    "masked_attention",
+    "normalize_stride",
+]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """A sequence axis: ``prefix`` non-image tokens, an ``height x width`` image, ``suffix`` tokens.
+
+    ``transposed`` means the image tokens are stored column-major (index ``c * height + r``).
+    """
+
+    prefix: int
+    height: int
+    width: int
+    suffix: int = 0
+    transposed: bool = False
+
+    @property
+    def image_tokens(self) -> int:
+        return self.height * self.width
+
+    @property
+    def length(self) -> int:
+        return self.prefix + self.image_tokens + self.suffix
+
+    def __str__(self) -> str:
+        text = f"{self.height}x{self.width}" + ("(col-major)" if self.transposed else "")
+        if self.prefix:
+            text = f"{self.prefix}+{text}"
+        if self.suffix:
+            text = f"{text}+{self.suffix}"
+        return text
+
+
+def normalize_stride(stride) -> Stride:
+    if isinstance(stride, int) and not isinstance(stride, bool):
+        return (stride, stride)
+    if (
+        isinstance(stride, (tuple, list))
+        and len(stride) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in stride)
+    ):
+        return (int(stride[0]), int(stride[1]))
+    raise TypeError(f"stride must be an int or a pair of ints (Gh, Gw), got {stride!r}")
+
+
+def _storage_grid(layout: TokenLayout, stride: Stride) -> tuple[int, int, int, int]:
+    """(rows, cols, row stride, col stride) of the image as it is laid out in memory."""
+    gh, gw = stride
+    if layout.transposed:
+        return layout.width, layout.height, gw, gh
+    return layout.height, layout.width, gh, gw
+
+
+def _cluster_rows_cols(x, rows: int, cols: int, sr: int, sc: int):
+    """(..., rows*cols, d) -> (..., sr*sc, n, d), zero-padding rows/cols up to multiples of the stride."""
+    rows_p, cols_p = -(-rows // sr) * sr, -(-cols // sc) * sc
+    x = x.unflatten(-2, (rows, cols))
+    if rows_p != rows or cols_p != cols:
+        x = F.pad(x, (0, 0, 0, cols_p - cols, 0, rows_p - rows))
+    x = x.unflatten(-3, (rows_p // sr, sr)).unflatten(-2, (cols_p // sc, sc))
+    # (..., a, sr, b, sc, d) -> (..., sr, sc, a, b, d): the group offsets lead.
+    x = x.movedim(-4, -5).movedim(-2, -4)
+    return x.flatten(-5, -4).flatten(-3, -2)
+
+
+def _recover_rows_cols(xg, rows: int, cols: int, sr: int, sc: int):
+    rows_p, cols_p = -(-rows // sr) * sr, -(-cols // sc) * sc
+    x = xg.unflatten(-3, (sr, sc)).unflatten(-2, (rows_p // sr, cols_p // sc))
+    x = x.movedim(-4, -2).movedim(-5, -4)
+    x = x.flatten(-5, -4).flatten(-3, -2)
+    if rows_p != rows or cols_p != cols:
+        x = x.narrow(-3, 0, rows).narrow(-2, 0, cols)
+    return x.flatten(-3, -2)
+
+
+def _swap_group_axes(xg, first: int, second: int):
+    """Reorder the group axis from (first, second) offsets to (second, first)."""
+    return xg.unflatten(-3, (first, second)).transpose(-4, -3).flatten(-4, -3)
+
+
+def cluster(x, height: int, width: int, stride, transposed: bool = False):
+    """Grid Clustering: image tokens ``(..., H*W, d)`` -> groups ``(..., Gh*Gw, n, d)``.
+
+    Group ``g = (r % Gh) * Gw + (c % Gw)``; inside a group tokens keep raster order. Sides that are
+    not multiples of the stride are zero-padded (the padded keys must be masked by the caller).
+    """
+    layout = TokenLayout(0, height, width, 0, transposed)
+    rows, cols, sr, sc = _storage_grid(layout, normalize_stride(stride))
+    xg = _cluster_rows_cols(x, rows, cols, sr, sc)
+    # A column-major image clusters with (Gw, Gh) offsets; put the group axis back in (Gh, Gw) order
+    # so that groups of two differently stored grids line up.
+    return _swap_group_axes(xg, sr, sc) if transposed else xg
+
+
+def recover(xg, height: int, width: int, stride, transposed: bool = False):
+    """Grid Recovering: the exact inverse of :func:`cluster` (padding dropped)."""
+    layout = TokenLayout(0, height, width, 0, transposed)
+    rows, cols, sr, sc = _storage_grid(layout, normalize_stride(stride))
+    if transposed:
+        xg = _swap_group_axes(xg, sc, sr)
+    return _recover_rows_cols(xg, rows, cols, sr, sc)
+
+
+def _group_ids(layout: TokenLayout, stride: Stride, device) -> torch.Tensor:
+    """Group id of every token of the sequence, -1 for prefix/suffix tokens."""
+    gh, gw = stride
+    idx = torch.arange(layout.image_tokens, device=device)
+    if layout.transposed:
+        r, c = idx % layout.height, idx // layout.height
+    else:
+        r, c = idx // layout.width, idx % layout.width
+    gid = (r % gh) * gw + (c % gw)
+    pre = torch.full((layout.prefix,), -1, dtype=gid.dtype, device=device)
+    suf = torch.full((layout.suffix,), -1, dtype=gid.dtype, device=device)
+    return torch.cat([pre, gid, suf])
+
+
+def grid_mask(q_layout: TokenLayout, k_layout: TokenLayout, stride, device=None) -> torch.Tensor:
+    """The grid mask ``M`` (bool, ``(Lq, Lk)``): True where attention is kept."""
+    stride = normalize_stride(stride)
+    gq = _group_ids(q_layout, stride, device)
+    gk = _group_ids(k_layout, stride, device)
+    return (gq[:, None] == gk[None, :]) | (gq < 0)[:, None] | (gk < 0)[None, :]
+
+
+def _additive(mask, is_bool: bool, dtype):
+    """A boolean mask (True = keep) as the additive 0 / -inf bias SDPA would apply."""
+    if is_bool:
+        return torch.where(mask, 0.0, float("-inf")).to(dtype)
+    return mask
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """Everything static about one rewritten site: layouts, stride, ranks and SDPA flags.
+
+    ``ndim`` is the rank of q; ``mask_ndim`` the rank of the attn_mask (None: no mask);
+    ``mask_rows`` / ``mask_cols`` say whether the mask spans the query / key axis or broadcasts (size 1);
+    ``mask_bool`` whether it is a boolean keep-mask rather than an additive bias.
+    """
+
+    q_layout: TokenLayout
+    k_layout: TokenLayout
+    stride: Stride
+    ndim: int
+    mask_ndim: int | None = None
+    mask_rows: bool = True
+    mask_cols: bool = True
+    mask_bool: bool = False
+    dropout_p: float = 0.0
+    scale: float | None = None
+    enable_gqa: bool = False
+
+    @property
+    def groups(self) -> int:
+        return self.stride[0] * self.stride[1]
+
+    @staticmethod
+    def for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p=0.0, scale=None, enable_gqa=False):
+        """The plan for concrete tensors (eager use)."""
+        if q.shape[-2] != q_layout.length or k.shape[-2] != k_layout.length:
+            raise ValueError(
+                f"layouts {q_layout} / {k_layout} do not match sequence lengths {q.shape[-2]} / {k.shape[-2]}"
+            )
+        m = attn_mask
+        return GridPlan(
+            q_layout, k_layout, normalize_stride(stride), q.dim(),
+            None if m is None else m.dim(),
+            True if m is None else (m.dim() >= 2 and m.shape[-2] != 1),
+            True if m is None else m.shape[-1] != 1,
+            m is not None and m.dtype == torch.bool,
+            float(dropout_p), scale, bool(enable_gqa),
+        )
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _sdpa(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p, scale=self.scale, enable_gqa=self.enable_gqa
+        )
+
+    @staticmethod
+    def _parts(x, layout: TokenLayout, axis: int = -2):
+        """(prefix, image, suffix) slices along ``axis``; None for empty parts."""
+        n = layout.image_tokens
+        pre = x.narrow(axis, 0, layout.prefix) if layout.prefix else None
+        img = x.narrow(axis, layout.prefix, n)
+        suf = x.narrow(axis, layout.prefix + n, layout.suffix) if layout.suffix else None
+        return pre, img, suf
+
+    def _cluster(self, x, layout: TokenLayout):
+        return cluster(x, layout.height, layout.width, self.stride, layout.transposed)
+
+    def _shared_keys(self, x, pre, suf):
+        """Prepend / append the non-image keys to every group: (..., G, n, d) -> (..., G, P+n+S, d)."""
+        if pre is None and suf is None:
+            return x
+        keep = [-1] * (self.ndim - 2)
+        pieces = []
+        if pre is not None:
+            pieces.append(pre.unsqueeze(-3).expand(*keep, self.groups, -1, -1))
+        pieces.append(x)
+        if suf is not None:
+            pieces.append(suf.unsqueeze(-3).expand(*keep, self.groups, -1, -1))
+        return torch.cat(pieces, dim=-2)
+
+    def _key_padding_bias(self, dtype, device):
+        """Additive (G, 1, Lk_group) bias hiding the zero keys that padding added; None if none."""
+        kl = self.k_layout
+        rows, cols, sr, sc = _storage_grid(kl, self.stride)
+        if rows % sr == 0 and cols % sc == 0:
+            return None
+        ones = torch.ones(kl.image_tokens, 1, dtype=dtype, device=device)
+        valid = self._cluster(ones, kl).transpose(-1, -2)  # (G, 1, n): 1 real, 0 padding
+        bias = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
+        return self._shared_keys_bias(bias, kl.prefix, kl.suffix, dtype, device)
+
+    def _shared_keys_bias(self, bias, prefix, suffix, dtype, device):
+        pieces = []
+        if prefix:
+            pieces.append(torch.zeros(self.groups, 1, prefix, dtype=dtype, device=device))
+        pieces.append(bias)
+        if suffix:
+            pieces.append(torch.zeros(self.groups, 1, suffix, dtype=dtype, device=device))
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else bias
+
+    def _grouped_user_mask(self, mask, rows):
+        """User mask rows of the image queries -> (..., G, nq, Lk_group), restricted to each group's keys.
+
+        ``rows`` is the image-query part of the mask, (..., nq_total, Lk) or (..., 1, Lk).
+        """
+        rows = self._cluster(rows, self.q_layout) if self.mask_rows else rows.unsqueeze(-3)
+        if not self.mask_cols:  # (..., G or 1, nq, 1): broadcasts over keys as it is
+            return rows
+        pre, img, suf = self._parts(rows, self.k_layout, axis=-1)
+        # Cluster the key axis too, then keep only the diagonal: group g's queries see group g's keys.
+        img = self._cluster(img.transpose(-1, -2), self.k_layout)  # (..., Gq, G, nk, nq)
+        if self.mask_rows:
+            img = torch.diagonal(img, dim1=-4, dim2=-3).movedim(-1, -3)  # (..., G, nk, nq)
+        else:
+            img = img.squeeze(-4)
+        img = img.transpose(-1, -2)
+        keep = [-1] * (self.mask_ndim - 2)
+        pieces = []
+        if pre is not None:
+            pieces.append(pre.expand(*keep, self.groups, -1, -1))
+        pieces.append(img)
+        if suf is not None:
+            pieces.append(suf.expand(*keep, self.groups, -1, -1))
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else img
+
+    # -- the two implementations ----------------------------------------------------------------
+    def grouped(self, q, k, v, attn_mask=None):
+        """Grid attention by regrouping: attention runs inside each of the G groups."""
+        ql, kl = self.q_layout, self.k_layout
+        q_pre, q_img, q_suf = self._parts(q, ql)
+        k_pre, k_img, k_suf = self._parts(k, kl)
+        v_pre, v_img, v_suf = self._parts(v, kl)
+        qg = self._cluster(q_img, ql)
+        kg = self._shared_keys(self._cluster(k_img, kl), k_pre, k_suf)
+        vg = self._shared_keys(self._cluster(v_img, kl), v_pre, v_suf)
+
+        mask = None if attn_mask is None else _additive(attn_mask, self.mask_bool, q.dtype)
+        if mask is not None and self.mask_ndim < self.ndim:
+            mask = mask[(None,) * (self.ndim - self.mask_ndim)]
+        mask_ndim = self.ndim if mask is not None else None
+        plan = self if mask_ndim == self.mask_ndim else replace(self, mask_ndim=mask_ndim)
+
+        group_mask = None
+        if mask is not None:
+            m_pre, m_img, m_suf = plan._parts(mask, ql) if plan.mask_rows else (mask, mask, mask)
+            group_mask = plan._grouped_user_mask(mask, m_img)
+        pad = plan._key_padding_bias(q.dtype, q.device)
+        if pad is not None:
+            group_mask = pad if group_mask is None else group_mask + pad
+
+        if self.ndim >= 4:
+            # Fold the group axis into the head axis so SDPA sees 4-D inputs (its fast CPU/GPU kernels).
+            if group_mask is not None:
+                if group_mask.dim() < self.ndim + 1:
+                    group_mask = group_mask[(None,) * (self.ndim + 1 - group_mask.dim())]
+                heads = q.size(-3)
+                group_mask = group_mask.expand(
+                    *([-1] * (self.ndim - 3)), heads, self.groups, -1, -1
+                ).flatten(-4, -3)
+            out = self._sdpa(qg.flatten(-4, -3), kg.flatten(-4, -3), vg.flatten(-4, -3), group_mask)
+            out = out.unflatten(-3, (-1, self.groups))
+        else:
+            out = self._sdpa(qg, kg, vg, group_mask)
+        out_img = recover(out, ql.height, ql.width, self.stride, ql.transposed)
+
+        if not (ql.prefix or ql.suffix):
+            return out_img
+        # Non-image queries attend to every key, as in the original site.
+        q_rest = torch.cat([p for p in (q_pre, q_suf) if p is not None], dim=-2)
+        rest_mask = None
+        if mask is not None:
+            if plan.mask_rows:
+                rest_mask = torch.cat([p for p in (m_pre, m_suf) if p is not None], dim=-2)
+            else:
+                rest_mask = mask
+        out_rest = self._sdpa(q_rest, k, v, rest_mask)
+        pieces = []
+        if ql.prefix:
+            pieces.append(out_rest.narrow(-2, 0, ql.prefix))
+        pieces.append(out_img)
+        if ql.suffix:
+            pieces.append(out_rest.narrow(-2, ql.prefix, ql.suffix))
+        return torch.cat(pieces, dim=-2)
+
+    def masked(self, q, k, v, attn_mask=None):
+        """The oracle form: dense SDPA with ``attn_mask = B + log M``."""
+        keep = grid_mask(self.q_layout, self.k_layout, self.stride, device=q.device)
+        log_m = torch.where(keep, 0.0, float("-inf")).to(q.dtype)
+        mask = log_m if attn_mask is None else _additive(attn_mask, self.mask_bool, q.dtype) + log_m
+        return self._sdpa(q, k, v, mask)
+
+    # -- cost -----------------------------------------------------------------------------------
+    def grouped_pairs(self) -> int:
+        """Query/key pairs the grouped form scores per (batch, head)."""
+        ql, kl = self.q_layout, self.k_layout
+        rq, cq, sr, sc = _storage_grid(ql, self.stride)
+        rk, ck, _, _ = _storage_grid(kl, self.stride)
+        nq = -(-rq // sr) * -(-cq // sc)
+        nk = -(-rk // sr) * -(-ck // sc)
+        return self.groups * nq * (kl.prefix + nk + kl.suffix) + (ql.prefix + ql.suffix) * kl.length
+
+
+def grouped_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
+                      stride=2, enable_gqa=False):
+    """Eager grid attention, regrouped form (exactly :func:`masked_attention`, G times cheaper)."""
+    plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa)
+    return plan.grouped(q, k, v, attn_mask)
+
+
+def masked_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
+                     stride=2, enable_gqa=False):
+    """Eager grid attention, dense masked form: ``SDPA(q, k, v, attn_mask = B + log M)``."""
+    plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa)
+    return plan.masked(q, k, v, attn_mask)
+
+
+def attention_flops(batch_heads: int, lq: int, lk: int, d: int, dv: int) -> int:
+    """FLOPs of ``softmax(QK^T)V`` (2 per multiply-add, both products)."""
+    return 2 * batch_heads * lq * lk * (d + dv)
+

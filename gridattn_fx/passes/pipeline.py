@@ -1,0 +1,96 @@
+"""The whole pass on one graph: find sites, prove layouts, decide, rewrite, re-check."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from ..config import GridAttnConfig
+from ..patterns import AttentionSite, find_attention_sites
+from ..report import REWRITTEN, SKIPPED, Report, SiteReport
+from .grid_rewrite import rewrite_site
+from .layout import LayoutAnalysis, _val, module_path
+from .policy import decide
+
+logger = logging.getLogger("gridattn_fx")
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copied graph (sharing parameters), so the original stays intact."""
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    value, old_output = out
+    graph.output(value, type_expr=old_output.type)
+    graph.output_node().meta.update(old_output.meta)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta.update(getattr(gm, "meta", {}))
+    return new
+
+
+def ensure_values(gm: fx.GraphModule, example_inputs) -> None:
+    """Give every node a (fake) value: Dynamo graphs have them, symbolic_trace graphs do not."""
+    if all(n.op == "output" or _val(n) is not None for n in gm.graph.nodes):
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*example_inputs)
+
+
+def _check_replacement(site: AttentionSite, plan, implementation: str) -> None:
+    """Run the replacement on the site's fake values: same shape and dtype as the original output."""
+    values = [_val(n) for n in (site.query, site.key, site.value)]
+    if site.attn_mask is not None:
+        values.append(_val(site.attn_mask))
+    expected = _val(site.output)
+    mode = getattr(values[0], "fake_mode", None)
+    if mode is None:
+        return
+    with mode:
+        got = getattr(plan, implementation)(*values)
+    if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
+        raise RuntimeError(
+            f"grid rewrite of {site.output.name} would change its output from "
+            f"{tuple(expected.shape)}/{expected.dtype} to {tuple(got.shape)}/{got.dtype}"
+        )
+
+
+def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig) -> tuple[fx.GraphModule, Report]:
+    new_gm = copy_graph_module(gm)
+    ensure_values(new_gm, example_inputs)
+    sites = find_attention_sites(new_gm)
+    layouts = LayoutAnalysis(new_gm, {s.output: s.query for s in sites})
+    report = Report(implementation=config.implementation)
+    chosen = []
+    for site in sites:
+        path = module_path(site.output)
+        d = decide(site, layouts, config, path)
+        report.sites.append(SiteReport(
+            node=site.output.name,
+            module_path=path,
+            form=site.form,
+            q_shape=tuple(_val(site.query).shape),
+            k_shape=tuple(_val(site.key).shape),
+            q_layout=d.q_layout,
+            k_layout=d.k_layout,
+            evidence=d.evidence,
+            decision=REWRITTEN if d.rewrite else SKIPPED,
+            reason=d.reason,
+            stride=d.plan.stride if d.plan else None,
+            flops_before=d.flops_before,
+            flops_after=d.flops_after,
+        ))
+        if d.rewrite:
+            chosen.append((site, d.plan))
+    for site, plan in chosen:
+        _check_replacement(site, plan, config.implementation)
+        rewrite_site(new_gm, site, plan, config.implementation)
+    if chosen:
+        new_gm.graph.lint()
+        new_gm.recompile()
+    return new_gm, report

@@ -1,0 +1,104 @@
+"""Which sites to rewrite: the rules of DESIGN.md section 2 plus the user's config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import GridAttnConfig
+from ..grid import GridPlan, TokenLayout, attention_flops
+from ..patterns import AttentionSite
+from .layout import LayoutAnalysis, _hint, _static, _val
+
+
+@dataclass
+class Decision:
+    rewrite: bool
+    reason: str
+    q_layout: TokenLayout | None
+    k_layout: TokenLayout | None
+    evidence: str
+    plan: GridPlan | None = None
+    flops_before: int | None = None
+    flops_after: int | None = None
+
+
+def _concrete_shape(node) -> tuple[int, ...] | None:
+    """The shape with sizes as ints: leading (batch/head) sizes may be symbolic and are read from
+    their traced hints - the regrouping never depends on them; the last two must be static."""
+    val = _val(node)
+    if not isinstance(val, torch.Tensor):
+        return None
+    tail = [_static(s) for s in val.shape[-2:]]
+    lead = [_hint(s) for s in val.shape[:-2]]
+    return None if None in tail or None in lead else tuple(lead + tail)
+
+
+def _cost(q_shape, k_shape, v_shape) -> tuple[int, int, int, int, int] | None:
+    """(batch*heads, Lq, Lk, d, dv) of a site, or None when sizes are symbolic."""
+    if q_shape is None or k_shape is None or v_shape is None:
+        return None
+    lead = torch.broadcast_shapes(q_shape[:-2], k_shape[:-2]) if len(q_shape) > 2 else ()
+    return math.prod(lead), q_shape[-2], k_shape[-2], q_shape[-1], v_shape[-1]
+
+
+def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, module_path: str) -> Decision:
+    q_layout, q_why = layouts.layout(site.query, -2)
+    k_layout, k_why = layouts.layout(site.key, -2)
+    evidence = f"q: {q_why}" + ("" if site.key is site.query else f"; k: {k_why}")
+    shapes = [_concrete_shape(n) for n in (site.query, site.key, site.value)]
+    cost = _cost(*shapes)
+    flops = attention_flops(*cost) if cost else None
+
+    def skip(reason):
+        return Decision(False, reason, q_layout, k_layout, evidence, None, flops, flops)
+
+    gh, gw = config.stride
+    if (gh, gw) == (1, 1):
+        return skip("stride 1: grid attention is the identity")
+    if site.unsupported:
+        return skip(f"unsupported site: {site.unsupported}")
+    if site.is_causal:
+        return skip("causal attention: the grid semantics do not apply")
+    selected, why = config.selects(module_path)
+    if not selected:
+        return skip(why)
+    if q_layout is None:
+        return skip(f"query: {q_why}")
+    if k_layout is None:
+        return skip(f"key: {k_why} (cross-attention to non-image tokens?)")
+    if cost is None:
+        return skip("symbolic sequence or feature sizes: cannot size the regrouping")
+    if q_layout.image_tokens < config.min_image_tokens:
+        return skip(f"{q_layout.image_tokens} image tokens < min_image_tokens={config.min_image_tokens}")
+    for side, layout in (("query", q_layout), ("key", k_layout)):
+        if layout.height < gh or layout.width < gw:
+            return skip(f"{side} image {layout.height}x{layout.width} is smaller than the stride {gh}x{gw}")
+    q_shape, k_shape, v_shape = shapes
+    if len(q_shape) < 2 or len(k_shape) != len(q_shape) or len(v_shape) != len(q_shape):
+        return skip(f"unsupported ranks q{len(q_shape)}/k{len(k_shape)}/v{len(v_shape)}")
+
+    mask_ndim, mask_rows, mask_cols, mask_bool = None, True, True, False
+    if site.attn_mask is not None:
+        mask = _val(site.attn_mask)
+        m_shape = _concrete_shape(site.attn_mask)
+        if m_shape is None:
+            return skip("attn_mask has symbolic sizes")
+        if len(m_shape) > len(q_shape) or len(m_shape) < 1:
+            return skip(f"attn_mask of rank {len(m_shape)} does not broadcast like q")
+        rows = m_shape[-2] if len(m_shape) >= 2 else 1
+        if rows not in (1, q_shape[-2]) or m_shape[-1] not in (1, k_shape[-2]):
+            return skip(f"attn_mask shape {m_shape} does not broadcast to ({q_shape[-2]}, {k_shape[-2]})")
+        mask_ndim, mask_rows, mask_cols = len(m_shape), rows != 1, m_shape[-1] != 1
+        mask_bool = mask.dtype == torch.bool
+
+    plan = GridPlan(q_layout, k_layout, (gh, gw), len(q_shape), mask_ndim, mask_rows, mask_cols, mask_bool,
+                    site.dropout_p, site.scale, site.enable_gqa)
+    if config.implementation == "masked":
+        after = flops
+    else:
+        bh, _, _, d, dv = cost
+        after = 2 * bh * plan.grouped_pairs() * (d + dv)
+    return Decision(True, f"image self-attention, stride {gh}x{gw}", q_layout, k_layout, evidence, plan, flops, after)

@@ -1,0 +1,20 @@
+"""Attention-site patterns: each module finds one form of attention in an FX graph.
+
+Every finder takes an ``fx.GraphModule`` and returns :class:`AttentionSite` objects; adding a new
+form means adding a finder to :data:`FINDERS`, nothing downstream changes.
+"""
+
+from .sdpa import find_sdpa_sites
+from .site import AttentionSite
+
+FINDERS = (find_sdpa_sites,)
+
+
+def find_attention_sites(gm):
+    sites = []
+    for finder in FINDERS:
+        sites.extend(finder(gm))
+    return sites
+
+
+__all__ = ["AttentionSite", "FINDERS", "find_attention_sites"]

@@ -1,0 +1,104 @@
+"""The rewrite report: one row per attention site, every decision with its reason."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from .grid import TokenLayout
+
+logger = logging.getLogger("gridattn_fx")
+
+REWRITTEN = "rewritten"
+SKIPPED = "skipped"
+
+
+@dataclass
+class SiteReport:
+    node: str
+    module_path: str
+    form: str
+    q_shape: tuple
+    k_shape: tuple
+    q_layout: TokenLayout | None
+    k_layout: TokenLayout | None
+    evidence: str
+    decision: str
+    reason: str
+    stride: tuple[int, int] | None
+    flops_before: int | None
+    flops_after: int | None
+
+
+@dataclass
+class Report:
+    sites: list[SiteReport] = field(default_factory=list)
+    failure: str | None = None
+    implementation: str = "grouped"
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.decision == REWRITTEN]
+
+    @property
+    def skipped(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.decision == SKIPPED]
+
+    def site(self, pattern: str) -> SiteReport:
+        """The one site whose module path matches ``pattern`` (re.search)."""
+        hits = [s for s in self.sites if re.search(pattern, s.module_path)]
+        if len(hits) != 1:
+            raise KeyError(f"{len(hits)} sites match {pattern!r}: {[s.module_path for s in hits]}")
+        return hits[0]
+
+    def flops(self) -> tuple[int, int]:
+        """Total attention FLOPs before and after (sites with unknown cost count as unchanged)."""
+        before = sum(s.flops_before or 0 for s in self.sites)
+        after = sum((s.flops_after if s.flops_after is not None else s.flops_before) or 0 for s in self.sites)
+        return before, after
+
+    def __str__(self) -> str:
+        head = ("site", "form", "q layout", "k layout", "decision", "stride", "GFLOP before", "GFLOP after", "reason")
+        rows = [head]
+        for s in self.sites:
+            rows.append((
+                s.module_path or s.node,
+                s.form,
+                str(s.q_layout) if s.q_layout else "-",
+                str(s.k_layout) if s.k_layout else "-",
+                s.decision,
+                f"{s.stride[0]}x{s.stride[1]}" if s.stride else "-",
+                _gflop(s.flops_before),
+                _gflop(s.flops_after),
+                s.reason,
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+        lines.insert(1, "-" * min(160, len(lines[0])))
+        before, after = self.flops()
+        saved = f" ({100 * (1 - after / before):.1f}% less)" if before else ""
+        lines.append(
+            f"{len(self.sites)} attention sites: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped; "
+            f"attention {_gflop(before)} -> {_gflop(after)} GFLOP{saved}; implementation={self.implementation}"
+        )
+        if self.failure:
+            lines.append(f"PASS FAILED, original graph compiled instead: {self.failure}")
+        return "\n".join(lines)
+
+
+def _gflop(flops: int | None) -> str:
+    return "?" if flops is None else f"{flops / 1e9:.3f}"
+
+
+_last: list[Report | None] = [None]
+
+
+def record(report: Report) -> None:
+    _last[0] = report
+    logger.info("gridattn rewrite report:\n%s", report)
+
+
+def last_report() -> Report | None:
+    """The report of the most recent graph the backend (or :func:`rewrite`) processed."""
+    return _last[0]

@@ -1,0 +1,126 @@
+"""Configuration: GridAttnConfig, from_options, TokenLayout, and bad options everywhere."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from models import ViT, build, image
+from oracle import assert_close64, oracle_mode
+
+gridattn_fx = pytest.importorskip("gridattn_fx")
+from gridattn_fx import GridAttnConfig, TokenLayout  # noqa: E402
+
+try:
+    from torch._dynamo.exc import BackendCompilerFailed
+except ImportError:  # pragma: no cover
+    BackendCompilerFailed = RuntimeError
+
+
+def _stride_pair(s):
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
+def test_defaults():
+    cfg = GridAttnConfig()
+    assert _stride_pair(cfg.stride) == (2, 2)
+    assert cfg.min_image_tokens == 1024
+    assert tuple(cfg.include) == () and tuple(cfg.exclude) == ()
+    assert cfg.implementation == "grouped"
+    assert cfg.strict is False
+
+
+def test_from_options_splits_inductor_options():
+    cfg, inductor_opts = GridAttnConfig.from_options(
+        {"stride": (2, 4), "min_image_tokens": 0, "implementation": "masked",
+         "include": [r"blocks\.0"], "strict": True, "max_autotune": False})
+    assert _stride_pair(cfg.stride) == (2, 4)
+    assert cfg.min_image_tokens == 0
+    assert cfg.implementation == "masked"
+    assert [str(p) if isinstance(p, str) else p.pattern for p in cfg.include] == [r"blocks\.0"]
+    assert cfg.strict is True
+    assert inductor_opts == {"max_autotune": False}
+
+
+def test_from_options_empty_and_none():
+    cfg, ind = GridAttnConfig.from_options({})
+    assert ind == {} and _stride_pair(cfg.stride) == (2, 2)
+
+
+BAD_OPTIONS = [
+    # (options, exception types, key the message must name)
+    ({"strid": 2}, ValueError, "strid"),
+    ({"stride": 0}, ValueError, "stride"),
+    ({"stride": -2}, ValueError, "stride"),
+    ({"stride": (2, 0)}, ValueError, "stride"),
+    ({"stride": (2, 2, 2)}, (ValueError, TypeError), "stride"),
+    ({"stride": 2.0}, TypeError, "stride"),
+    ({"stride": "2"}, TypeError, "stride"),
+    ({"stride": (2, 1.5)}, TypeError, "stride"),
+    ({"implementation": "bogus"}, ValueError, "implementation"),
+    ({"min_image_tokens": -1}, ValueError, "min_image_tokens"),
+    ({"min_image_tokens": "many"}, TypeError, "min_image_tokens"),
+    ({"include": 5}, TypeError, "include"),
+    ({"include": [1]}, TypeError, "include"),
+    ({"include": ["("]}, ValueError, "include"),
+    ({"exclude": ["[unclosed"]}, ValueError, "exclude"),
+    ({"strict": "yes"}, TypeError, "strict"),
+]
+
+
+@pytest.mark.parametrize("opts,exc,key", BAD_OPTIONS, ids=[str(o[0]) for o in BAD_OPTIONS])
+def test_from_options_rejects_bad_values(opts, exc, key):
+    with pytest.raises(exc, match=key):
+        GridAttnConfig.from_options(opts)
+
+
+@pytest.mark.parametrize("opts,exc,key",
+                         [o for o in BAD_OPTIONS if o[2] != "strid"],
+                         ids=[str(o[0]) for o in BAD_OPTIONS if o[2] != "strid"])
+def test_constructor_rejects_bad_values(opts, exc, key):
+    with pytest.raises(exc, match=key):
+        GridAttnConfig(**opts)
+
+
+def test_rewrite_rejects_bad_options():
+    m = build(ViT, depth=1)
+    x = image(1, 8, 8)
+    with pytest.raises(ValueError, match="stride"):
+        gridattn_fx.rewrite(m, (x,), stride=0)
+    with pytest.raises(ValueError, match="bogus_key"):
+        gridattn_fx.rewrite(m, (x,), bogus_key=1)
+
+
+@pytest.mark.parametrize("opts,key", [({"strid": 2}, "strid"), ({"stride": 0}, "stride"),
+                                      ({"implementation": "bogus"}, "implementation"),
+                                      ({"include": ["("]}, "include")])
+def test_torch_compile_rejects_bad_options(opts, key):
+    # Dynamo calls the backend lazily and may wrap its error: match the message, not the type only
+    m = build(ViT, depth=1)
+    c = torch.compile(m, backend="gridattn", options=opts)
+    with pytest.raises((ValueError, TypeError, BackendCompilerFailed), match=key):
+        c(image(1, 8, 8))
+
+
+def test_inductor_option_passes_through():
+    m = build(ViT, depth=1, grid=(4, 4))
+    x = image(2, 8, 8)
+    c = torch.compile(m, backend="gridattn",
+                      options={"stride": 2, "min_image_tokens": 0, "max_autotune": False})
+    out = c(x)
+    rep = gridattn_fx.last_report()
+    assert rep.failure is None
+    assert rep.site(r"blocks\.0\.attn").decision == "rewritten"
+    with oracle_mode(m, (1, 4, 4), stride=2):
+        assert_close64(out, m(x))
+
+
+def test_token_layout():
+    lay = TokenLayout(prefix=5, height=6, width=10, suffix=3)
+    assert lay.length == 5 + 60 + 3
+    assert lay.image_tokens == 60
+    assert lay.transposed is False
+    assert lay == TokenLayout(5, 6, 10, 3, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lay.height = 7
+    assert hash(lay) == hash(TokenLayout(5, 6, 10, 3))
