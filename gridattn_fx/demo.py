@@ -224,6 +224,14 @@ def run_demo(
         echo("  " + "  ".join(cells))
         if j == 0:
             echo("  " + "  ".join("-" * w for w in widths))
+    spreads = {name: max(ts) / min(ts) for name, ts in times.items() if min(ts) > 0}
+    noisy = [name for name, spread in spreads.items() if spread > 1.3]
+    if noisy:
+        echo(
+            "  NOTE: large run-to-run spread ("
+            + ", ".join(f"{name} max/min {spreads[name]:.1f}x" for name in noisy)
+            + "): the CPU may be busy with another process; rerun, or raise --runs"
+        )
     echo("")
     echo(
         f"Output difference gridattn vs inductor: max abs {result.max_abs_diff:.3g}, "
@@ -231,11 +239,12 @@ def run_demo(
         "grid attention restricts each image token to its own grid group by design)"
     )
     if result.flops_before is not None:
-        ratio = (
-            f" ({result.flops_before / result.flops_after:.2f}x fewer)"
-            if result.flops_after
-            else ""
-        )
+        if result.flops_after == result.flops_before:
+            ratio = " (unchanged)"
+        elif result.flops_after:
+            ratio = f" ({result.flops_before / result.flops_after:.2f}x fewer)"
+        else:
+            ratio = ""
         echo(
             f"Attention FLOPs ({result.sites} sites, {result.rewritten} rewritten): "
             f"{_fmt_flops(result.flops_before)} -> {_fmt_flops(result.flops_after)}{ratio}"

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from .config import GridAttnConfig
 from .passes.pipeline import run_pass
-from .report import Report, record
+from .report import SKIPPED, Report, record
 
 logger = logging.getLogger("gridattn_fx")
 _warned: set[str] = set()
@@ -21,16 +21,26 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _fall_back(report: Report, failure: str) -> None:
+    """Mark a report whose graph runs unmodified: no site counts as rewritten any more."""
+    report.failure = failure
+    for site in report.rewritten:
+        site.decision = SKIPPED
+        site.reason = f"pass failed, graph left unmodified ({site.reason})"
+        site.flops_after = site.flops_before
+    logger.debug("gridattn fallback details", exc_info=True)
+    _warn_once(f"gridattn: {failure}; the graph runs unmodified")
+
+
 def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig) -> tuple[fx.GraphModule, Report]:
     """The pass with the backend's safety net: on failure, the original graph and a report saying so."""
+    report = Report(implementation=config.implementation)
     try:
-        new_gm, report = run_pass(gm, example_inputs, config)
+        new_gm, report = run_pass(gm, example_inputs, config, report)
     except Exception as err:
         if config.strict:
             raise
-        report = Report(failure=f"{type(err).__name__}: {err}", implementation=config.implementation)
-        logger.exception("gridattn pass failed; compiling the original graph")
-        _warn_once(f"gridattn: the rewrite pass failed ({report.failure}); the graph runs unmodified")
+        _fall_back(report, f"the rewrite pass failed ({type(err).__name__}: {err})")
         new_gm = gm
     record(report)
     return new_gm, report
@@ -56,7 +66,5 @@ def backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mod
     except Exception as err:
         if config.strict:
             raise
-        report.failure = f"inductor failed on the rewritten graph: {type(err).__name__}: {err}"
-        logger.exception("inductor failed on the rewritten graph; compiling the original graph")
-        _warn_once(f"gridattn: {report.failure}; the graph runs unmodified")
+        _fall_back(report, f"inductor failed on the rewritten graph ({type(err).__name__}: {err})")
         return compile_fx(gm, example_inputs, config_patches=patches or None)

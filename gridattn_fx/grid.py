@@ -297,19 +297,21 @@ class GridPlan:
         mask_ndim = self.ndim if mask is not None else None
         plan = self if mask_ndim == self.mask_ndim else replace(self, mask_ndim=mask_ndim)
 
-        group_mask = None
+        # Ranks are tracked here, not read from tensors: this code is also traced symbolically.
+        group_mask, mask_rank = None, 0
         if mask is not None:
             m_pre, m_img, m_suf = plan._parts(mask, ql) if plan.mask_rows else (mask, mask, mask)
-            group_mask = plan._grouped_user_mask(mask, m_img)
-        pad = plan._key_padding_bias(q.dtype, q.device)
+            group_mask, mask_rank = plan._grouped_user_mask(mask, m_img), self.ndim + 1
+        pad = plan._key_padding_bias(q.dtype, q.device)  # (G, 1, Lk_group)
         if pad is not None:
             group_mask = pad if group_mask is None else group_mask + pad
+            mask_rank = max(mask_rank, 3)
 
         if self.ndim >= 4:
             # Fold the group axis into the head axis so SDPA sees 4-D inputs (its fast CPU/GPU kernels).
             if group_mask is not None:
-                if group_mask.dim() < self.ndim + 1:
-                    group_mask = group_mask[(None,) * (self.ndim + 1 - group_mask.dim())]
+                if mask_rank < self.ndim + 1:
+                    group_mask = group_mask[(None,) * (self.ndim + 1 - mask_rank)]
                 heads = q.size(-3)
                 group_mask = group_mask.expand(
                     *([-1] * (self.ndim - 3)), heads, self.groups, -1, -1

@@ -20,12 +20,12 @@ DIM = 16
 HEADS = 2
 
 
-def attend(mod, q, k, v, attn_mask=None, is_causal=False):
+def attend(mod, q, k, v, attn_mask=None, is_causal=False, scale=None):
     if mod.oracle is not None:
         assert not is_causal, "the oracle is only defined for non-causal sites"
         ql, kl, stride = mod.oracle
         attn_mask = oracle_mask(attn_mask, ql, kl, stride, q.dtype, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 
 class Mlp(nn.Module):
@@ -42,10 +42,11 @@ class Mlp(nn.Module):
 # timm-style ViT: conv patch embed -> flatten(2).transpose(1, 2) -> cat prefix -> + pos -> blocks
 # ---------------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    def __init__(self, dim=DIM, heads=HEADS, causal=False):
+    def __init__(self, dim=DIM, heads=HEADS, causal=False, scale=None):
         super().__init__()
         self.heads = heads
         self.causal = causal
+        self.scale = scale
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         self.oracle = None
@@ -54,15 +55,15 @@ class Attention(nn.Module):
         B, L, C = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        o = attend(self, q, k, v, attn_mask, self.causal)
+        o = attend(self, q, k, v, attn_mask, self.causal, self.scale)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
 
 
 class Block(nn.Module):
-    def __init__(self, dim=DIM, heads=HEADS, causal=False):
+    def __init__(self, dim=DIM, heads=HEADS, causal=False, scale=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, causal)
+        self.attn = Attention(dim, heads, causal, scale)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim)
 
@@ -79,7 +80,7 @@ class ViT(nn.Module):
     """
 
     def __init__(self, dim=DIM, heads=HEADS, depth=2, patch=2, n_cls=1, n_reg=0, n_suffix=0,
-                 grid=None, transposed=False, causal=False):
+                 grid=None, transposed=False, causal=False, scale=None):
         super().__init__()
         self.transposed = transposed
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
@@ -88,7 +89,7 @@ class ViT(nn.Module):
         self.suffix_token = nn.Parameter(torch.randn(1, n_suffix, dim)) if n_suffix else None
         n_tok = n_cls + n_reg + n_suffix + (grid[0] * grid[1] if grid else 0)
         self.pos_embed = nn.Parameter(torch.randn(1, n_tok, dim) * 0.5) if grid else None
-        self.blocks = nn.ModuleList([Block(dim, heads, causal) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, heads, causal, scale) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, img, attn_mask=None):
@@ -300,6 +301,81 @@ class GraphBreakViT(ViT):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# look-alikes: image-derived tokens whose sequence axis is NOT (or not provably) the image
+# ---------------------------------------------------------------------------------------------
+class _OneAttention(nn.Module):
+    def __init__(self, dim=DIM, heads=HEADS, patch=2):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+
+
+class ChannelMixingReshape(_OneAttention):
+    """reshape(B, H*W, C) straight from NCHW, no transpose: rows of this are not image tokens."""
+
+    def forward(self, img):
+        x = self.patch_embed(img)
+        B, C, H, W = x.shape
+        return self.attn(self.norm(x.reshape(B, H * W, C)))
+
+
+class PermutedTokens(_OneAttention):
+    """Tokens reordered by a fixed permutation (advanced indexing)."""
+
+    def __init__(self, n_tokens, **kw):
+        super().__init__(**kw)
+        self.register_buffer("perm", torch.randperm(n_tokens))
+
+    def forward(self, img):
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)[:, self.perm]
+        return self.attn(self.norm(x))
+
+
+class TwoImagesOneSequence(_OneAttention):
+    """Two images' tokens in one sequence (stereo / two frames): not a single H x W layout."""
+
+    def forward(self, a, b):
+        xa = self.patch_embed(a).flatten(2).transpose(1, 2)
+        xb = self.patch_embed(b).flatten(2).transpose(1, 2)
+        return self.attn(self.norm(torch.cat([xa, xb], dim=1)))
+
+
+class CrossCovarianceAttention(nn.Module):
+    """XCiT-style: attention over channels; the image lies on the feature axis, not the sequence."""
+
+    def __init__(self, dim=DIM, heads=HEADS, patch=2):
+        super().__init__()
+        self.heads = heads
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.oracle = None
+
+    def forward(self, img):
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 4, 1).unbind(0)
+        o = attend(self, q, k, v)  # (B, heads, C/heads, N)
+        return o.permute(0, 3, 1, 2).reshape(B, N, C)
+
+
+class SwinWindowAttention(_OneAttention):
+    """Windowed attention: windows folded into the batch, ws*ws tokens per window."""
+
+    def __init__(self, ws=4, **kw):
+        super().__init__(**kw)
+        self.ws = ws
+
+    def forward(self, img):
+        x = self.patch_embed(img).permute(0, 2, 3, 1)
+        B, H, W, C = x.shape
+        ws = self.ws
+        w = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        w = self.attn(self.norm(w))
+        return w.view(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
 # ---------------------------------------------------------------------------------------------

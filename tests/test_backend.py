@@ -104,6 +104,25 @@ def test_backend_agrees_with_rewrite(name):
     assert_close64(out_c, ref)
 
 
+def test_backend_hard_case_through_inductor():
+    # the hardest regrouping at once, fused by inductor: registers, column-major tokens, a stride
+    # that does not divide the width (padding), and a boolean mask input per batch element
+    model = build(ViT, depth=1, n_reg=2, grid=(6, 10), transposed=True)
+    x = image(2, 12, 20)
+    L = 3 + 60
+    mask = torch.rand(2, 1, L, L) > 0.5
+    mask[..., torch.arange(L), torch.arange(L)] = True
+    out = torch.compile(model, backend="gridattn", options={**OPTS, "stride": (2, 4)})(x, mask)
+    rep = gridattn_fx.last_report()
+    s = rep.site(r"blocks\.0\.attn")
+    assert s.decision == "rewritten", str(rep)
+    assert s.q_layout == TokenLayout(3, 6, 10, 0, True)
+    with oracle_mode(model, (3, 6, 10, 0, True), stride=(2, 4)):
+        ref = model(x, mask)
+    assert_close64(out, ref)
+    assert_differs(ref, model(x, mask))
+
+
 # ---------------------------------------------------------------------------------------------
 # resolution changes between calls
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +168,25 @@ def test_resolution_change_dynamic_default():
     assert s.decision == "rewritten"
     for hw in RESOLUTIONS[1:]:
         _check_call(model, compiled, hw, allow_symbolic_skip=True)
+
+
+def test_batch_change_dynamic_default():
+    # a new batch size makes Dynamo recompile with a symbolic batch: the regrouping must follow
+    # the actual batch (or the site is skipped as symbolic), at every later batch size too
+    model = build(ViT, depth=1, n_reg=2, grid=(6, 10))
+    compiled = torch.compile(model, backend="gridattn", options=OPTS)
+    for batch in (2, 3, 5):
+        x = image(batch, 12, 20)
+        out = compiled(x)
+        s = gridattn_fx.last_report().site(r"blocks\.0\.attn")
+        if s.decision == "rewritten":
+            assert s.q_layout == TokenLayout(3, 6, 10)
+            with oracle_mode(model, (3, 6, 10), stride=2):
+                ref = model(x)
+        else:
+            assert batch != 2 and "symbolic" in s.reason.lower(), s.reason
+            ref = model(x)
+        assert_close64(out, ref, msg=f"batch {batch}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +243,7 @@ def test_graph_break_cuts_provenance():
 # ---------------------------------------------------------------------------------------------
 # a failing pass never breaks the model
 # ---------------------------------------------------------------------------------------------
-def _break_the_pass(monkeypatch):
+def _break_the_pass(monkeypatch, tag):
     """Rewriting the first site works, the second raises: the pass fails half-way through.
 
     (pipeline.run_pass calls rewrite_site once per chosen site; a failure after a partial rewrite
@@ -219,7 +257,8 @@ def _break_the_pass(monkeypatch):
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) >= 2:
-            raise RuntimeError("injected failure in the grid pass")
+            # a per-test message: the package may de-duplicate identical warnings
+            raise RuntimeError(f"injected failure in the grid pass ({tag})")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "rewrite_site", flaky)
@@ -234,28 +273,32 @@ def _warned(recwarn, caplog):
 
 
 def test_pass_failure_falls_back_in_backend(monkeypatch, recwarn, caplog):
-    _break_the_pass(monkeypatch)
+    _break_the_pass(monkeypatch, "backend")
     model = build(ViT, depth=2, grid=(4, 6))
     x = image(2, 8, 12)
     out = torch.compile(model, backend="gridattn", options=OPTS)(x)
     rep = gridattn_fx.last_report()
     assert rep.failure and "injected failure" in rep.failure
+    # the sites are still reported, none as rewritten: the graph runs unmodified
+    assert len(rep.sites) == 2 and rep.rewritten == [], str(rep)
     assert _warned(recwarn, caplog)
     assert_close64(out, model(x))
 
 
 def test_pass_failure_falls_back_in_rewrite(monkeypatch, recwarn, caplog):
-    _break_the_pass(monkeypatch)
+    _break_the_pass(monkeypatch, "rewrite")
     model = build(ViT, depth=2, grid=(4, 6))
     x = image(2, 8, 12)
     gm, rep = gridattn_fx.rewrite(model, (x,), **OPTS)
     assert rep.failure and "injected failure" in rep.failure
+    # the sites are still reported, none as rewritten: the graph runs unmodified
+    assert len(rep.sites) == 2 and rep.rewritten == [], str(rep)
     assert _warned(recwarn, caplog)
     assert_equal_exact(gm(x), model(x))
 
 
 def test_pass_failure_strict_raises(monkeypatch):
-    _break_the_pass(monkeypatch)
+    _break_the_pass(monkeypatch, "strict")
     model = build(ViT, depth=2, grid=(4, 6))
     x = image(2, 8, 12)
     with pytest.raises(Exception, match="injected failure"):

@@ -61,6 +61,7 @@ BAD_OPTIONS = [
     ({"min_image_tokens": -1}, ValueError, "min_image_tokens"),
     ({"min_image_tokens": "many"}, TypeError, "min_image_tokens"),
     ({"include": 5}, TypeError, "include"),
+    ({"include": "blocks"}, TypeError, "include"),  # a bare string is not a list of regexes
     ({"include": [1]}, TypeError, "include"),
     ({"include": ["("]}, ValueError, "include"),
     ({"exclude": ["[unclosed"]}, ValueError, "exclude"),

@@ -102,6 +102,13 @@ def test_cluster_groups_are_grid_groups(H, W, stride, lead):
     assert len(got) == gh * gw
 
 
+@pytest.mark.parametrize("H,W,stride", [(6, 10, (2, 4)), (5, 7, 2), (4, 6, (1, 3))])
+def test_cluster_recover_round_trip_transposed(H, W, stride):
+    x = torch.randn(2, H * W, 3, dtype=torch.float64)
+    back = grid.recover(grid.cluster(x, H, W, stride, transposed=True), H, W, stride, transposed=True)
+    assert torch.equal(back, x)
+
+
 def test_cluster_recover_gradients():
     x = torch.randn(2, 5 * 7, 3, dtype=torch.float64, requires_grad=True)
     y = grid.recover(grid.cluster(x, 5, 7, 2) * 3.0, 5, 7, 2)

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.fx
 
-from models import (Attention, ImageTextCross, JointImageText, SamEncoder, SegFormerStage,
-                    TextTransformer, ViT, build, image, token_ids)
+from models import (Attention, ChannelMixingReshape, CrossCovarianceAttention, ImageTextCross,
+                    JointImageText, PermutedTokens, SamEncoder, SegFormerStage, SwinWindowAttention,
+                    TextTransformer, TwoImagesOneSequence, ViT, build, image, token_ids)
 from oracle import (assert_close64, assert_differs, assert_equal_exact, layout_tuple,
                     oracle_mode, stride_tuple)
 
@@ -32,7 +33,7 @@ def site(report, path):
     return report.site(re.escape(path) + "$")
 
 
-def expect_rewritten(report, path, q_layout, k_layout, stride):
+def expect_rewritten(report, path, q_layout, k_layout, stride, impl="grouped"):
     s = site(report, path)
     assert s.decision == "rewritten", f"{path}: {s.reason}\n{report}"
     assert s.q_layout == TokenLayout(*layout_tuple(q_layout)), str(report)
@@ -40,7 +41,11 @@ def expect_rewritten(report, path, q_layout, k_layout, stride):
     assert tuple(s.stride) == stride_tuple(stride)
     assert s.form == "sdpa"
     assert isinstance(s.evidence, str) and s.evidence
-    assert s.flops_before and s.flops_after and s.flops_after < s.flops_before
+    assert s.flops_before and s.flops_after
+    if impl == "grouped":
+        assert s.flops_after < s.flops_before
+    else:  # the dense masked form saves nothing
+        assert s.flops_after == s.flops_before
     return s
 
 
@@ -110,6 +115,8 @@ CASES = {
                        lambda: (image(2, 12, 20),), (2, 4), _vit_sites(1, (1, 6, 10, 0, True))),
     "prefix_and_suffix": Case(lambda: build(ViT, depth=1, n_cls=1, n_suffix=3, grid=(6, 10)),
                               lambda: (image(2, 12, 20),), 2, _vit_sites(1, (1, 6, 10, 3))),
+    "custom_scale": Case(lambda: build(ViT, depth=1, grid=(6, 10), scale=0.2),
+                         lambda: (image(2, 12, 20),), 2, _vit_sites(1, (1, 6, 10))),
     "no_prefix_batch3": Case(lambda: build(ViT, depth=1, n_cls=0, grid=(4, 6)),
                              lambda: (image(3, 8, 12),), 2, _vit_sites(1, (0, 4, 6))),
 }
@@ -221,12 +228,14 @@ MASKS = {
 }
 
 
+@pytest.mark.parametrize("impl", ["grouped", "masked"])
 @pytest.mark.parametrize("kind", list(MASKS))
-def test_attn_mask_is_kept_and_restricted(kind):
+def test_attn_mask_is_kept_and_restricted(kind, impl):
     model = build(ViT, depth=1, grid=(6, 10))
     x, mask = image(2, 12, 20), MASKS[kind]()
-    gm, report = rewrite(model, (x, mask), stride=2)
-    expect_rewritten(report, "blocks.0.attn", (1, 6, 10), (1, 6, 10), 2)
+    gm, report = rewrite(model, (x, mask), stride=2, implementation=impl)
+    assert report.failure is None, report.failure
+    expect_rewritten(report, "blocks.0.attn", (1, 6, 10), (1, 6, 10), 2, impl)
     out = gm(x, mask)
     with oracle_mode(model, (1, 6, 10), stride=2):
         ref = model(x, mask)
@@ -277,6 +286,46 @@ def test_stride_one_bit_for_bit(stride):
     for i in range(2):
         expect_skipped(report, f"blocks.{i}.attn", "stride 1")
     assert_equal_exact(gm(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# look-alikes: tokens that come from an image but whose sequence axis is not (provably) one.
+# A wrong proof here silently changes the model, so these must be skipped.
+# ---------------------------------------------------------------------------------------------
+LOOK_ALIKES = {
+    "reshape_without_transpose": (lambda: build(ChannelMixingReshape), lambda: (image(2, 12, 20),)),
+    "permuted_tokens": (lambda: build(PermutedTokens, 60), lambda: (image(2, 12, 20),)),
+    "two_images": (lambda: build(TwoImagesOneSequence), lambda: (image(2, 12, 20), image(2, 12, 20))),
+    "channel_attention": (lambda: build(CrossCovarianceAttention), lambda: (image(2, 12, 20),)),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOK_ALIKES))
+def test_look_alikes_untouched(name):
+    make, inputs = LOOK_ALIKES[name]
+    model, args = make(), inputs()
+    gm, report = rewrite(model, args, stride=2)
+    assert report.failure is None, report.failure
+    assert len(report.sites) == 1
+    s = report.sites[0]
+    assert s.decision == "skipped", str(report)
+    assert "no proven image layout" in s.reason.lower(), s.reason
+    assert_equal_exact(gm(*args), model(*args))
+
+
+def test_swin_windows_correct_either_way():
+    # windows folded into the batch: skipping is fine; rewriting is only right with the
+    # per-window 4 x 4 layout
+    model = build(SwinWindowAttention, ws=4)
+    x = image(2, 16, 24)
+    gm, report = rewrite(model, (x,), stride=2)
+    s = site(report, "attn")
+    if s.decision == "rewritten":
+        assert s.q_layout == TokenLayout(0, 4, 4) and s.k_layout == TokenLayout(0, 4, 4)
+        with oracle_mode(model, (0, 4, 4), stride=2):
+            assert_close64(gm(x), model(x))
+    else:
+        assert_equal_exact(gm(x), model(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +394,21 @@ def test_traced_attention_alone_has_no_layout():
     assert_equal_exact(gm(x), attn(x))
 
 
+def test_traced_sam_rewritten_input_graph_untouched():
+    # symbolic_trace graphs have no shapes until the pass propagates the example inputs
+    model = build(SamEncoder, grid=(6, 10))
+    x = image(2, 12, 20)
+    traced = torch.fx.symbolic_trace(model)
+    code = traced.code
+    gm, report = rewrite(traced, (x,), stride=2)
+    expect_rewritten(report, "blocks.0.attn", (0, 6, 10), (0, 6, 10), 2)
+    with oracle_mode(model, (0, 6, 10), stride=2):
+        assert_close64(gm(x), model(x))
+    # the caller's GraphModule is not modified
+    assert traced.code == code
+    assert_equal_exact(traced(x), model(x))
+
+
 def test_traced_vit_is_correct_either_way():
     # fx.symbolic_trace graphs carry no shapes; whatever the pass decides must be right
     model = build(ViT, depth=1, n_reg=2, grid=(6, 10))
@@ -397,6 +461,41 @@ def test_report_flops_scale_with_groups():
     _, report = rewrite(model, (x,), stride=(2, 2))
     s = expect_rewritten(report, "blocks.0.attn", (0, 8, 12), (0, 8, 12), 2)
     assert s.flops_after == pytest.approx(s.flops_before / 4, rel=0.05)
+
+
+class _SdpaRecorder(torch.overrides.TorchFunctionMode):
+    """Records the cost of every SDPA call actually executed."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "scaled_dot_product_attention" in getattr(func, "__name__", ""):
+            q, k, v = args[:3]
+            bh = q.shape[:-2].numel()
+            self.flops += 2 * bh * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["vit_cls_reg_nonsquare", "segformer_sr", "joint_image_text",
+                                  "sam_nhwc_3d", "stride_2x4"])
+@pytest.mark.parametrize("impl", ["grouped", "masked"])
+def test_report_flops_match_executed_attention(name, impl):
+    # the report's FLOPs are what the graph really runs: grouped really skips the masked pairs
+    case = CASES[name]
+    model, inputs, gm, report = _run_case(case, implementation=impl)
+    with _SdpaRecorder() as before:
+        model(*inputs)
+    with _SdpaRecorder() as after:
+        gm(*inputs)
+    assert sum(s.flops_before for s in report.sites) == before.flops
+    assert sum(s.flops_after for s in report.sites) == after.flops
+    if impl == "grouped":
+        assert after.flops < before.flops
+    else:
+        assert after.flops == before.flops
 
 
 def test_sam_report_shapes_3d():

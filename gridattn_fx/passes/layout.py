@@ -163,6 +163,8 @@ _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxi
 _CHANNEL_NORMS = {"group_norm", "batch_norm", "instance_norm", "_native_batch_norm_legit_no_training"}
 _LAST_DIM = {"linear", "layer_norm", "rms_norm"}
 _CATS = {"cat", "concat", "concatenate"}
+# Reductions over feature axes with keepdim=True (hand-written norms): token positions stay put.
+_KEEPDIM_REDUCTIONS = {"mean", "sum", "amax", "amin"}  # all (x, dim, keepdim)
 _SPLITS = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 
 
@@ -252,6 +254,16 @@ class LayoutAnalysis:
             return self._stack(node)
         if name in _POINTWISE:
             return self._pointwise(node, name)
+        if name == "getattr" and node.args[1] in ("mT", "T") and fact is not None:
+            ndim = len(_shape(inp))
+            perm = list(range(ndim))[::-1] if node.args[1] == "T" else list(range(ndim - 2)) + [ndim - 1, ndim - 2]
+            return _permute(fact, perm, node.args[1])
+        if name in _KEEPDIM_REDUCTIONS and fact is not None:
+            dims = _resolve(_arg(node, 1, "dim"))
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            keepdim = _arg(node, 2, "keepdim", False)
+            reduced = {d % out.dim() for d in dims}
+            return _step(fact, name) if dims and keepdim is True and not reduced & set(fact.dims()) else None
         if name in ("softmax", "log_softmax", "_softmax"):
             dim = _arg(node, 1, "dim")
             return _step(fact, name) if fact is not None and isinstance(dim, int) and dim % out.dim() not in fact.dims() else None

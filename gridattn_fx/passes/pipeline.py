@@ -60,12 +60,15 @@ def _check_replacement(site: AttentionSite, plan, implementation: str) -> None:
         )
 
 
-def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig) -> tuple[fx.GraphModule, Report]:
+def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
+             report: Report | None = None) -> tuple[fx.GraphModule, Report]:
+    """Rewrite a copy of ``gm``; decisions are added to ``report`` as they are made, so a caller
+    that catches a failure still has every site found up to that point."""
+    report = report if report is not None else Report(implementation=config.implementation)
     new_gm = copy_graph_module(gm)
     ensure_values(new_gm, example_inputs)
     sites = find_attention_sites(new_gm)
     layouts = LayoutAnalysis(new_gm, {s.output: s.query for s in sites})
-    report = Report(implementation=config.implementation)
     chosen = []
     for site in sites:
         path = module_path(site.output)
