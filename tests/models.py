@@ -304,6 +304,63 @@ class GraphBreakViT(ViT):
 
 
 # ---------------------------------------------------------------------------------------------
+# other spellings of attention: nn.MultiheadAttention (torchvision ViT), manual matmul-softmax-matmul
+# ---------------------------------------------------------------------------------------------
+class MhaBlock(nn.Module):
+    def __init__(self, dim=DIM, heads=HEADS):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.oracle = None
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        mask = None
+        if self.oracle is not None:  # MHA adds a float attn_mask to the scores: exactly B + log M
+            ql, kl, stride = self.oracle
+            mask = oracle_mask(None, ql, kl, stride, y.dtype, y.device)
+        y, _ = self.self_attention(y, y, y, attn_mask=mask, need_weights=False)
+        return x + y
+
+
+class TorchvisionViT(nn.Module):
+    def __init__(self, dim=DIM, heads=HEADS, patch=2):
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, dim, patch, patch)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.layers = nn.ModuleList([MhaBlock(dim, heads)])
+
+    def forward(self, img):
+        x = self.conv_proj(img)
+        n, c = x.shape[:2]
+        x = x.reshape(n, c, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ManualAttention(Attention):
+    """softmax(q k^T * scale) v written out, as SAM / many research codebases do."""
+
+    def forward(self, x, attn_mask=None):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * (C // self.heads) ** -0.5) @ k.transpose(-2, -1)
+        if self.oracle is not None:
+            ql, kl, stride = self.oracle
+            attn = attn + oracle_mask(None, ql, kl, stride, attn.dtype, attn.device)
+        o = attn.softmax(dim=-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(B, L, C))
+
+
+class ManualViT(ViT):
+    def __init__(self, **kw):
+        super().__init__(depth=1, **kw)
+        self.blocks[0].attn = ManualAttention()
+
+
+# ---------------------------------------------------------------------------------------------
 # look-alikes: image-derived tokens whose sequence axis is NOT (or not provably) the image
 # ---------------------------------------------------------------------------------------------
 class _OneAttention(nn.Module):

@@ -14,8 +14,8 @@ import torch
 import torch.fx
 
 from models import (Attention, ChannelMixingReshape, CrossCovarianceAttention, ImageTextCross,
-                    JointImageText, PermutedTokens, SamEncoder, SegFormerStage, SwinWindowAttention,
-                    TextTransformer, TwoImagesOneSequence, ViT, build, image, token_ids)
+                    JointImageText, ManualViT, PermutedTokens, SamEncoder, SegFormerStage, SwinWindowAttention,
+                    TextTransformer, TorchvisionViT, TwoImagesOneSequence, ViT, build, image, token_ids)
 from oracle import (assert_close64, assert_differs, assert_equal_exact, layout_tuple,
                     oracle_mode, stride_tuple)
 
@@ -323,6 +323,24 @@ def test_swin_windows_correct_either_way():
     if s.decision == "rewritten":
         assert s.q_layout == TokenLayout(0, 4, 4) and s.k_layout == TokenLayout(0, 4, 4)
         with oracle_mode(model, (0, 4, 4), stride=2):
+            assert_close64(gm(x), model(x))
+    else:
+        assert_equal_exact(gm(x), model(x))
+
+
+@pytest.mark.parametrize("make,path", [(lambda: build(TorchvisionViT), "layers.0.self_attention"),
+                                       (lambda: build(ManualViT, grid=(6, 10)), "blocks.0.attn")],
+                         ids=["nn_multihead_attention", "manual_matmul_softmax"])
+def test_other_attention_spellings_correct_either_way(make, path):
+    # whether or not these forms are matched, the result must be the oracle or the original
+    model = make()
+    x = image(2, 12, 20)
+    gm, report = rewrite(model, (x,), stride=2)
+    assert report.failure is None, report.failure
+    hits = [s for s in report.sites if s.decision == "rewritten"]
+    if hits:
+        assert [s.module_path for s in hits] == [path] and hits[0].q_layout == TokenLayout(1, 6, 10)
+        with oracle_mode(model, (1, 6, 10), stride=2):
             assert_close64(gm(x), model(x))
     else:
         assert_equal_exact(gm(x), model(x))

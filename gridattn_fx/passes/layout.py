@@ -163,6 +163,12 @@ _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxi
 _CHANNEL_NORMS = {"group_norm", "batch_norm", "instance_norm", "_native_batch_norm_legit_no_training"}
 _LAST_DIM = {"linear", "layer_norm", "rms_norm"}
 _CATS = {"cat", "concat", "concatenate"}
+_LOSS_HINTS = {
+    **{v: "a reshape that splits or merges the image axes, e.g. into windows" for v in _VIEWS},
+    "getitem": "indexing that drops or reorders image tokens",
+    "cat": "concatenation of two image layouts",
+    "pad": "padding of the image axes",
+}
 # Reductions over feature axes with keepdim=True (hand-written norms): token positions stay put.
 _KEEPDIM_REDUCTIONS = {"mean", "sum", "amax", "amin"}  # all (x, dim, keepdim)
 _SPLITS = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
@@ -192,7 +198,9 @@ class LayoutAnalysis:
             elif isinstance(_val(node), torch.Tensor) and any(
                 self.facts.get(a) is not None for a in node.all_input_nodes
             ):
-                self.lost[node] = f"{op_name(node, gm) or node.target} `{node.name}`"
+                name = op_name(node, gm)
+                why = _LOSS_HINTS.get(name, "")
+                self.lost[node] = f"{name or node.target} `{node.name}`" + (f" ({why})" if why else "")
 
     # -- queries --------------------------------------------------------------------------------
     def layout(self, node: fx.Node, seq_dim: int) -> tuple[TokenLayout | None, str]:

@@ -83,6 +83,9 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     mask_ndim, mask_rows, mask_cols, mask_bool = None, True, True, False
     if site.attn_mask is not None:
         mask = _val(site.attn_mask)
+        if mask is None:
+            return skip("attn_mask is a graph input that was None in the example inputs; "
+                        "the graph may be called with a mask")
         m_shape = _concrete_shape(site.attn_mask)
         if m_shape is None:
             return skip("attn_mask has symbolic sizes")
