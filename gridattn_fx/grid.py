@@ -182,6 +182,11 @@ class GridPlan:
     dropout_p: float = 0.0
     scale: float | None = None
     enable_gqa: bool = False
+    # A decomposed relative-position bias (SAM): the mask argument is the pair (rel_h, rel_w) of
+    # shapes (N, qh, qw, kh) and (N, qh, qw, kw), meaning bias[n, (i, j), (k, l)] = rel_h[n, i, j, k]
+    # + rel_w[n, i, j, l]; ``relpos_heads`` > 0 splits N into (batch, heads) for a 4-D mask.
+    relpos: bool = False
+    relpos_heads: int = 0
 
     @property
     def groups(self) -> int:
@@ -291,6 +296,8 @@ class GridPlan:
         kg = self._shared_keys(self._cluster(k_img, kl), k_pre, k_suf)
         vg = self._shared_keys(self._cluster(v_img, kl), v_pre, v_suf)
 
+        if self.relpos:
+            return self._grouped_relpos_attention(qg, kg, vg, attn_mask)
         mask = None if attn_mask is None else _additive(attn_mask, self.mask_bool, q.dtype)
         if mask is not None and self.mask_ndim < self.ndim:
             mask = mask[(None,) * (self.ndim - self.mask_ndim)]
@@ -307,20 +314,7 @@ class GridPlan:
             group_mask = pad if group_mask is None else group_mask + pad
             mask_rank = max(mask_rank, 3)
 
-        if self.ndim >= 4:
-            # Fold the group axis into the head axis so SDPA sees 4-D inputs (its fast CPU/GPU kernels).
-            if group_mask is not None:
-                if mask_rank < self.ndim + 1:
-                    group_mask = group_mask[(None,) * (self.ndim + 1 - mask_rank)]
-                heads = q.size(-3)
-                group_mask = group_mask.expand(
-                    *([-1] * (self.ndim - 3)), heads, self.groups, -1, -1
-                ).flatten(-4, -3)
-            out = self._sdpa(qg.flatten(-4, -3), kg.flatten(-4, -3), vg.flatten(-4, -3), group_mask)
-            out = out.unflatten(-3, (-1, self.groups))
-        else:
-            out = self._sdpa(qg, kg, vg, group_mask)
-        out_img = recover(out, ql.height, ql.width, self.stride, ql.transposed)
+        out_img = self._attend_groups(qg, kg, vg, group_mask, mask_rank)
 
         if not (ql.prefix or ql.suffix):
             return out_img
@@ -341,10 +335,70 @@ class GridPlan:
             pieces.append(out_rest.narrow(-2, ql.prefix, ql.suffix))
         return torch.cat(pieces, dim=-2)
 
+    def _attend_groups(self, qg, kg, vg, group_mask, mask_rank: int):
+        """SDPA inside every group, then Grid Recovering of the image queries' outputs."""
+        if self.ndim >= 4:
+            # Fold the group axis into the head axis so SDPA sees 4-D inputs (its fast CPU/GPU kernels).
+            if group_mask is not None:
+                if mask_rank < self.ndim + 1:
+                    group_mask = group_mask[(None,) * (self.ndim + 1 - mask_rank)]
+                heads = qg.size(-4)
+                group_mask = group_mask.expand(
+                    *([-1] * (self.ndim - 3)), heads, self.groups, -1, -1
+                ).flatten(-4, -3)
+            out = self._sdpa(qg.flatten(-4, -3), kg.flatten(-4, -3), vg.flatten(-4, -3), group_mask)
+            out = out.unflatten(-3, (-1, self.groups))
+        else:
+            out = self._sdpa(qg, kg, vg, group_mask)
+        ql = self.q_layout
+        return recover(out, ql.height, ql.width, self.stride, ql.transposed)
+
+    # -- decomposed relative-position bias ------------------------------------------------------
+    def _own_offsets(self, x, size: int, first: bool):
+        """Keep, for every group, only the key rows (``first``) or columns its own offset owns.
+
+        ``x`` is (..., G, nq, size) indexed by a key row/column; returns (..., G, nq, ceil(size/g)).
+        """
+        gh, gw = self.stride
+        step = gh if first else gw
+        padded = -(-size // step) * step
+        if padded != size:
+            x = F.pad(x, (0, padded - size))
+        x = x.unflatten(-1, (padded // step, step)).unflatten(-4, (gh, gw))  # (..., gh, gw, nq, n, step)
+        x = torch.diagonal(x, dim1=-5 if first else -4, dim2=-1)
+        # the matched offset axis went last; put it back in front of the group's other offset
+        x = x.movedim(-1, -4) if first else x.movedim(-1, -3)
+        return x.flatten(-5, -4)
+
+    def _relpos_lead(self, bias):
+        return bias.unflatten(0, (-1, self.relpos_heads)) if self.relpos_heads else bias
+
+    def grouped_relpos_bias(self, rel_h, rel_w):
+        """The decomposed bias restricted to each group: (N, G, nq, nk) without ever forming L x L."""
+        ql, kl = self.q_layout, self.k_layout
+        rh = self._cluster(rel_h.flatten(-3, -2), ql)  # (N, G, nq, kh)
+        rw = self._cluster(rel_w.flatten(-3, -2), ql)  # (N, G, nq, kw)
+        rh = self._own_offsets(rh, kl.height, first=True)
+        rw = self._own_offsets(rw, kl.width, first=False)
+        return self._relpos_lead((rh.unsqueeze(-1) + rw.unsqueeze(-2)).flatten(-2, -1))
+
+    def dense_relpos_bias(self, rel_h, rel_w):
+        bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-4, -3).flatten(-2, -1)
+        return self._relpos_lead(bias)
+
+    def _grouped_relpos_attention(self, qg, kg, vg, rel):
+        group_mask = self.grouped_relpos_bias(*rel)
+        pad = self._key_padding_bias(qg.dtype, qg.device)
+        if pad is not None:
+            group_mask = group_mask + pad
+        return self._attend_groups(qg, kg, vg, group_mask, self.mask_ndim + 1)
+
     def masked(self, q, k, v, attn_mask=None):
         """The oracle form: dense SDPA with ``attn_mask = B + log M``."""
         keep = grid_mask(self.q_layout, self.k_layout, self.stride, device=q.device)
         log_m = torch.where(keep, 0.0, float("-inf")).to(q.dtype)
+        if self.relpos:
+            attn_mask = self.dense_relpos_bias(*attn_mask)
         mask = log_m if attn_mask is None else _additive(attn_mask, self.mask_bool, q.dtype) + log_m
         return self._sdpa(q, k, v, mask)
 

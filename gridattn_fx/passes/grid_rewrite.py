@@ -1,9 +1,9 @@
 """Replace chosen attention sites with grid cluster -> attention -> recover.
 
-The replacement is :meth:`GridPlan.grouped` (or ``.masked``) traced with ``torch.fx`` for the
-site's constant plan and inlined in place of the site, so the graph holds plain torch ops
-(narrow / unflatten / movedim / flatten / SDPA / cat) that inductor can fuse and cache - the same
-code the eager tests check against the oracle.
+The replacement is the site's own factory (``site.build``) applied to its :class:`GridPlan`,
+traced with ``torch.fx`` for that constant plan and inlined in place of the site. The graph thus
+holds plain torch ops (narrow / unflatten / movedim / flatten / SDPA / cat) that inductor can
+fuse and cache - the same code the eager tests check against the oracle.
 """
 
 from __future__ import annotations
@@ -14,31 +14,25 @@ from ..grid import GridPlan
 from ..patterns import AttentionSite
 
 
-def _trace_plan(plan: GridPlan, implementation: str, with_mask: bool) -> fx.Graph:
-    method = getattr(plan, implementation)
-    if with_mask:
-        def replacement(q, k, v, attn_mask):
-            return method(q, k, v, attn_mask)
-    else:
-        def replacement(q, k, v):
-            return method(q, k, v)
-    return fx.Tracer().trace(replacement)
+def trace_replacement(site: AttentionSite, plan: GridPlan, implementation: str) -> fx.Graph:
+    fn = site.build(plan, implementation)
+    # fx.Tracer makes one placeholder per named parameter, so the wrapper needs a fixed arity.
+    names = ", ".join(f"arg{i}" for i in range(len(site.inputs)))
+    wrapper = eval(f"lambda {names}: fn({names})", {"fn": fn})  # noqa: S307 - names are ours
+    return fx.Tracer().trace(wrapper)
 
 
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, implementation: str) -> None:
     """Inline the grid form of ``site`` right before its output node and reroute its users."""
     graph = gm.graph
-    inputs = [site.query, site.key, site.value]
-    if site.attn_mask is not None:
-        inputs.append(site.attn_mask)
-    sub = _trace_plan(plan, implementation, site.attn_mask is not None)
+    sub = trace_replacement(site, plan, implementation)
     placeholders = [n for n in sub.nodes if n.op == "placeholder"]
-    val_map = dict(zip(placeholders, inputs))
+    val_map = dict(zip(placeholders, site.inputs))
     with graph.inserting_before(site.output):
         result = graph.graph_copy(sub, val_map)
     stack = site.output.meta.get("nn_module_stack")
-    for new in val_map.values():
-        if new not in inputs and isinstance(new, fx.Node):
+    for old, new in val_map.items():
+        if old.op != "placeholder" and isinstance(new, fx.Node):
             if stack is not None:
                 new.meta["nn_module_stack"] = dict(stack)
             new.meta["gridattn"] = site.form

@@ -29,6 +29,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..grid import TokenLayout
+from ..patterns.values import shape_of as _shape
+from ..patterns.values import value_of as _val
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,6 @@ def _static(size) -> int | None:
     return None
 
 
-def _val(node):
-    if not isinstance(node, fx.Node):
-        return node
-    return node.meta.get("val", node.meta.get("example_value"))
-
-
 def _resolve(arg):
     """Arguments as values: nodes that compute sizes become their SymInt / int values."""
     if isinstance(arg, fx.Node):
@@ -94,11 +90,6 @@ def _resolve(arg):
     if isinstance(arg, (list, tuple)):
         return type(arg)(_resolve(a) for a in arg)
     return arg
-
-
-def _shape(node):
-    val = _val(node)
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 # --- op naming --------------------------------------------------------------------------------
@@ -179,11 +170,11 @@ _SPLITS = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 class LayoutAnalysis:
     """Runs once over a graph; then answers :meth:`layout` for any node and sequence axis.
 
-    ``attention_outputs`` maps each attention site's output node to its query node: an attention
-    output keeps the query's token positions (whether or not the site is rewritten).
+    ``attention_outputs`` maps each attention site's output node to (query node, its sequence
+    axis): the output carries the query's token layout on the same axis.
     """
 
-    def __init__(self, gm: fx.GraphModule, attention_outputs: dict[fx.Node, fx.Node]):
+    def __init__(self, gm: fx.GraphModule, attention_outputs: dict[fx.Node, tuple[fx.Node, int]]):
         self.gm = gm
         self.attention_outputs = attention_outputs
         self.facts: dict[fx.Node, object] = {}
@@ -239,10 +230,13 @@ class LayoutAnalysis:
         if node.op not in ("call_function", "call_method", "call_module"):
             return None
         if node in self.attention_outputs:
-            query = self.attention_outputs[node]
+            # Attention keeps the query's token positions (rewritten or not: grid recovering
+            # puts every output token back in place).
+            query, query_dim = self.attention_outputs[node]
             fact = self.facts.get(query)
-            on_seq_axis = isinstance(fact, Tokens) and fact.dim == len(_shape(query)) - 2
-            return _step(fact, "attention") if on_seq_axis else None
+            on_seq_axis = isinstance(fact, Tokens) and fact.dim == query_dim % len(_shape(query))
+            same_rank = _shape(node) is not None and len(_shape(node)) == len(_shape(query))
+            return _step(fact, "attention") if on_seq_axis and same_rank else None
         if node.op == "call_function" and node.target is operator.getitem and not isinstance(_val(node.args[0]), torch.Tensor):
             pieces = self.facts.get(node.args[0])
             return pieces[node.args[1]] if isinstance(pieces, tuple) else None

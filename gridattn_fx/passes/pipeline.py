@@ -6,13 +6,13 @@ import logging
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
 from ..config import GridAttnConfig
 from ..patterns import AttentionSite, find_attention_sites
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .grid_rewrite import rewrite_site
-from .layout import LayoutAnalysis, _val, module_path
+from ..patterns.values import value_of as _val
+from .layout import LayoutAnalysis, module_path
 from .policy import decide
 
 logger = logging.getLogger("gridattn_fx")
@@ -38,21 +38,21 @@ def ensure_values(gm: fx.GraphModule, example_inputs) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    from torch._guards import detect_fake_mode
+
     mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
     FakeTensorProp(gm, mode).propagate(*example_inputs)
 
 
 def _check_replacement(site: AttentionSite, plan, implementation: str) -> None:
     """Run the replacement on the site's fake values: same shape and dtype as the original output."""
-    values = [_val(n) for n in (site.query, site.key, site.value)]
-    if site.attn_mask is not None:
-        values.append(_val(site.attn_mask))
+    values = [_val(n) for n in site.inputs]
     expected = _val(site.output)
     mode = getattr(values[0], "fake_mode", None)
     if mode is None:
         return
     with mode:
-        got = getattr(plan, implementation)(*values)
+        got = site.build(plan, implementation)(*values)
     if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
         raise RuntimeError(
             f"grid rewrite of {site.output.name} would change its output from "
@@ -68,7 +68,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     new_gm = copy_graph_module(gm)
     ensure_values(new_gm, example_inputs)
     sites = find_attention_sites(new_gm)
-    layouts = LayoutAnalysis(new_gm, {s.output: s.query for s in sites})
+    layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites})
     chosen = []
     for site in sites:
         path = module_path(site.output)
@@ -77,8 +77,8 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             node=site.output.name,
             module_path=path,
             form=site.form,
-            q_shape=tuple(_val(site.query).shape),
-            k_shape=tuple(_val(site.key).shape),
+            q_shape=tuple(site.q_shape or ()),
+            k_shape=tuple(site.k_shape or ()),
             q_layout=d.q_layout,
             k_layout=d.k_layout,
             evidence=d.evidence,

@@ -10,7 +10,7 @@ import torch
 from ..config import GridAttnConfig
 from ..grid import GridPlan, TokenLayout, attention_flops
 from ..patterns import AttentionSite
-from .layout import LayoutAnalysis, _hint, _static, _val
+from .layout import LayoutAnalysis, _hint, _static
 
 
 @dataclass
@@ -25,14 +25,13 @@ class Decision:
     flops_after: int | None = None
 
 
-def _concrete_shape(node) -> tuple[int, ...] | None:
-    """The shape with sizes as ints: leading (batch/head) sizes may be symbolic and are read from
-    their traced hints - the regrouping never depends on them; the last two must be static."""
-    val = _val(node)
-    if not isinstance(val, torch.Tensor):
+def _concrete(shape) -> tuple[int, ...] | None:
+    """A shape as ints: leading (batch/head) sizes may be symbolic and are read from their traced
+    hints - the regrouping never depends on them; the last two must be static."""
+    if shape is None:
         return None
-    tail = [_static(s) for s in val.shape[-2:]]
-    lead = [_hint(s) for s in val.shape[:-2]]
+    tail = [_static(s) for s in shape[-2:]]
+    lead = [_hint(s) for s in shape[:-2]]
     return None if None in tail or None in lead else tuple(lead + tail)
 
 
@@ -44,11 +43,20 @@ def _cost(q_shape, k_shape, v_shape) -> tuple[int, int, int, int, int] | None:
     return math.prod(lead), q_shape[-2], k_shape[-2], q_shape[-1], v_shape[-1]
 
 
+def _relpos_mismatch(site: AttentionSite, q_layout: TokenLayout, k_layout: TokenLayout) -> str | None:
+    qh, qw, kh, kw = site.relpos
+    for side, layout, (h, w) in (("query", q_layout, (qh, qw)), ("key", k_layout, (kh, kw))):
+        if layout.prefix or layout.suffix or layout.transposed or (layout.height, layout.width) != (h, w):
+            return (f"relative-position bias indexes a {h}x{w} {side} grid but the proven {side} layout "
+                    f"is {layout}")
+    return None
+
+
 def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, module_path: str) -> Decision:
-    q_layout, q_why = layouts.layout(site.query, -2)
-    k_layout, k_why = layouts.layout(site.key, -2)
+    q_layout, q_why = layouts.layout(site.query, site.query_dim)
+    k_layout, k_why = layouts.layout(site.key, site.key_dim)
     evidence = f"q: {q_why}" + ("" if site.key is site.query else f"; k: {k_why}")
-    shapes = [_concrete_shape(n) for n in (site.query, site.key, site.value)]
+    shapes = [_concrete(s) for s in (site.q_shape, site.k_shape, site.v_shape)]
     cost = _cost(*shapes)
     flops = attention_flops(*cost) if cost else None
 
@@ -58,8 +66,6 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     gh, gw = config.stride
     if (gh, gw) == (1, 1):
         return skip("stride 1: grid attention is the identity")
-    if site.unsupported:
-        return skip(f"unsupported site: {site.unsupported}")
     if site.is_causal:
         return skip("causal attention: the grid semantics do not apply")
     selected, why = config.selects(module_path)
@@ -69,24 +75,29 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         return skip(f"query: {q_why}")
     if k_layout is None:
         return skip(f"key: {k_why} (cross-attention to non-image tokens?)")
+    if site.unsupported:
+        return skip(f"unsupported site: {site.unsupported}")
     if cost is None:
         return skip("symbolic sequence or feature sizes: cannot size the regrouping")
+    q_shape, k_shape, v_shape = shapes
+    if (q_shape[-2], k_shape[-2]) != (q_layout.length, k_layout.length):
+        return skip(f"sequence lengths {q_shape[-2]}/{k_shape[-2]} differ from the proven layouts "
+                    f"{q_layout}/{k_layout}")
     if q_layout.image_tokens < config.min_image_tokens:
         return skip(f"{q_layout.image_tokens} image tokens < min_image_tokens={config.min_image_tokens}")
     for side, layout in (("query", q_layout), ("key", k_layout)):
         if layout.height < gh or layout.width < gw:
             return skip(f"{side} image {layout.height}x{layout.width} is smaller than the stride {gh}x{gw}")
-    q_shape, k_shape, v_shape = shapes
     if len(q_shape) < 2 or len(k_shape) != len(q_shape) or len(v_shape) != len(q_shape):
         return skip(f"unsupported ranks q{len(q_shape)}/k{len(k_shape)}/v{len(v_shape)}")
+    if site.relpos is not None:
+        mismatch = _relpos_mismatch(site, q_layout, k_layout)
+        if mismatch:
+            return skip(mismatch)
 
-    mask_ndim, mask_rows, mask_cols, mask_bool = None, True, True, False
-    if site.attn_mask is not None:
-        mask = _val(site.attn_mask)
-        if mask is None:
-            return skip("attn_mask is a graph input that was None in the example inputs; "
-                        "the graph may be called with a mask")
-        m_shape = _concrete_shape(site.attn_mask)
+    mask_ndim, mask_rows, mask_cols = None, True, True
+    if site.mask_shape is not None:
+        m_shape = _concrete(site.mask_shape)
         if m_shape is None:
             return skip("attn_mask has symbolic sizes")
         if len(m_shape) > len(q_shape) or len(m_shape) < 1:
@@ -95,13 +106,13 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         if rows not in (1, q_shape[-2]) or m_shape[-1] not in (1, k_shape[-2]):
             return skip(f"attn_mask shape {m_shape} does not broadcast to ({q_shape[-2]}, {k_shape[-2]})")
         mask_ndim, mask_rows, mask_cols = len(m_shape), rows != 1, m_shape[-1] != 1
-        mask_bool = mask.dtype == torch.bool
 
-    plan = GridPlan(q_layout, k_layout, (gh, gw), len(q_shape), mask_ndim, mask_rows, mask_cols, mask_bool,
-                    site.dropout_p, site.scale, site.enable_gqa)
+    plan = GridPlan(q_layout, k_layout, (gh, gw), len(q_shape), mask_ndim, mask_rows, mask_cols, site.mask_bool,
+                    site.dropout_p, site.scale, site.enable_gqa, relpos=site.relpos is not None)
     if config.implementation == "masked":
         after = flops
     else:
         bh, _, _, d, dv = cost
         after = 2 * bh * plan.grouped_pairs() * (d + dv)
-    return Decision(True, f"image self-attention, stride {gh}x{gw}", q_layout, k_layout, evidence, plan, flops, after)
+    kind = "image self-attention" if q_layout == k_layout else "image attention across two grids"
+    return Decision(True, f"{kind}, stride {gh}x{gw}", q_layout, k_layout, evidence, plan, flops, after)

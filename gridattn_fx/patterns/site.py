@@ -1,32 +1,46 @@
-"""What the rest of the pipeline needs to know about one attention site, whatever form it had."""
+"""What the rest of the pipeline needs to know about one attention site, whatever form it had.
+
+Every pattern describes its site in the SDPA convention - ``softmax(scale * q @ k^T + bias) @ v``
+with the sequence on axis -2 - plus a *replacement factory*: given the site's :class:`GridPlan`
+and the implementation name, it returns a function of ``site.inputs`` that computes the grid
+form of the site. Layout inference, the policy and the rewrite only ever see this object, so a
+new form is a new finder and nothing else.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch.fx as fx
 
 
 @dataclass
 class AttentionSite:
-    """One ``softmax(scale * q @ k^T + bias) @ v`` found in a graph.
-
-    ``output`` is the node whose value is the attention result ``(..., Lq, dv)``; the rewrite
-    replaces its uses and then lets dead-code elimination drop ``nodes`` (the matched subgraph)
-    once nothing else uses them. q/k/v have the sequence on axis -2 and features on axis -1.
-    """
-
     form: str
-    output: fx.Node
-    query: fx.Node
+    output: fx.Node          # the node whose value the replacement provides
+    query: fx.Node           # the tensors whose sequence axes must carry proven image layouts
     key: fx.Node
-    value: fx.Node
-    attn_mask: fx.Node | None = None
+    inputs: list[fx.Node]    # the replacement's arguments, in order
+    build: Callable          # (plan, implementation) -> callable(*inputs)
+    q_shape: tuple           # SDPA-convention shapes (..., L, d), possibly with SymInts
+    k_shape: tuple
+    v_shape: tuple
+    query_dim: int = -2      # sequence axis of ``query`` / ``key`` (not -2 for e.g. seq-first MHA)
+    key_dim: int = -2
+    mask_shape: tuple | None = None   # the additive/bool attn_mask as the attention sees it
+    mask_bool: bool = False
+    relpos: tuple | None = None       # (qh, qw, kh, kw) for a decomposed relative-position bias
     dropout_p: float = 0.0
     scale: float | None = None
     is_causal: bool = False
     enable_gqa: bool = False
-    nodes: list[fx.Node] = field(default_factory=list)
-    # Set when the matcher saw the site but cannot describe it exactly (e.g. a non-constant
+    nodes: list[fx.Node] = field(default_factory=list)   # matched nodes, erased when unused
+    # Set when the matcher saw a site but cannot describe it exactly (e.g. a non-constant
     # dropout probability); the policy skips such sites with this reason.
     unsupported: str | None = None
+
+
+def call_plan(plan, implementation: str):
+    """The replacement of a site whose inputs are exactly (q, k, v[, mask])."""
+    return getattr(plan, implementation)
