@@ -367,8 +367,8 @@ class GridPlan:
         x = x.unflatten(-1, (padded // step, step)).unflatten(-4, (gh, gw))  # (..., gh, gw, nq, n, step)
         x = torch.diagonal(x, dim1=-5 if first else -4, dim2=-1)
         # the matched offset axis went last; put it back in front of the group's other offset
-        x = x.movedim(-1, -4) if first else x.movedim(-1, -3)
-        return x.flatten(-5, -4)
+        x = x.movedim(-1, -4) if first else x.movedim(-1, -3)  # (..., gh, gw, nq, n)
+        return x.flatten(-4, -3)
 
     def _relpos_lead(self, bias):
         return bias.unflatten(0, (-1, self.relpos_heads)) if self.relpos_heads else bias

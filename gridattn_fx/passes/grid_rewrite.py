@@ -37,6 +37,17 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, implem
                 new.meta["nn_module_stack"] = dict(stack)
             new.meta["gridattn"] = site.form
     site.output.replace_all_uses_with(result)
-    for node in reversed(site.nodes):
-        if not node.users:
-            graph.erase_node(node)
+    _erase_dead(graph, site.nodes)
+
+
+def _erase_dead(graph: fx.Graph, nodes) -> None:
+    """Erase the matched nodes nothing uses any more (users before producers, whatever the order)."""
+    alive = set(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(alive):
+            if not node.users:
+                graph.erase_node(node)
+                alive.discard(node)
+                changed = True

@@ -26,9 +26,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from ..grid import TokenLayout
+from ..patterns.ops import op_name
 from ..patterns.values import shape_of as _shape
 from ..patterns.values import value_of as _val
 
@@ -90,49 +90,6 @@ def _resolve(arg):
     if isinstance(arg, (list, tuple)):
         return type(arg)(_resolve(a) for a in arg)
     return arg
-
-
-# --- op naming --------------------------------------------------------------------------------
-
-_TRUSTED_MODULES = ("torch", "_operator", "operator", "builtins", "math")
-
-_MODULE_OPS = {
-    nn.Conv2d: "conv2d", nn.ConvTranspose2d: "conv_transpose2d", nn.MaxPool2d: "max_pool2d",
-    nn.AvgPool2d: "avg_pool2d", nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
-    nn.AdaptiveMaxPool2d: "adaptive_max_pool2d", nn.Upsample: "interpolate", nn.PixelShuffle: "pixel_shuffle",
-    nn.Linear: "linear", nn.LayerNorm: "layer_norm", nn.GroupNorm: "group_norm", nn.BatchNorm2d: "batch_norm",
-    nn.InstanceNorm2d: "instance_norm", nn.Dropout: "dropout", nn.Identity: "clone", nn.GELU: "gelu",
-    nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Mish: "mish",
-    nn.Hardswish: "hardswish", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Softplus: "softplus",
-    nn.Flatten: "flatten",
-}
-
-
-def op_name(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
-    """A canonical name for what a node computes, across Dynamo, symbolic_trace and ATen graphs."""
-    if node.op == "call_method":
-        name = node.target
-    elif node.op == "call_function":
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            name = target.overloadpacket.__name__
-        else:
-            module = getattr(target, "__module__", None)
-            if module is not None and not module.startswith(_TRUSTED_MODULES):
-                return None
-            name = getattr(target, "__name__", None)
-    elif node.op == "call_module" and gm is not None:
-        mod = gm.get_submodule(node.target)
-        name = next((n for cls, n in _MODULE_OPS.items() if type(mod) is cls), None)
-    else:
-        return None
-    if name is None:
-        return None
-    if name.startswith("__") and name.endswith("__"):
-        name = name[2:-2]  # operator.__add__ and friends
-    if name.endswith("_") and not name.startswith("_"):
-        name = name[:-1]  # in-place variants keep positions exactly like their functional twins
-    return name
 
 
 _SOURCES = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torch.fx as fx
 
 from ..config import GridAttnConfig
@@ -68,7 +67,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     new_gm = copy_graph_module(gm)
     ensure_values(new_gm, example_inputs)
     sites = find_attention_sites(new_gm)
-    layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites})
+    layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None})
     chosen = []
     for site in sites:
         path = module_path(site.output)

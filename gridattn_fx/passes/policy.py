@@ -64,6 +64,8 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         return Decision(False, reason, q_layout, k_layout, evidence, None, flops, flops)
 
     gh, gw = config.stride
+    if site.build is None:  # recognised as attention, but not readable exactly
+        return skip(f"unsupported site: {site.unsupported}")
     if (gh, gw) == (1, 1):
         return skip("stride 1: grid attention is the identity")
     if site.is_causal:
@@ -108,7 +110,8 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         mask_ndim, mask_rows, mask_cols = len(m_shape), rows != 1, m_shape[-1] != 1
 
     plan = GridPlan(q_layout, k_layout, (gh, gw), len(q_shape), mask_ndim, mask_rows, mask_cols, site.mask_bool,
-                    site.dropout_p, site.scale, site.enable_gqa, relpos=site.relpos is not None)
+                    site.dropout_p, site.scale, site.enable_gqa, relpos=site.relpos is not None,
+                    relpos_heads=site.mask_shape[-3] if site.relpos is not None and len(site.mask_shape) == 4 else 0)
     if config.implementation == "masked":
         after = flops
     else:

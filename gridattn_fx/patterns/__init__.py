@@ -4,10 +4,11 @@ Every finder takes an ``fx.GraphModule`` and returns :class:`AttentionSite` obje
 form means adding a finder to :data:`FINDERS`, nothing downstream changes.
 """
 
+from .manual import find_manual_sites
 from .sdpa import find_sdpa_sites
 from .site import AttentionSite
 
-FINDERS = (find_sdpa_sites,)
+FINDERS = (find_sdpa_sites, find_manual_sites)
 
 
 def find_attention_sites(gm):

@@ -7,6 +7,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .manual import call_plan_relpos, relpos_grid, relpos_terms
+from .ops import op_name
 from .site import AttentionSite, call_plan
 from .values import shape_of, value_of
 
@@ -48,14 +50,22 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             unsupported = ("attn_mask is a graph input that was None in the example inputs; "
                            "the graph may be called with a mask")
         inputs = [a["query"], a["key"], a["value"]] + ([mask] if mask is not None else [])
+        build, form, relpos, matched = call_plan, "sdpa", None, [node]
+        terms = _relpos_mask_terms(mask) if mask_value is not None else None
+        if terms is not None:
+            # The mask is SAM's decomposed bias: regroup its two factors, never the L x L sum.
+            inputs[3:] = list(terms)
+            build, form, relpos = call_plan_relpos, "sdpa+relpos", relpos_grid(*terms)
+            matched = [node, mask, mask.args[0]]
         ok = unsupported is None
         sites.append(AttentionSite(
-            form="sdpa",
+            form=form,
             output=node,
             query=a["query"],
             key=a["key"],
             inputs=inputs,
-            build=call_plan,
+            build=build,
+            relpos=relpos,
             q_shape=shape_of(a["query"]),
             k_shape=shape_of(a["key"]),
             v_shape=shape_of(a["value"]),
@@ -65,7 +75,17 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             scale=None if a["scale"] is None or not ok else float(a["scale"]),
             is_causal=a["is_causal"] is True,
             enable_gqa=a["enable_gqa"] is True,
-            nodes=[node],
+            nodes=matched,
             unsupported=unsupported,
         ))
     return sites
+
+
+def _relpos_mask_terms(mask: fx.Node):
+    """``(rel_h[..., None] + rel_w[..., None, :]).reshape(N, L, L)`` -> the two terms, else None."""
+    if op_name(mask) not in ("view", "reshape", "_unsafe_view"):
+        return None
+    total = mask.args[0]
+    if not isinstance(total, fx.Node) or op_name(total) != "add" or len(shape_of(total) or ()) != 5:
+        return None
+    return relpos_terms(total.args[0], total.args[1])

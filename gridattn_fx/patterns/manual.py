@@ -1,0 +1,476 @@
+"""Hand-written attention: ``softmax(scale * q @ k^T + bias) @ v`` spelled out op by op.
+
+Real models write it many ways (timm/SAM/Swin scale q first, diffusers uses ``baddbmm``, HF adds
+masks with ``masked_fill`` or ``where``, SAM adds a decomposed relative-position bias through a
+5-D view). Rather than one pattern per spelling, the matcher starts at every softmax over the last
+axis and reads the chain around it into one canonical description:
+
+    product      q @ k^T  (matmul, @, bmm, baddbmm, einsum; k transposed by transpose/permute/mT)
+    score steps  applied to the product in order: scale by a constant, add a bias tensor,
+                 keep-masks (masked_fill / where with -inf), SAM's decomposed rel-pos add
+    softmax      tensor method / F.softmax / torch.softmax, casts around it
+    weights      optional dropout, then probabilities @ v
+
+Anything it cannot read exactly (a finite fill value, a non-constant scale, probabilities used
+elsewhere) is still reported as a site, skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .ops import op_name
+from .site import AttentionSite
+from .values import shape_of, value_of
+
+_CASTS = {"to", "float", "half", "double", "bfloat16", "type", "type_as", "_to_copy", "contiguous", "clone"}
+_PRODUCTS = {"matmul", "bmm", "baddbmm", "einsum"}
+_VIEWS = {"view", "reshape", "_unsafe_view"}
+
+
+class NoMatch(Exception):
+    """The chain around a softmax is not attention (or not one we can read); not a site."""
+
+
+class Unsupported(Exception):
+    """It is attention, but some part cannot be expressed exactly; a skipped site."""
+
+
+@dataclass
+class _Reading:
+    """What the walk has read so far; score steps are kept in the order they are applied."""
+
+    nodes: list = field(default_factory=list)
+    steps: list = field(default_factory=list)  # ("scale", c) | ("bias", node) | ("keep", node, negate) | ("relpos", h, w)
+    q_scale: float = 1.0
+    product: str = ""
+
+
+def _name(node) -> str | None:
+    return op_name(node) if isinstance(node, fx.Node) else None
+
+
+def _const(x) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Number):
+        return None
+    return float(x)
+
+
+def _arg(node, index, name, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def _last_axis(node: fx.Node, dim) -> bool:
+    shape = shape_of(node)
+    return isinstance(dim, int) and shape is not None and dim % len(shape) == len(shape) - 1
+
+
+def _skip_casts_back(node, reading):
+    while _name(node) in _CASTS and _single_user(node):
+        reading.nodes.append(node)
+        node = node.args[0]
+    return node
+
+
+def _is_neg_inf(x) -> bool:
+    return isinstance(x, numbers.Number) and math.isinf(x) and x < 0
+
+
+# --- the score chain, read backwards from the softmax input -----------------------------------
+
+def _read_scores(node, reading: _Reading):
+    """Walk from the softmax input back to the q @ k^T product; returns the product node."""
+    while True:
+        node = _skip_casts_back(node, reading)
+        name = _name(node)
+        if not isinstance(node, fx.Node):
+            raise NoMatch("scores are not a tensor")
+        if not _single_user(node):
+            raise Unsupported(f"the attention scores `{node.name}` are also used outside the attention")
+        reading.nodes.append(node)
+        if name in _PRODUCTS:
+            reading.product = name
+            return node
+        if name in ("mul", "div", "truediv"):
+            a, b = node.args[0], node.args[1]
+            c, other = (_const(b), a) if _const(b) is not None else (_const(a), b)
+            if c is None or name != "mul" and other is not a:
+                raise NoMatch(f"{name} by a tensor is not a scale")
+            reading.steps.append(("scale", c if name == "mul" else 1.0 / c))
+            node = other
+        elif name in ("add", "iadd", "radd"):
+            chain, bias = _which_is_chain(node.args[0], node.args[1])
+            reading.steps.append(("bias", bias))
+            node = chain
+        elif name == "masked_fill":
+            value = _arg(node, 2, "value")
+            if not _is_neg_inf(value):
+                raise Unsupported(f"masked_fill with {value!r} (only -inf is an exact additive mask)")
+            reading.steps.append(("keep", _arg(node, 1, "mask"), True))
+            node = node.args[0]
+        elif name == "where":
+            cond, a, b = node.args[0], node.args[1], node.args[2]
+            if _is_neg_inf(b) and isinstance(a, fx.Node):
+                reading.steps.append(("keep", cond, False))
+                node = a
+            elif _is_neg_inf(a) and isinstance(b, fx.Node):
+                reading.steps.append(("keep", cond, True))
+                node = b
+            else:
+                raise Unsupported("where() with a finite fill value is not an additive mask")
+        elif name in _VIEWS:
+            flat = _read_relpos(node.args[0], reading)
+            if flat is None:
+                raise NoMatch("a reshape between the product and the softmax")
+            node = flat
+        else:
+            raise NoMatch(f"{name or node.op} between the product and the softmax")
+
+
+def _which_is_chain(a, b):
+    """In ``scores + bias`` the chain is the operand that leads back to a product."""
+    for chain, bias in ((a, b), (b, a)):
+        if isinstance(chain, fx.Node) and _reaches_product(chain):
+            if not isinstance(bias, fx.Node):
+                raise Unsupported("adding a constant to the scores")
+            return chain, bias
+    raise NoMatch("neither operand of the add leads to a q @ k^T product")
+
+
+def _reaches_product(node, depth=8) -> bool:
+    """Whether ``node`` is the product itself or a score step away from it."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            name = _name(n)
+            if name in _PRODUCTS:
+                return True
+            if name in ("add", "iadd", "radd", "mul", "div", "truediv", "masked_fill", "where", *_CASTS, *_VIEWS):
+                nxt.extend(a for a in n.args if isinstance(a, fx.Node))
+        frontier = nxt
+    return False
+
+
+def _read_relpos(add_node, reading: _Reading):
+    """SAM: ``(S.view(N, qh, qw, kh, kw) + rel_h[..., None] + rel_w[..., None, :]).view(N, L, L)``.
+
+    ``add_node`` is what the view back to (N, L, L) reads. Returns the flat scores S to continue
+    the walk from, or None when this is not that pattern.
+    """
+    shape = shape_of(add_node)
+    if _name(add_node) not in ("add", "iadd") or shape is None or len(shape) != 5:
+        return None
+    inner, outer_term = None, None
+    for a, b in ((add_node.args[0], add_node.args[1]), (add_node.args[1], add_node.args[0])):
+        if _name(a) in ("add", "iadd") and isinstance(b, fx.Node):
+            inner, outer_term = a, b
+            break
+    if inner is None:
+        return None
+    for x, y in ((inner.args[0], inner.args[1]), (inner.args[1], inner.args[0])):
+        if _name(x) in _VIEWS and isinstance(y, fx.Node) and len(shape_of(x.args[0]) or ()) in (3, 4):
+            terms = relpos_terms(y, outer_term)
+            if terms is None:
+                return None
+            reading.nodes.extend([add_node, inner, x])
+            reading.steps.append(("relpos", *terms))
+            return x.args[0]
+    return None
+
+
+def relpos_terms(a, b):
+    """(rel_h term, rel_w term) when ``a`` and ``b`` are (N, qh, qw, kh, 1) and (N, qh, qw, 1, kw)."""
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    terms = {_broadcast_axis(a): a, _broadcast_axis(b): b}
+    return (terms[-1], terms[-2]) if set(terms) == {-1, -2} else None
+
+
+def relpos_grid(h_term, w_term) -> tuple:
+    """(qh, qw, kh, kw) of the decomposed bias the two terms describe."""
+    h_shape, w_shape = shape_of(h_term), shape_of(w_term)
+    return h_shape[1], h_shape[2], h_shape[3], w_shape[4]
+
+
+def call_plan_relpos(plan, implementation):
+    """Replacement for sites whose inputs are (q, k, v, rel_h term, rel_w term)."""
+    attend = getattr(plan, implementation)
+
+    def replacement(q, k, v, h_term, w_term):
+        return attend(q, k, v, (h_term.squeeze(-1), w_term.squeeze(-2)))
+
+    return replacement
+
+
+def _broadcast_axis(node) -> int | None:
+    """-1 for a (N, qh, qw, kh, 1) term, -2 for a (N, qh, qw, 1, kw) term."""
+    shape = shape_of(node)
+    if shape is None or len(shape) != 5:
+        return None
+    if shape[-1] == 1 and shape[-2] != 1:
+        return -1
+    if shape[-2] == 1 and shape[-1] != 1:
+        return -2
+    return None
+
+
+# --- the product's operands --------------------------------------------------------------------
+
+def _strip_scale(node, reading: _Reading):
+    """``x * c`` / ``x / c`` on an operand: fold c into the score scale."""
+    while _name(node) in ("mul", "div", "truediv") and _single_user(node):
+        a, b = node.args[0], node.args[1]
+        if _const(b) is not None and isinstance(a, fx.Node):
+            reading.q_scale *= _const(b) if _name(node) == "mul" else 1.0 / _const(b)
+            reading.nodes.append(node)
+            node = a
+        elif _name(node) == "mul" and _const(a) is not None and isinstance(b, fx.Node):
+            reading.q_scale *= _const(a)
+            reading.nodes.append(node)
+            node = b
+        else:
+            break
+    return node
+
+
+def _untranspose(node, reading: _Reading):
+    """k^T -> (k, True) when the transpose of the last two axes is explicit, else (k^T, False)."""
+    name = _name(node)
+    shape = shape_of(node)
+    if shape is None:
+        raise NoMatch("key operand has no shape")
+    nd = len(shape)
+    swapped = False
+    if name in ("transpose", "swapaxes", "swapdims"):
+        dims = sorted(d % nd for d in node.args[1:3])
+        swapped = dims == [nd - 2, nd - 1]
+    elif name == "permute":
+        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        perm = [p % nd for p in perm]
+        swapped = perm == list(range(nd - 2)) + [nd - 1, nd - 2]
+    elif name == "getattr" and node.args[1] == "mT":
+        swapped = True
+    elif name == "t" and nd == 2:
+        swapped = True
+    if swapped and _single_user(node):
+        reading.nodes.append(node)
+        return _strip_scale(node.args[0], reading), True
+    return node, False
+
+
+def _einsum_operands(node):
+    """(a, b, form) for ``...id,...jd->...ij`` (scores) or ``...ij,...jd->...id`` (output)."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str) or len(operands) != 2 or "..." in equation:
+        raise NoMatch("einsum form")
+    lhs, out = equation.replace(" ", "").split("->")
+    x, y = lhs.split(",")
+    if len(x) != len(y) or len(x) != len(out) or x[:-2] != y[:-2] or x[:-2] != out[:-2]:
+        raise NoMatch("einsum is not a batched product")
+    i, d1 = x[-2:]
+    j, d2 = y[-2:]
+    if d1 == d2 and out[-2:] == i + j:
+        return operands[0], operands[1], "qk"
+    if x[-1] == y[-2] and out[-2:] == x[-2] + y[-1]:
+        return operands[0], operands[1], "pv"
+    raise NoMatch("einsum is not an attention product")
+
+
+def _read_product(prod: fx.Node, reading: _Reading):
+    """(q, k, k_is_transposed_input) from the score product; records alpha/beta of baddbmm."""
+    name = _name(prod)
+    if name == "einsum":
+        a, b, form = _einsum_operands(prod)
+        if form != "qk":
+            raise NoMatch("einsum is not q k^T")
+        return _strip_scale(a, reading), _strip_scale(b, reading), False
+    if name == "baddbmm":
+        base, a, b = prod.args[0], prod.args[1], prod.args[2]
+        beta, alpha = _arg(prod, 3, "beta", 1), _arg(prod, 4, "alpha", 1)
+        if _const(alpha) is None or _const(beta) is None:
+            raise Unsupported("baddbmm with non-constant alpha/beta")
+        # scores = beta * base + alpha * a @ b: the alpha scale acts on the product only.
+        reading.q_scale *= _const(alpha)
+        if _const(beta) != 0:
+            reading.steps.append(("base", base, _const(beta)))
+    else:
+        a, b = prod.args[0], prod.args[1]
+    q = _strip_scale(a, reading)
+    kt, explicit = _untranspose(_strip_scale(b, reading), reading)
+    return q, kt, not explicit
+
+
+# --- after the softmax ----------------------------------------------------------------------------
+
+def _read_output(softmax: fx.Node, reading: _Reading):
+    """Follow the probabilities through casts and dropout to ``P @ v``; returns (output, v, p)."""
+    node, dropout_p = softmax, 0.0
+    while True:
+        if len(node.users) != 1:
+            raise Unsupported("the attention probabilities are used outside the attention")
+        user = next(iter(node.users))
+        name = _name(user)
+        if name in _CASTS:
+            reading.nodes.append(user)
+            node = user
+            continue
+        if name in ("dropout", "feature_dropout"):
+            p, training = _arg(user, 1, "p", 0.5), _arg(user, 2, "training", True)
+            if _const(p) is None or not isinstance(training, bool):
+                raise Unsupported("dropout with non-constant p or training flag")
+            dropout_p = float(p) if training else 0.0
+            reading.nodes.append(user)
+            node = user
+            continue
+        if name in ("matmul", "bmm") and user.args[0] is node:
+            reading.nodes.append(user)
+            return user, user.args[1], dropout_p
+        if name == "einsum":
+            a, b, form = _einsum_operands(user)
+            if form == "pv" and a is node:
+                reading.nodes.append(user)
+                return user, b, dropout_p
+        raise NoMatch(f"softmax output goes to {name or user.op}, not to a product with v")
+
+
+# --- the site -------------------------------------------------------------------------------------
+
+def _score_program(reading: _Reading):
+    """Fold the steps into ``scores = scale * q @ k^T + sum(m * bias) + keep-masks [+ rel-pos]``."""
+    scale = reading.q_scale
+    biases, keeps, relpos = [], [], None
+    for step in reversed(reading.steps):  # recorded outermost first; apply innermost first
+        kind = step[0]
+        if kind == "scale":
+            if step[1] <= 0 and keeps:
+                raise Unsupported("a non-positive scale after a -inf mask")
+            if relpos is not None:
+                raise Unsupported("scaling after the relative-position bias")
+            scale *= step[1]
+            biases = [(b, m * step[1]) for b, m in biases]
+        elif kind == "bias":
+            biases.append((step[1], 1.0))
+        elif kind == "base":  # baddbmm's beta * input
+            biases.append((step[1], step[2]))
+        elif kind == "keep":
+            keeps.append((step[1], step[2]))
+        elif kind == "relpos":
+            relpos = (step[1], step[2])
+    return scale, biases, keeps, relpos
+
+
+def _match(softmax: fx.Node) -> AttentionSite:
+    dim = _arg(softmax, 1, "dim")
+    if not _last_axis(softmax, dim):
+        raise NoMatch("softmax is not over the last axis")
+    reading = _Reading()
+    output, v, dropout_p = _read_output(softmax, reading)
+    prod = _read_scores(_skip_casts_back(softmax.args[0], reading), reading)
+    q, k, k_transposed_input = _read_product(prod, reading)
+    if not all(isinstance(x, fx.Node) for x in (q, k, v)):
+        raise NoMatch("operands are not tensors")
+    scale, biases, keeps, relpos = _score_program(reading)
+    if relpos is not None and (biases or keeps):
+        raise Unsupported("relative-position bias combined with other biases or masks")
+    return _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, dropout_p, reading)
+
+
+def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, dropout_p, reading):
+    q_shape, v_shape = shape_of(q), shape_of(v)
+    k_shape = shape_of(k)
+    if k_transposed_input:
+        k_shape = k_shape[:-2] + (k_shape[-1], k_shape[-2])
+    extra = [b for b, _ in biases] + [m for m, _ in keeps] + (list(relpos) if relpos else [])
+    inputs = [q, k, v] + extra
+    multipliers = [m for _, m in biases]
+    negations = [neg for _, neg in keeps]
+    n_bias, n_keep = len(biases), len(keeps)
+    mask_shape = None
+    if biases or keeps:
+        mask_shape = tuple(torch.broadcast_shapes(*[tuple(value_of(n).shape) for n in extra]))
+    elif relpos:
+        h_shape = shape_of(relpos[0])  # (N, qh, qw, kh, 1)
+        mask_shape = (h_shape[0], h_shape[1] * h_shape[2], h_shape[3] * shape_of(relpos[1])[4])
+    grid = relpos_grid(*relpos) if relpos else None
+
+    def build(plan, implementation):
+        attend = getattr(plan, implementation)
+
+        def replacement(q, k, v, *extra):
+            if k_transposed_input:
+                k = k.transpose(-2, -1)
+            if grid is not None:
+                h_term, w_term = extra
+                return attend(q, k, v, (h_term.squeeze(-1), w_term.squeeze(-2)))
+            mask = None
+            for node, mult in zip(extra[:n_bias], multipliers):
+                term = node if mult == 1.0 else node * mult
+                mask = term if mask is None else mask + term
+            for node, negate in zip(extra[n_bias:n_bias + n_keep], negations):
+                term = torch.where(node, float("-inf"), 0.0) if negate else torch.where(node, 0.0, float("-inf"))
+                term = term.to(q.dtype)
+                mask = term if mask is None else mask + term
+            return attend(q, k, v, mask)
+
+        return replacement
+
+    form = "manual-" + reading.product + ("+relpos" if relpos else "")
+    return AttentionSite(
+        form=form,
+        output=output,
+        query=q,
+        key=k,
+        key_dim=-1 if k_transposed_input else -2,
+        inputs=inputs,
+        build=build,
+        q_shape=q_shape,
+        k_shape=k_shape,
+        v_shape=v_shape,
+        mask_shape=mask_shape,
+        relpos=grid,
+        dropout_p=dropout_p,
+        scale=scale,
+        nodes=list(reversed(reading.nodes)) + [softmax],
+    )
+
+
+def find_manual_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    sites = []
+    for node in list(gm.graph.nodes):
+        if _name(node) not in ("softmax", "_softmax"):
+            continue
+        try:
+            site = _match(node)
+        except NoMatch:
+            continue
+        except Unsupported as why:
+            site = _unsupported_site(node, str(why))
+            if site is None:
+                continue
+        sites.append(site)
+    return sites
+
+
+def _unsupported_site(softmax: fx.Node, why: str) -> AttentionSite | None:
+    """A site we recognise but will not rewrite: reported against the softmax node."""
+    shape = shape_of(softmax)
+    if shape is None:
+        return None
+    return AttentionSite(
+        form="manual", output=softmax, query=softmax, key=softmax, inputs=[], build=None,
+        q_shape=None, k_shape=None, v_shape=None, nodes=[], unsupported=why,
+    )

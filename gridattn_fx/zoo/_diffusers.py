@@ -1,0 +1,111 @@
+"""diffusers builders (``diffusers:<entry>``): ``Model(**config)``, random weights."""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import finish, images, require, seeded
+
+# stabilityai/stable-diffusion-2-1 unet/config.json (768x768 images, 96x96 latents, OpenCLIP-H text 1024).
+UNET_SD21 = dict(
+    sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, center_input_sample=False,
+    downsample_padding=1, mid_block_scale_factor=1, norm_eps=1e-5, upcast_attention=True,
+)
+# Same block structure with three levels: self + cross attention at 32x32 and 16x16 (down and up),
+# a plain level at 8x8 and the mid block's attention at 8x8.
+UNET_SD21_SMALL = dict(
+    UNET_SD21, sample_size=32, layers_per_block=1, block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(2, 4, 4), cross_attention_dim=32,
+)
+UNET_TEXT_TOKENS = 77
+
+# facebook/DiT-XL-2-256 transformer config (32x32 latents, patch 2: 16x16 tokens).
+DIT = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+           sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+DIT_SMALL = dict(DIT, num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=16)
+
+# PixArt-alpha/PixArt-XL-2-1024-MS transformer config (128x128 latents: 64x64 tokens; T5 captions).
+PIXART = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+              cross_attention_dim=1152, sample_size=128, patch_size=2, caption_channels=4096,
+              norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=True)
+PIXART_SMALL = dict(PIXART, num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32,
+                    sample_size=16, caption_channels=32, use_additional_conditions=False)
+PIXART_CAPTION_TOKENS = 120
+
+# stabilityai/stable-diffusion-2-1 vae/config.json (768x768 images; mid-block attention at 96x96).
+AUTOENCODER_KL = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32, act_fn="silu", sample_size=768,
+)
+AUTOENCODER_KL_SMALL = dict(AUTOENCODER_KL, block_out_channels=(32, 64), layers_per_block=1,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            sample_size=32)
+
+
+def set_attn_processor(model, attn_processor):
+    """``None``/``"default"``: keep the library default (``AttnProcessor2_0``, SDPA);
+    ``"classic"``: ``AttnProcessor()`` (``baddbmm`` scores, ``softmax``, ``bmm``);
+    ``"sdpa"``: ``AttnProcessor2_0()``; or a processor instance."""
+    if attn_processor in (None, "default"):
+        return model
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if attn_processor == "classic":
+        attn_processor = AttnProcessor()
+    elif attn_processor == "sdpa":
+        attn_processor = AttnProcessor2_0()
+    elif isinstance(attn_processor, str):
+        raise ValueError(f"attn_processor must be None, 'default', 'classic', 'sdpa' or a processor, "
+                         f"got {attn_processor!r}")
+    model.set_attn_processor(attn_processor)
+    return model
+
+
+def build(entry: str, *, small: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0, batch_size: int = 1,
+          nonzero_init: bool = True, attn_processor=None, **overrides):
+    """``overrides`` are model constructor (config) arguments."""
+    d = require("diffusers", f"diffusers:{entry}")
+    b = batch_size
+    with seeded(seed):
+        if entry == "unet-sd21":
+            cfg = dict(UNET_SD21_SMALL if small else UNET_SD21, **overrides)
+            model = d.UNet2DConditionModel(**cfg)
+            s = cfg["sample_size"]
+            inputs = (torch.randn(b, cfg["in_channels"], s, s), torch.tensor([500] * b),
+                      torch.randn(b, UNET_TEXT_TOKENS, cfg["cross_attention_dim"]))
+        elif entry == "dit":
+            cfg = dict(DIT_SMALL if small else DIT, **overrides)
+            model = d.DiTTransformer2DModel(**cfg)
+            s = cfg["sample_size"]
+            inputs = (torch.randn(b, cfg["in_channels"], s, s), torch.tensor([500] * b),
+                      torch.randint(0, cfg["num_embeds_ada_norm"], (b,)))
+        elif entry == "pixart":
+            cfg = dict(PIXART_SMALL if small else PIXART, **overrides)
+            model = d.PixArtTransformer2DModel(**cfg)
+            s = cfg["sample_size"]
+            if cfg["use_additional_conditions"]:
+                px = s * 8  # the VAE's factor
+                added = {"resolution": torch.tensor([[px, px]] * b, dtype=torch.float32),
+                         "aspect_ratio": torch.tensor([[1.0]] * b)}
+            else:
+                added = {"resolution": None, "aspect_ratio": None}
+            inputs = (torch.randn(b, cfg["in_channels"], s, s),
+                      torch.randn(b, PIXART_CAPTION_TOKENS, cfg["caption_channels"]),
+                      torch.tensor([500] * b), added)
+        elif entry == "autoencoder-kl":
+            cfg = dict(AUTOENCODER_KL_SMALL if small else AUTOENCODER_KL, **overrides)
+            model = d.AutoencoderKL(**cfg)
+            inputs = (images(b, cfg["sample_size"], cfg["in_channels"]),)
+        else:
+            raise KeyError(entry)
+    set_attn_processor(model, attn_processor)
+    with seeded(seed + 1):
+        return finish(model, inputs, dtype=dtype, nonzero_init=nonzero_init)
