@@ -328,22 +328,20 @@ def test_swin_windows_correct_either_way():
         assert_equal_exact(gm(x), model(x))
 
 
-@pytest.mark.parametrize("make,path", [(lambda: build(TorchvisionViT), "layers.0.self_attention"),
-                                       (lambda: build(ManualViT, grid=(6, 10)), "blocks.0.attn")],
-                         ids=["nn_multihead_attention", "manual_matmul_softmax"])
-def test_other_attention_spellings_correct_either_way(make, path):
-    # whether or not these forms are matched, the result must be the oracle or the original
+@pytest.mark.parametrize("make,path,form", [
+    (lambda: build(TorchvisionViT), "layers.0.self_attention", "nn.MultiheadAttention"),
+    (lambda: build(ManualViT, grid=(6, 10)), "blocks.0.attn", "manual-matmul"),
+], ids=["nn_multihead_attention", "manual_matmul_softmax"])
+def test_other_attention_spellings_are_rewritten(make, path, form):
     model = make()
     x = image(2, 12, 20)
     gm, report = rewrite(model, (x,), stride=2)
     assert report.failure is None, report.failure
     hits = [s for s in report.sites if s.decision == "rewritten"]
-    if hits:
-        assert [s.module_path for s in hits] == [path] and hits[0].q_layout == TokenLayout(1, 6, 10)
-        with oracle_mode(model, (1, 6, 10), stride=2):
-            assert_close64(gm(x), model(x))
-    else:
-        assert_equal_exact(gm(x), model(x))
+    assert [(s.module_path, s.form) for s in hits] == [(path, form)], str(report)
+    assert hits[0].q_layout == TokenLayout(1, 6, 10)
+    with oracle_mode(model, (1, 6, 10), stride=2):
+        assert_close64(gm(x), model(x))
 
 
 # ---------------------------------------------------------------------------------------------

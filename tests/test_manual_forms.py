@@ -250,3 +250,55 @@ def test_relpos_bias_is_computed_per_group_not_as_full_matrix(form):
                   if isinstance(n.meta.get("val"), torch.Tensor))
     # full per-head scores would be B*H*L*L; grouped ones are a quarter of that
     assert biggest <= HEADS * L * L // 4, biggest
+
+
+# --- nn.MultiheadAttention -------------------------------------------------------------------------
+class ClipTower(nn.Module):
+    """CLIP-style vision tower: sequence-first tokens (L, B, E) through nn.MultiheadAttention."""
+
+    def __init__(self, batch_first=False, need_weights=False, kdim=None):
+        super().__init__()
+        self.batch_first, self.need_weights = batch_first, need_weights
+        self.conv1 = nn.Conv2d(3, DIM, 2, 2)
+        self.class_embedding = nn.Parameter(torch.randn(DIM))
+        self.ln = nn.LayerNorm(DIM)
+        self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.oracle = None
+
+    def forward(self, img):
+        x = self.conv1(img).flatten(2).permute(0, 2, 1)  # (B, L, E)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        x = self.ln(torch.cat([cls, x], dim=1))
+        if not self.batch_first:
+            x = x.permute(1, 0, 2)  # (L, B, E)
+        mask = None
+        if self.oracle is not None:
+            ql, kl, stride = self.oracle
+            mask = log_grid_mask(ql, kl, stride, x.dtype)
+        out, weights = self.attn(x, x, x, need_weights=self.need_weights, attn_mask=mask)
+        return out if weights is None else (out, weights)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_is_expanded_and_rewritten(batch_first):
+    torch.manual_seed(0)
+    model = ClipTower(batch_first).double().eval()
+    (img,) = _inputs("timm", (6, 8))
+    gm, report = gridattn_fx.rewrite(model, (img,), stride=2, min_image_tokens=0)
+    site = report.site("attn")
+    assert (site.decision, site.form) == ("rewritten", "nn.MultiheadAttention"), str(report)
+    assert site.q_layout == gridattn_fx.TokenLayout(1, 6, 8)
+    with oracle_mode(model, (1, 6, 8, 0, False), (1, 6, 8, 0, False), 2):
+        expected = model(img)
+    assert_close64(gm(img), expected)
+
+
+def test_multihead_attention_with_used_weights_is_left_alone():
+    torch.manual_seed(0)
+    model = ClipTower(need_weights=True).double().eval()
+    (img,) = _inputs("timm", (6, 8))
+    gm, report = gridattn_fx.rewrite(model, (img,), stride=2, min_image_tokens=0)
+    site = report.site("attn")
+    assert site.decision == "skipped" and "weights" in site.reason, str(report)
+    for got, want in zip(gm(img), model(img)):
+        assert_equal_exact(got, want)

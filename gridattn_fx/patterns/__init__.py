@@ -5,10 +5,11 @@ form means adding a finder to :data:`FINDERS`, nothing downstream changes.
 """
 
 from .manual import find_manual_sites
+from .mha import find_mha_sites
 from .sdpa import find_sdpa_sites
 from .site import AttentionSite
 
-FINDERS = (find_sdpa_sites, find_manual_sites)
+FINDERS = (find_sdpa_sites, find_manual_sites, find_mha_sites)
 
 
 def find_attention_sites(gm):

@@ -85,29 +85,28 @@ def build(entry: str, *, small: bool = True, dtype: torch.dtype = torch.float32,
             inputs = (torch.randint(0, config.vocab_size, (batch_size, config.max_position_embeddings)),)
         else:
             inputs = (images(batch_size, getattr(config, size_key)),)
-    install_output_capturing_hooks(model)
+    if entry == "segformer":
+        install_output_capturing_hooks(model.segformer)
     with seeded(seed + 1):
         return finish(model, inputs, dtype=dtype, nonzero_init=nonzero_init)
 
 
 def install_output_capturing_hooks(model) -> None:
-    """Install transformers' output-capturing hooks now, outside any graph capture.
+    """Install transformers' output-capturing hooks on ``model`` now, outside any graph capture.
 
-    Models whose forward is wrapped by ``@capture_outputs`` (Segformer, SAM, ...) install forward
-    hooks lazily on their first call, under a ``threading.Lock``; Dynamo cannot trace that ``with
-    lock:`` (``Unsupported context manager``), so a full-graph capture of a fresh model fails. After
-    this call the first-call branch is skipped. (``torch.compile`` without ``fullgraph`` would just
-    break the graph there.)
+    A ``@capture_outputs`` forward that is asked for hidden states (``SegformerModel`` is, by the
+    segmentation head: ``output_hidden_states=True``) installs forward hooks on its first call,
+    inside ``with threading.Lock():``, which Dynamo cannot trace (``Unsupported context manager``),
+    so a full-graph capture of a fresh model fails. After this call that branch is skipped. Only for
+    such models: installing the hooks on a model that never asks for outputs makes every hooked
+    layer call ``ContextVar.get``, which Dynamo cannot trace either (``torch.compile`` without
+    ``fullgraph`` would just break the graph in both cases).
     """
     try:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
     except ImportError:  # another transformers version: nothing to do
         return
-    from transformers import PreTrainedModel
-
-    for m in model.modules():
-        if isinstance(m, PreTrainedModel):
-            maybe_install_capturing_hooks(m)
+    maybe_install_capturing_hooks(model)
 
 
 def _build_sam(t, *, small, dtype, seed, batch_size, nonzero_init, attn_implementation, vision_config=None,
@@ -135,6 +134,5 @@ def _build_sam(t, *, small, dtype, seed, batch_size, nonzero_init, attn_implemen
         x = images(batch_size, size)
         points = torch.rand(batch_size, 1, num_points, 2) * size
         labels = torch.ones(batch_size, 1, num_points, dtype=torch.long)
-    install_output_capturing_hooks(model)
     with seeded(seed + 1):
         return finish(model, (x, points, labels), dtype=dtype, nonzero_init=nonzero_init)
