@@ -558,6 +558,6 @@ def normalize_module_path(path: str) -> str:
     path = re.sub(r"^L\['[^']*'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    path = path.replace("._modules.", ".").lstrip(".")
-    return path
+    path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path)
+    return path.lstrip(".")
 

@@ -72,7 +72,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     for site in sites:
         path = module_path(site.output)
         d = decide(site, layouts, config, path)
-        report.sites.append(SiteReport(
+        row = SiteReport(
             node=site.output.name,
             module_path=path,
             form=site.form,
@@ -86,13 +86,23 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             stride=d.plan.stride if d.plan else None,
             flops_before=d.flops_before,
             flops_after=d.flops_after,
-        ))
+        )
+        report.sites.append(row)
         if d.rewrite:
-            chosen.append((site, d.plan))
-    for site, plan in chosen:
-        _check_replacement(site, plan, config.implementation)
+            chosen.append((row, site, d.plan))
+    rewritten = 0
+    for row, site, plan in chosen:
+        try:
+            _check_replacement(site, plan, config.implementation)
+        except Exception as err:  # the graph is untouched so far: leave this one site alone
+            if config.strict:
+                raise
+            row.decision, row.flops_after = SKIPPED, row.flops_before
+            row.reason = f"replacement failed its check, site left alone ({type(err).__name__}: {err})"
+            continue
         rewrite_site(new_gm, site, plan, config.implementation)
-    if chosen:
+        rewritten += 1
+    if rewritten:
         new_gm.graph.lint()
         new_gm.recompile()
     return new_gm, report

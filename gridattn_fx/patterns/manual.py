@@ -30,7 +30,9 @@ from .values import shape_of, value_of
 
 _CASTS = {"to", "float", "half", "double", "bfloat16", "type", "type_as", "_to_copy", "contiguous", "clone"}
 _PRODUCTS = {"matmul", "bmm", "baddbmm", "einsum"}
-_VIEWS = {"view", "reshape", "_unsafe_view"}
+_VIEWS = {"view", "reshape", "_unsafe_view", "view_as", "reshape_as"}
+# Users that read only a tensor's shape (``x.reshape_as(scores)``) do not use its values.
+_SHAPE_ONLY = {"view_as", "reshape_as", "expand_as"}
 
 
 class NoMatch(Exception):
@@ -67,8 +69,13 @@ def _arg(node, index, name, default=None):
     return node.kwargs.get(name, default)
 
 
+def _value_users(node: fx.Node) -> list:
+    return [u for u in node.users
+            if not (_name(u) in _SHAPE_ONLY and u.args[0] is not node) and _name(u) not in ("size", "dim")]
+
+
 def _single_user(node: fx.Node) -> bool:
-    return len(node.users) == 1
+    return len(_value_users(node)) == 1
 
 
 def _last_axis(node: fx.Node, dim) -> bool:
@@ -196,6 +203,16 @@ def relpos_terms(a, b):
         return None
     terms = {_broadcast_axis(a): a, _broadcast_axis(b): b}
     return (terms[-1], terms[-2]) if set(terms) == {-1, -2} else None
+
+
+def relpos_bias_terms(bias: fx.Node):
+    """``(rel_h[..., None] + rel_w[..., None, :]).reshape(N, L, L)`` -> the two terms, else None."""
+    if _name(bias) not in _VIEWS:
+        return None
+    total = bias.args[0]
+    if _name(total) != "add" or len(shape_of(total) or ()) != 5:
+        return None
+    return relpos_terms(total.args[0], total.args[1])
 
 
 def relpos_grid(h_term, w_term) -> tuple:
@@ -384,6 +401,12 @@ def _match(softmax: fx.Node) -> AttentionSite:
     if not all(isinstance(x, fx.Node) for x in (q, k, v)):
         raise NoMatch("operands are not tensors")
     scale, biases, keeps, relpos = _score_program(reading)
+    if relpos is None and not keeps and len(biases) == 1 and biases[0][1] == 1.0:
+        terms = relpos_bias_terms(biases[0][0])
+        if terms is not None:  # timm samvit / HF SAM add the decomposed bias as one tensor
+            bias = biases.pop()[0]
+            reading.nodes.extend([bias, bias.args[0]])
+            relpos = terms
     if relpos is not None and (biases or keeps):
         raise Unsupported("relative-position bias combined with other biases or masks")
     return _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, dropout_p, reading)
@@ -407,12 +430,23 @@ def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, re
         mask_shape = (h_shape[0], h_shape[1] * h_shape[2], h_shape[3] * shape_of(relpos[1])[4])
     grid = relpos_grid(*relpos) if relpos else None
 
+    # diffusers' upcast_attention runs q @ k^T in float32 while v stays in the model dtype: attend
+    # in the scores' dtype and give the output the dtype the original product had.
+    score_dtype = value_of(q).dtype
+    v_cast = value_of(v).dtype != score_dtype
+    out_dtype = value_of(output).dtype
+
     def build(plan, implementation):
         attend = getattr(plan, implementation)
 
         def replacement(q, k, v, *extra):
             if k_transposed_input:
                 k = k.transpose(-2, -1)
+            if v_cast:
+                return replacement_same_dtype(q, k, v.to(score_dtype), *extra).to(out_dtype)
+            return replacement_same_dtype(q, k, v, *extra)
+
+        def replacement_same_dtype(q, k, v, *extra):
             if grid is not None:
                 h_term, w_term = extra
                 return attend(q, k, v, (h_term.squeeze(-1), w_term.squeeze(-2)))

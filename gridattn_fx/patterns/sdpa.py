@@ -7,8 +7,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .manual import call_plan_relpos, relpos_grid, relpos_terms
-from .ops import op_name
+from .manual import call_plan_relpos, relpos_bias_terms, relpos_grid
 from .site import AttentionSite, call_plan
 from .values import shape_of, value_of
 
@@ -51,7 +50,7 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[AttentionSite]:
                            "the graph may be called with a mask")
         inputs = [a["query"], a["key"], a["value"]] + ([mask] if mask is not None else [])
         build, form, relpos, matched = call_plan, "sdpa", None, [node]
-        terms = _relpos_mask_terms(mask) if mask_value is not None else None
+        terms = relpos_bias_terms(mask) if mask_value is not None else None
         if terms is not None:
             # The mask is SAM's decomposed bias: regroup its two factors, never the L x L sum.
             inputs[3:] = list(terms)
@@ -80,12 +79,3 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[AttentionSite]:
         ))
     return sites
 
-
-def _relpos_mask_terms(mask: fx.Node):
-    """``(rel_h[..., None] + rel_w[..., None, :]).reshape(N, L, L)`` -> the two terms, else None."""
-    if op_name(mask) not in ("view", "reshape", "_unsafe_view"):
-        return None
-    total = mask.args[0]
-    if not isinstance(total, fx.Node) or op_name(total) != "add" or len(shape_of(total) or ()) != 5:
-        return None
-    return relpos_terms(total.args[0], total.args[1])
