@@ -1,0 +1,94 @@
+"""Issue 3 on real library models (random weights from configs): every attention form they use is
+found, the right sites are rewritten, the rest are skipped with a specific reason, and the grouped
+rewrite equals the masked oracle form end to end (float64).
+"""
+
+import re
+
+import pytest
+import torch
+
+gridattn_fx = pytest.importorskip("gridattn_fx")
+from gridattn_fx import zoo  # noqa: E402
+
+
+def _tensor(out):
+    """The main tensor of a model output (HF ModelOutput, diffusers output, tuple, tensor)."""
+    for attr in ("sample", "last_hidden_state"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    if isinstance(out, (tuple, list)):
+        return _tensor(out[0])
+    return out
+
+
+def _build(name, **kw):
+    if not zoo.library_available(name):
+        pytest.skip(f"{zoo.entry(name).library} is not installed (scripts/install_zoo.sh)")
+    return zoo.build(name, dtype=torch.float64, **kw)
+
+
+# name, builder options, {module-path regex: (decision, form, reason words)}, tolerance
+CASES = {
+    "sam-official": ("sam:vit_b", {}, {
+        r"blocks\.[13]\.attn$": ("rewritten", "manual-matmul+relpos", ""),
+        r"blocks\.[02]\.attn$": ("skipped", "manual-matmul+relpos", "windows"),
+    }),
+    "timm-samvit-fused": ("timm:samvit_base_patch16", {"fused_attn": True}, {
+        r"blocks\.[13]\.attn$": ("rewritten", "sdpa+relpos", ""),
+        r"blocks\.[02]\.attn$": ("skipped", "sdpa+relpos", "windows"),
+    }),
+    "timm-samvit-manual": ("timm:samvit_base_patch16", {"fused_attn": False}, {
+        r"blocks\.[13]\.attn$": ("rewritten", "manual-matmul+relpos", ""),
+        r"blocks\.[02]\.attn$": ("skipped", "manual-matmul+relpos", "windows"),
+    }),
+    "timm-swin": ("timm:swin_tiny_patch4_window7_224", {}, {
+        r"attn$": ("skipped", "manual-matmul", "windows"),
+    }),
+    "hf-vit-eager": ("transformers:vit", {"attn_implementation": "eager"}, {
+        r"attention$": ("rewritten", "manual-matmul", ""),
+    }),
+    "hf-sam-vision-eager": ("transformers:sam-vision", {"attn_implementation": "eager"}, {
+        r"layers\.[13]\.attn$": ("rewritten", "manual-matmul+relpos", ""),
+        r"layers\.[02]\.attn$": ("skipped", "manual-matmul+relpos", "windows"),
+    }),
+    "hf-sam-vision-sdpa": ("transformers:sam-vision", {"attn_implementation": "sdpa"}, {
+        r"layers\.[13]\.attn$": ("rewritten", "sdpa+relpos", ""),
+        r"layers\.[02]\.attn$": ("skipped", "sdpa+relpos", "windows"),
+    }),
+    "diffusers-unet-classic": ("diffusers:unet-sd21", {"attn_processor": "classic"}, {
+        r"attn1$": ("rewritten", "manual-baddbmm", ""),
+        r"attn2$": ("skipped", "manual-baddbmm", "cross-attention"),
+    }),
+    "clip-mha": ("clip-mha", {}, {
+        r"attn$": ("rewritten", "nn.MultiheadAttention", ""),
+    }),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_real_model_decisions_and_grouped_equals_masked(case):
+    name, options, expected = CASES[case]
+    model, inputs = _build(name, **options)
+    gm, report = gridattn_fx.rewrite(model, inputs, stride=2, min_image_tokens=0)
+    gm_masked, report_masked = gridattn_fx.rewrite(model, inputs, stride=2, min_image_tokens=0,
+                                                   implementation="masked")
+    assert report.failure is None, report.failure
+    text = str(report)
+    assert report.sites, text
+    for site in report.sites:
+        matches = [v for k, v in expected.items() if re.search(k, site.module_path)]
+        assert len(matches) == 1, f"{site.module_path} matched {len(matches)} expectations\n{text}"
+        decision, form, words = matches[0]
+        assert (site.decision, site.form) == (decision, form), f"{site.module_path}\n{text}"
+        assert words in site.reason, f"{site.module_path}: {site.reason!r} lacks {words!r}"
+    assert [s.decision for s in report.sites] == [s.decision for s in report_masked.sites]
+    grouped, masked = _tensor(gm(*inputs)), _tensor(gm_masked(*inputs))
+    # diffusers' upcast_attention computes q @ k^T in float32 on purpose: float32 agreement there
+    tol = dict(atol=1e-6, rtol=1e-5) if case.startswith("diffusers") else dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(grouped, masked, **tol)
+    original = _tensor(model(*inputs))
+    if report.rewritten:  # the grid restricts attention: the output must move
+        assert not torch.allclose(grouped, original, atol=1e-6)
+    else:  # nothing rewritten: the graph computes exactly what the model does
+        assert torch.equal(grouped, original)
