@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from ..grid import TokenLayout
 from ..patterns.ops import op_name
@@ -546,11 +547,14 @@ def _slice(fact, dim, sl: slice, length):
 
 def module_path(node: fx.Node) -> str:
     """The dotted module path of the innermost module a node was traced in ("" at top level)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return normalize_module_path(path)
+    entries = list((node.meta.get("nn_module_stack") or {}).values())
+    # A softmax/dropout module inside an attention block is a detail: name the block.
+    while len(entries) > 1 and isinstance(entries[-1][1], type) and issubclass(entries[-1][1], _LEAF_HELPERS):
+        entries.pop()
+    return normalize_module_path(entries[-1][0]) if entries else ""
+
+
+_LEAF_HELPERS = (nn.Softmax, nn.Dropout)
 
 
 def normalize_module_path(path: str) -> str:

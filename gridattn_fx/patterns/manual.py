@@ -139,6 +139,9 @@ def _read_scores(node, reading: _Reading):
         elif name in _VIEWS:
             flat = _read_relpos(node.args[0], reading)
             if flat is None:
+                if _reaches_product(node.args[0]):  # e.g. Swin's shifted-window mask added in 5-D
+                    raise Unsupported("a bias added through a reshape of the scores (not a decomposed "
+                                      "relative-position bias)")
                 raise NoMatch("a reshape between the product and the softmax")
             node = flat
         else:
