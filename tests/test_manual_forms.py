@@ -90,6 +90,12 @@ class FormAttention(nn.Module):
         scores = torch.baddbmm(bias, q3, k3.transpose(-1, -2), beta=1, alpha=D ** -0.5)
         return torch.bmm(self._oracle(scores).softmax(dim=-1), v3).reshape(B, H, L, D)
 
+    def form_bmm(self, q, k, v, mask):  # bmm for both products, scale on the scores
+        B, H, L, D = q.shape
+        q3, k3, v3 = (t.reshape(B * H, L, D) for t in (q, k, v))
+        probs = self._oracle(torch.bmm(q3, k3.transpose(1, 2)) * D ** -0.5).softmax(-1)
+        return torch.bmm(probs, v3).reshape(B, H, L, D)
+
     def form_einsum(self, q, k, v, mask):
         attn = torch.einsum("bhid,bhjd->bhij", q, k) * HD ** -0.5
         return torch.einsum("bhij,bhjd->bhid", self._oracle(attn).softmax(-1), v)
@@ -157,6 +163,7 @@ REWRITTEN_FORMS = {
     "scale_k_permute": "manual-matmul",
     "no_scale": "manual-matmul",
     "baddbmm": "manual-baddbmm",
+    "bmm": "manual-bmm",
     "baddbmm_mask": "manual-baddbmm",
     "einsum": "manual-einsum",
     "table_bias": "manual-matmul",
@@ -257,12 +264,14 @@ class ClipTower(nn.Module):
     """CLIP-style vision tower: sequence-first tokens (L, B, E) through nn.MultiheadAttention."""
 
     def __init__(self, batch_first=False, need_weights=False, kdim=None):
+        # kdim != DIM gives nn.MultiheadAttention separate q/k/v projection weights
         super().__init__()
         self.batch_first, self.need_weights = batch_first, need_weights
         self.conv1 = nn.Conv2d(3, DIM, 2, 2)
         self.class_embedding = nn.Parameter(torch.randn(DIM))
         self.ln = nn.LayerNorm(DIM)
         self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.kv_proj = nn.Linear(DIM, kdim) if kdim else nn.Identity()
         self.oracle = None
 
     def forward(self, img):
@@ -275,14 +284,16 @@ class ClipTower(nn.Module):
         if self.oracle is not None:
             ql, kl, stride = self.oracle
             mask = log_grid_mask(ql, kl, stride, x.dtype)
-        out, weights = self.attn(x, x, x, need_weights=self.need_weights, attn_mask=mask)
+        kv = self.kv_proj(x)
+        out, weights = self.attn(x, kv, kv, need_weights=self.need_weights, attn_mask=mask)
         return out if weights is None else (out, weights)
 
 
-@pytest.mark.parametrize("batch_first", [False, True])
-def test_multihead_attention_is_expanded_and_rewritten(batch_first):
+@pytest.mark.parametrize("batch_first,kdim", [(False, None), (True, None), (False, 8)],
+                         ids=["seq_first", "batch_first", "separate_projections"])
+def test_multihead_attention_is_expanded_and_rewritten(batch_first, kdim):
     torch.manual_seed(0)
-    model = ClipTower(batch_first).double().eval()
+    model = ClipTower(batch_first, kdim=kdim).double().eval()
     (img,) = _inputs("timm", (6, 8))
     gm, report = gridattn_fx.rewrite(model, (img,), stride=2, min_image_tokens=0)
     site = report.site("attn")
