@@ -1,8 +1,10 @@
 """Command line: ``python -m gridattn_fx <command>`` (also installed as ``gridattn-fx``).
 
 Commands:
-  demo   compile the built-in high-resolution ViT with inductor and with gridattn, show the
-         rewrite report, and compare latency, outputs and attention FLOPs.
+  demo    compile the built-in high-resolution ViT with inductor and with gridattn, show the
+          rewrite report, and compare latency, outputs and attention FLOPs.
+  report  build a model-zoo model from its config, run the pass, print the site table with
+          totals and whole-model FLOPs before and after.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_demo_arguments(demo)
+    from gridattn_fx.model_report import add_report_arguments
+
+    report = sub.add_parser(
+        "report",
+        help="the rewrite report of a model-zoo model (timm:..., transformers:..., diffusers:..., sam:vit_b)",
+        description="Build a zoo model from its config (random weights), run the gridattn pass, and "
+                    "print every site's decision with totals and FLOPs before and after.",
+    )
+    add_report_arguments(report)
     return parser
 
 
@@ -51,6 +62,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gridattn_fx.demo import demo_from_args
 
         return demo_from_args(args, echo=lambda line: print(line, flush=True))
+    if args.command == "report":
+        from gridattn_fx.model_report import run_report
+
+        return run_report(args, echo=lambda line: print(line, flush=True))
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects first
     return 2
 

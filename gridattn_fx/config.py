@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from .grid import Stride, normalize_stride
+from .presets import preset_options
 
 IMPLEMENTATIONS = ("grouped", "masked")
 
@@ -22,6 +23,8 @@ class GridAttnConfig:
     implementation    "grouped" (regrouped attention, G times fewer FLOPs) or "masked" (dense
                       SDPA with the grid mask: the exact oracle, for checking).
     strict            raise when the pass fails instead of compiling the original graph.
+    preset            a named bundle of the options above (gridattn_fx.presets.PRESETS); explicit
+                      options override it.
     """
 
     stride: Stride = (2, 2)
@@ -30,10 +33,15 @@ class GridAttnConfig:
     exclude: tuple[str, ...] = ()
     implementation: str = "grouped"
     strict: bool = False
+    preset: str | None = None
+    # Fields whose value the preset supplied (not the user): the report credits those decisions.
+    preset_fields: tuple[str, ...] = field(default=(), repr=False)
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
     _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise TypeError(f"option 'preset' must be a preset name, got {self.preset!r}")
         try:
             stride = normalize_stride(self.stride)
         except TypeError as err:
@@ -66,7 +74,21 @@ class GridAttnConfig:
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls) if f.init)
+        return tuple(f.name for f in fields(cls) if f.init and f.name != "preset_fields")
+
+    @classmethod
+    def from_preset(cls, preset: str | None, **options) -> "GridAttnConfig":
+        """The preset's options, then ``options`` on top (explicit options win)."""
+        if preset is None:
+            return cls(**options)
+        values = preset_options(preset)
+        from_preset = tuple(k for k in values if k not in options)
+        values.update(options)
+        return cls(**values, preset=preset, preset_fields=from_preset)
+
+    def credit(self, field_name: str) -> str:
+        """`` (preset 'x')`` when ``field_name``'s value came from the preset, else ""."""
+        return f" (preset {self.preset!r})" if field_name in self.preset_fields else ""
 
     @classmethod
     def from_options(cls, options: dict | None) -> tuple["GridAttnConfig", dict]:
@@ -83,7 +105,8 @@ class GridAttnConfig:
                     f"unknown gridattn option {key!r}: expected one of {', '.join(cls.option_names())} "
                     "or an inductor config option (torch._inductor.list_options())"
                 )
-        return cls(**ours), inductor
+        preset = ours.pop("preset", None)
+        return cls.from_preset(preset, **ours), inductor
 
     def with_options(self, **options) -> "GridAttnConfig":
         from dataclasses import replace
@@ -91,7 +114,13 @@ class GridAttnConfig:
         unknown = set(options) - set(self.option_names())
         if unknown:
             raise ValueError(f"unknown gridattn option(s): {', '.join(sorted(unknown))}")
-        return replace(self, **options)
+        if "preset" in options:  # re-apply: the new preset under everything set explicitly
+            explicit = {f: getattr(self, f) for f in self.option_names()
+                        if f != "preset" and f not in self.preset_fields
+                        and getattr(self, f) != getattr(GridAttnConfig, f)}
+            explicit.update({k: v for k, v in options.items() if k != "preset"})
+            return GridAttnConfig.from_preset(options["preset"], **explicit)
+        return replace(self, **options, preset_fields=tuple(f for f in self.preset_fields if f not in options))
 
     def selects(self, module_path: str) -> tuple[bool, str]:
         """Whether include/exclude admit a module path, and why not."""

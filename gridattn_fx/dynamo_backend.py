@@ -34,7 +34,7 @@ def _fall_back(report: Report, failure: str) -> None:
 
 def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig) -> tuple[fx.GraphModule, Report]:
     """The pass with the backend's safety net: on failure, the original graph and a report saying so."""
-    report = Report(implementation=config.implementation)
+    report = Report(implementation=config.implementation, preset=config.preset)
     try:
         new_gm, report = run_pass(gm, example_inputs, config, report)
     except Exception as err:

@@ -36,6 +36,7 @@ class Report:
     sites: list[SiteReport] = field(default_factory=list)
     failure: str | None = None
     implementation: str = "grouped"
+    preset: str | None = None
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -81,6 +82,7 @@ class Report:
         lines.append(
             f"{len(self.sites)} attention sites: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped; "
             f"attention {_gflop(before)} -> {_gflop(after)} GFLOP{saved}; implementation={self.implementation}"
+            + (f"; preset={self.preset}" if self.preset else "")
         )
         if self.failure:
             lines.append(f"PASS FAILED, original graph compiled instead: {self.failure}")

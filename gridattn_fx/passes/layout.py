@@ -144,7 +144,7 @@ class LayoutAnalysis:
                 fact = None
             if fact is not None:
                 self.facts[node] = fact
-            elif isinstance(_val(node), torch.Tensor) and any(
+            elif node not in attention_outputs and isinstance(_val(node), torch.Tensor) and any(
                 self.facts.get(a) is not None for a in node.all_input_nodes
             ):
                 name = op_name(node, gm)
@@ -177,7 +177,9 @@ class LayoutAnalysis:
                 src = next((self.facts[a] for a in cur.all_input_nodes if a in self.facts), None)
                 origin = f" (from {src.origin})" if src is not None else ""
                 return f"image layout{origin} lost at {self.lost[cur]}"
-            for a in cur.all_input_nodes:
+            # An attention output's positions are its query's: only that lineage explains them.
+            inputs = [self.attention_outputs[cur][0]] if cur in self.attention_outputs else cur.all_input_nodes
+            for a in inputs:
                 if a not in seen:
                     seen.add(a)
                     queue.append(a)
@@ -249,6 +251,11 @@ class LayoutAnalysis:
             return _index(fact, _shape(inp), tuple(idx))
         if name in _SPLITS:
             return self._split(node, name, fact, _shape(inp))
+        if name == "repeat_interleave":  # along a batch-like axis (SAM repeats images per prompt)
+            dim = _resolve(_arg(node, 2, "dim"))
+            ndim = len(_shape(inp))
+            ok = isinstance(dim, int) and dim % ndim not in fact.dims() and len(out.shape) == ndim
+            return _step(fact, name) if ok else None
         if name in ("expand", "expand_as", "broadcast_to"):
             return _broadcast(fact, _shape(inp), tuple(out.shape), name)
         if name == "pad":

@@ -63,7 +63,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
              report: Report | None = None) -> tuple[fx.GraphModule, Report]:
     """Rewrite a copy of ``gm``; decisions are added to ``report`` as they are made, so a caller
     that catches a failure still has every site found up to that point."""
-    report = report if report is not None else Report(implementation=config.implementation)
+    report = report if report is not None else Report(implementation=config.implementation, preset=config.preset)
     new_gm = copy_graph_module(gm)
     ensure_values(new_gm, example_inputs)
     sites = find_attention_sites(new_gm)

@@ -67,18 +67,19 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     if site.build is None:  # recognised as attention, but not readable exactly
         return skip(f"unsupported site: {site.unsupported}")
     if (gh, gw) == (1, 1):
-        return skip("stride 1: grid attention is the identity")
+        return skip("stride 1: grid attention is the identity" + config.credit("stride"))
     if site.is_causal:
         return skip("causal attention: the grid semantics do not apply")
-    selected, why = config.selects(module_path)
-    if not selected:
-        return skip(why)
     if q_layout is None:
         return skip(f"query: {q_why}")
     if k_layout is None:
         return skip(f"key: {k_why} (cross-attention to non-image tokens?)")
     if site.unsupported:
         return skip(f"unsupported site: {site.unsupported}")
+    # The policy speaks only about eligible sites: an ineligible one says why it is ineligible.
+    selected, why = config.selects(module_path)
+    if not selected:
+        return skip(why + config.credit("include" if why.startswith("not matched") else "exclude"))
     if cost is None:
         return skip("symbolic sequence or feature sizes: cannot size the regrouping")
     q_shape, k_shape, v_shape = shapes
@@ -86,7 +87,8 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         return skip(f"sequence lengths {q_shape[-2]}/{k_shape[-2]} differ from the proven layouts "
                     f"{q_layout}/{k_layout}")
     if q_layout.image_tokens < config.min_image_tokens:
-        return skip(f"{q_layout.image_tokens} image tokens < min_image_tokens={config.min_image_tokens}")
+        return skip(f"{q_layout.image_tokens} image tokens < min_image_tokens={config.min_image_tokens}"
+                    + config.credit("min_image_tokens"))
     for side, layout in (("query", q_layout), ("key", k_layout)):
         if layout.height < gh or layout.width < gw:
             return skip(f"{side} image {layout.height}x{layout.width} is smaller than the stride {gh}x{gw}")
@@ -118,4 +120,5 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         bh, _, _, d, dv = cost
         after = 2 * bh * plan.grouped_pairs() * (d + dv)
     kind = "image self-attention" if q_layout == k_layout else "image attention across two grids"
-    return Decision(True, f"{kind}, stride {gh}x{gw}", q_layout, k_layout, evidence, plan, flops, after)
+    reason = f"{kind}, stride {gh}x{gw}" + config.credit("stride")
+    return Decision(True, reason, q_layout, k_layout, evidence, plan, flops, after)
