@@ -39,6 +39,7 @@ def _parse_value(text: str):
 _REASON_KINDS = (  # (words in the reason, how the totals name it), first match wins
     ("key: no proven", "key tokens have no image layout (cross-attention to text/prompts)"),
     ("windows", "image layout lost at a window partition (windowed attention)"),
+    ("window size", "image layout lost at padding to the window size (windowed attention)"),
     ("no spatial source", "no image layout: no conv/pool/interpolate output reaches it (non-image tokens)"),
     ("causal", "causal attention"),
     ("min_image_tokens", "fewer image tokens than min_image_tokens"),

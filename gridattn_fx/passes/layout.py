@@ -116,7 +116,7 @@ _LOSS_HINTS = {
     **{v: "a reshape that splits or merges the image axes, e.g. into windows" for v in _VIEWS},
     "getitem": "indexing that drops or reorders image tokens",
     "cat": "concatenation of two image layouts",
-    "pad": "padding of the image axes",
+    "pad": "padding of the image axes, e.g. to a multiple of the window size",
 }
 # Reductions over feature axes with keepdim=True (hand-written norms): token positions stay put.
 _KEEPDIM_REDUCTIONS = {"mean", "sum", "amax", "amin"}  # all (x, dim, keepdim)
