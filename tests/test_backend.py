@@ -306,3 +306,16 @@ def test_pass_failure_strict_raises(monkeypatch):
     compiled = torch.compile(model, backend="gridattn", options={**OPTS, "strict": True})
     with pytest.raises(Exception, match="injected failure"):
         compiled(x)
+
+
+def test_rewritten_graph_stays_cacheable():
+    # Inserted nodes carry fake values like Dynamo's own, so AOTAutogradCache does not bypass
+    # the rewritten graph (it refuses method calls on nodes it cannot prove are tensors).
+    from torch._dynamo.utils import counters
+
+    model = build(ViT, depth=1, grid=(4, 6))
+    counters.clear()
+    with torch.no_grad():
+        torch.compile(model, backend="gridattn", options={"stride": 2, "min_image_tokens": 0})(image(1, 8, 12))
+    assert gridattn_fx.last_report().rewritten
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0, dict(counters["aot_autograd"])

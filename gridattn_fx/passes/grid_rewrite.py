@@ -8,10 +8,14 @@ fuse and cache - the same code the eager tests check against the oracle.
 
 from __future__ import annotations
 
+import logging
+
 import torch.fx as fx
 
 from ..grid import GridPlan
 from ..patterns import AttentionSite
+
+logger = logging.getLogger("gridattn_fx")
 
 
 def trace_replacement(site: AttentionSite, plan: GridPlan, implementation: str) -> fx.Graph:
@@ -31,13 +35,33 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, implem
     with graph.inserting_before(site.output):
         result = graph.graph_copy(sub, val_map)
     stack = site.output.meta.get("nn_module_stack")
-    for old, new in val_map.items():
-        if old.op != "placeholder" and isinstance(new, fx.Node):
-            if stack is not None:
-                new.meta["nn_module_stack"] = dict(stack)
-            new.meta["gridattn"] = site.form
+    new_nodes = [new for old, new in val_map.items() if old.op != "placeholder" and isinstance(new, fx.Node)]
+    for new in new_nodes:
+        if stack is not None:
+            new.meta["nn_module_stack"] = dict(stack)
+        new.meta["gridattn"] = site.form
+    _propagate_values(new_nodes, site.output)
     site.output.replace_all_uses_with(result)
     _erase_dead(graph, site.nodes)
+
+
+def _propagate_values(new_nodes, like: fx.Node) -> None:
+    """Give the inserted nodes fake values under the key the graph uses, as if Dynamo had traced
+    them: inductor's caches (AOTAutogradCache) only accept method calls on nodes known to be tensors."""
+    key = "example_value" if "example_value" in like.meta else "val"
+    mode = getattr(like.meta.get(key), "fake_mode", None)
+    if mode is None:
+        return
+    try:
+        with mode:
+            for node in new_nodes:
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta[key])
+                if node.op == "call_method":
+                    node.meta[key] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    node.meta[key] = node.target(*args, **kwargs)
+    except Exception:  # only caching is at stake: compile uncached rather than fail the rewrite
+        logger.debug("could not propagate fake values through the inserted nodes", exc_info=True)
 
 
 def _erase_dead(graph: fx.Graph, nodes) -> None:
