@@ -48,7 +48,8 @@ class _Reading:
     """What the walk has read so far; score steps are kept in the order they are applied."""
 
     nodes: list = field(default_factory=list)
-    steps: list = field(default_factory=list)  # ("scale", c) | ("bias", node) | ("keep", node, negate) | ("relpos", h, w)
+    # ("scale", c) | ("bias", node) | ("base", node, beta) | ("keep", node, negate) | ("relpos", h, w)
+    steps: list = field(default_factory=list)
     q_scale: float = 1.0
     product: str = ""
 
@@ -451,8 +452,7 @@ def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, re
 
         def replacement_same_dtype(q, k, v, *extra):
             if grid is not None:
-                h_term, w_term = extra
-                return attend(q, k, v, (h_term.squeeze(-1), w_term.squeeze(-2)))
+                return call_plan_relpos(plan, implementation)(q, k, v, *extra)
             mask = None
             for node, mult in zip(extra[:n_bias], multipliers):
                 term = node if mult == 1.0 else node * mult
