@@ -38,4 +38,5 @@ def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None
         gm = capture(model_or_graph_module, example_inputs)
     else:
         raise TypeError(f"rewrite() takes an nn.Module or fx.GraphModule, got {type(model_or_graph_module).__name__}")
-    return apply_pass(gm, example_inputs, config)
+    # The returned graph is fixed: shuffle distributing is baked in when the module is training now.
+    return apply_pass(gm, example_inputs, config, training=model_or_graph_module.training)

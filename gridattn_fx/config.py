@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from .grid import Stride, normalize_stride
 from .presets import preset_options
 
 IMPLEMENTATIONS = ("grouped", "masked")
+DISTRIBUTINGS = ("straightforward", "shuffle")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class GridAttnConfig:
     strict            raise when the pass fails instead of compiling the original graph.
     preset            a named bundle of the options above (gridattn_fx.presets.PRESETS); explicit
                       options override it.
+    distributing      "straightforward" (fixed groups) or "shuffle": a compiled module in training
+                      mode draws a random group assignment on every call (DESIGN.md section 1).
+                      Inference is always straightforward.
+    site_strides      {module path: stride} for individual sites (e.g. from :func:`calibrate`),
+                      overriding ``stride``; paths are matched exactly, as the report prints them.
     """
 
     stride: Stride = (2, 2)
@@ -34,6 +40,8 @@ class GridAttnConfig:
     implementation: str = "grouped"
     strict: bool = False
     preset: str | None = None
+    distributing: str = "straightforward"
+    site_strides: dict = field(default_factory=dict)
     # Fields whose value the preset supplied (not the user): the report credits those decisions.
     preset_fields: tuple[str, ...] = field(default=(), repr=False)
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
@@ -71,6 +79,17 @@ class GridAttnConfig:
             )
         if not isinstance(self.strict, bool):
             raise TypeError(f"option 'strict' must be a bool, got {self.strict!r}")
+        if self.distributing not in DISTRIBUTINGS:
+            raise ValueError(
+                f"option 'distributing' must be one of {DISTRIBUTINGS}, got {self.distributing!r}"
+            )
+        object.__setattr__(self, "site_strides", _site_strides(self.site_strides))
+
+    def stride_for(self, module_path: str) -> tuple[Stride, str]:
+        """The stride a site gets and where it came from (for the report)."""
+        if module_path in self.site_strides:
+            return self.site_strides[module_path], " (site_strides)"
+        return self.stride, self.credit("stride")
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -117,7 +136,7 @@ class GridAttnConfig:
         if "preset" in options:  # re-apply: the new preset under everything set explicitly
             explicit = {f: getattr(self, f) for f in self.option_names()
                         if f != "preset" and f not in self.preset_fields
-                        and getattr(self, f) != getattr(GridAttnConfig, f)}
+                        and getattr(self, f) != _DEFAULTS[f]}
             explicit.update({k: v for k, v in options.items() if k != "preset"})
             return GridAttnConfig.from_preset(options["preset"], **explicit)
         return replace(self, **options, preset_fields=tuple(f for f in self.preset_fields if f not in options))
@@ -130,6 +149,27 @@ class GridAttnConfig:
             if r.search(module_path):
                 return False, f"matched by exclude {r.pattern!r}"
         return True, ""
+
+
+_DEFAULTS = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+             for f in fields(GridAttnConfig)}
+
+
+def _site_strides(value) -> dict[str, Stride]:
+    if not isinstance(value, dict):
+        raise TypeError(f"option 'site_strides' must be a dict {{module path: stride}}, got {value!r}")
+    out = {}
+    for path, stride in value.items():
+        if not isinstance(path, str):
+            raise TypeError(f"option 'site_strides': keys must be module paths (str), got {path!r}")
+        try:
+            stride = normalize_stride(stride)
+        except TypeError as err:
+            raise TypeError(f"option 'site_strides'[{path!r}]: {err}") from None
+        if min(stride) < 1:
+            raise ValueError(f"option 'site_strides'[{path!r}] must be >= 1, got {stride}")
+        out[path] = stride
+    return out
 
 
 def _inductor_option_names() -> set[str]:

@@ -10,6 +10,7 @@ import torch.fx as fx
 from .config import GridAttnConfig
 from .passes.pipeline import run_pass
 from .report import SKIPPED, Report, record
+from .training_mode import compiled_module_training
 
 logger = logging.getLogger("gridattn_fx")
 _warned: set[str] = set()
@@ -32,11 +33,13 @@ def _fall_back(report: Report, failure: str) -> None:
     _warn_once(f"gridattn: {failure}; the graph runs unmodified")
 
 
-def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig) -> tuple[fx.GraphModule, Report]:
+def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
+               training: bool = False) -> tuple[fx.GraphModule, Report]:
     """The pass with the backend's safety net: on failure, the original graph and a report saying so."""
-    report = Report(implementation=config.implementation, preset=config.preset)
+    report = Report(implementation=config.implementation, preset=config.preset,
+                    distributing="shuffle" if training and config.distributing == "shuffle" else "straightforward")
     try:
-        new_gm, report = run_pass(gm, example_inputs, config, report)
+        new_gm, report = run_pass(gm, example_inputs, config, report, training)
     except Exception as err:
         if config.strict:
             raise
@@ -44,6 +47,19 @@ def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig) -> tu
         new_gm = gm
     record(report)
     return new_gm, report
+
+
+def _training(config: GridAttnConfig) -> bool:
+    """Whether shuffle distributing applies to this graph: only if asked for and the module trains."""
+    if config.distributing != "shuffle":
+        return False
+    training, how = compiled_module_training()
+    if training is None:
+        _warn_once(f"gridattn: distributing='shuffle' needs the compiled module's training flag, which is "
+                   f"unknown here ({how}); using straightforward distributing")
+        return False
+    logger.debug("gridattn: training mode from %s: %s", how, training)
+    return training
 
 
 def backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
@@ -58,7 +74,7 @@ def backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mod
     config, inductor_options = GridAttnConfig.from_options(options)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_options)
-    new_gm, report = apply_pass(gm, example_inputs, config)
+    new_gm, report = apply_pass(gm, example_inputs, config, _training(config))
     if new_gm is gm:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
     try:

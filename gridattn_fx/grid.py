@@ -10,6 +10,10 @@ never on ``tensor.shape`` read at run time; batch and head sizes flow through ``
 Reference semantics (DESIGN.md section 1): a rewritten site computes
 ``SDPA(q, k, v, attn_mask = B + log M)`` where ``M`` (see :func:`grid_mask`) keeps a query/key pair
 iff one of them is not an image token or both fall into the same group ``(r % Gh, c % Gw)``.
+
+Shuffle distributing (training) replaces the fixed offset -> group map by a random permutation per
+``Gh x Gw`` block. It is one gather on top of the same regrouping: inside every block, the token
+that goes to group ``g`` is the one at offset ``assignment[block, g]`` (see :func:`draw_assignment`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ __all__ = [
     "grouped_attention",
     "masked_attention",
     "normalize_stride",
+    "draw_assignment",
 ]
 
 
@@ -83,22 +88,47 @@ def _storage_grid(layout: TokenLayout, stride: Stride) -> tuple[int, int, int, i
     return layout.height, layout.width, gh, gw
 
 
-def _cluster_rows_cols(x, rows: int, cols: int, sr: int, sc: int):
+def _blocks(rows: int, cols: int, sr: int, sc: int) -> tuple[int, int]:
+    """How many stride blocks tile the (padded) storage grid: (block rows, block cols)."""
+    return -(-rows // sr), -(-cols // sc)
+
+
+def _permute_offsets(x, assignment):
+    """(..., a, b, G, d): inside every block (a, b), put the token at offset ``assignment[a, b, g]``
+    at position g. One index_select over the flattened blocks, whatever the leading rank."""
+    a, b, g = assignment.shape
+    flat = (torch.arange(a * b, device=assignment.device).unsqueeze(-1) * g + assignment.flatten(0, 1)).flatten()
+    return x.flatten(-4, -2).index_select(-2, flat).unflatten(-2, (a, b, g))
+
+
+def _cluster_rows_cols(x, rows: int, cols: int, sr: int, sc: int, assignment=None):
     """(..., rows*cols, d) -> (..., sr*sc, n, d), zero-padding rows/cols up to multiples of the stride."""
-    rows_p, cols_p = -(-rows // sr) * sr, -(-cols // sc) * sc
+    a, b = _blocks(rows, cols, sr, sc)
+    rows_p, cols_p = a * sr, b * sc
     x = x.unflatten(-2, (rows, cols))
     if rows_p != rows or cols_p != cols:
         x = F.pad(x, (0, 0, 0, cols_p - cols, 0, rows_p - rows))
-    x = x.unflatten(-3, (rows_p // sr, sr)).unflatten(-2, (cols_p // sc, sc))
+    x = x.unflatten(-3, (a, sr)).unflatten(-2, (b, sc))
+    if assignment is not None:
+        # (..., a, sr, b, sc, d) -> (..., a, b, sr*sc, d), shuffle every block's offsets, then the
+        # (now permuted) offset axis leads as in the straightforward case.
+        x = _permute_offsets(x.movedim(-3, -4).flatten(-3, -2), assignment)
+        return x.movedim(-2, -4).flatten(-3, -2)
     # (..., a, sr, b, sc, d) -> (..., sr, sc, a, b, d): the group offsets lead.
     x = x.movedim(-4, -5).movedim(-2, -4)
     return x.flatten(-5, -4).flatten(-3, -2)
 
 
-def _recover_rows_cols(xg, rows: int, cols: int, sr: int, sc: int):
-    rows_p, cols_p = -(-rows // sr) * sr, -(-cols // sc) * sc
-    x = xg.unflatten(-3, (sr, sc)).unflatten(-2, (rows_p // sr, cols_p // sc))
-    x = x.movedim(-4, -2).movedim(-5, -4)
+def _recover_rows_cols(xg, rows: int, cols: int, sr: int, sc: int, assignment=None):
+    a, b = _blocks(rows, cols, sr, sc)
+    rows_p, cols_p = a * sr, b * sc
+    if assignment is not None:
+        # (..., G, a*b, d) -> (..., a, b, G, d), undo the block shuffle, back to (..., a, sr, b, sc, d)
+        x = _permute_offsets(xg.unflatten(-2, (a, b)).movedim(-4, -2), assignment.argsort(-1))
+        x = x.unflatten(-2, (sr, sc)).movedim(-3, -4)
+    else:
+        x = xg.unflatten(-3, (sr, sc)).unflatten(-2, (a, b))
+        x = x.movedim(-4, -2).movedim(-5, -4)
     x = x.flatten(-5, -4).flatten(-3, -2)
     if rows_p != rows or cols_p != cols:
         x = x.narrow(-3, 0, rows).narrow(-2, 0, cols)
@@ -110,30 +140,47 @@ def _swap_group_axes(xg, first: int, second: int):
     return xg.unflatten(-3, (first, second)).transpose(-4, -3).flatten(-4, -3)
 
 
-def cluster(x, height: int, width: int, stride, transposed: bool = False):
+def cluster(x, height: int, width: int, stride, transposed: bool = False, assignment=None):
     """Grid Clustering: image tokens ``(..., H*W, d)`` -> groups ``(..., Gh*Gw, n, d)``.
 
     Group ``g = (r % Gh) * Gw + (c % Gw)``; inside a group tokens keep raster order. Sides that are
     not multiples of the stride are zero-padded (the padded keys must be masked by the caller).
+    With an ``assignment`` (shuffle distributing, :func:`draw_assignment`) block ``(a, b)`` sends
+    its offset ``assignment[a, b, g]`` to group ``g`` instead.
     """
     layout = TokenLayout(0, height, width, 0, transposed)
     rows, cols, sr, sc = _storage_grid(layout, normalize_stride(stride))
-    xg = _cluster_rows_cols(x, rows, cols, sr, sc)
+    xg = _cluster_rows_cols(x, rows, cols, sr, sc, assignment)
     # A column-major image clusters with (Gw, Gh) offsets; put the group axis back in (Gh, Gw) order
     # so that groups of two differently stored grids line up.
     return _swap_group_axes(xg, sr, sc) if transposed else xg
 
 
-def recover(xg, height: int, width: int, stride, transposed: bool = False):
+def recover(xg, height: int, width: int, stride, transposed: bool = False, assignment=None):
     """Grid Recovering: the exact inverse of :func:`cluster` (padding dropped)."""
     layout = TokenLayout(0, height, width, 0, transposed)
     rows, cols, sr, sc = _storage_grid(layout, normalize_stride(stride))
     if transposed:
         xg = _swap_group_axes(xg, sc, sr)
-    return _recover_rows_cols(xg, rows, cols, sr, sc)
+    return _recover_rows_cols(xg, rows, cols, sr, sc, assignment)
 
 
-def _group_ids(layout: TokenLayout, stride: Stride, device) -> torch.Tensor:
+def assignment_shape(layout: TokenLayout, stride) -> tuple[int, int, int]:
+    """Shape of a shuffle assignment for ``layout``: (block rows, block cols, Gh*Gw), in storage order."""
+    rows, cols, sr, sc = _storage_grid(layout, normalize_stride(stride))
+    return (*_blocks(rows, cols, sr, sc), sr * sc)
+
+
+def draw_assignment(layout: TokenLayout, stride, device=None) -> torch.Tensor:
+    """Shuffle distributing: an independent uniformly random permutation of offsets per stride block.
+
+    Entry ``[a, b, g]`` is the (storage-order) offset inside block ``(a, b)`` whose token joins group
+    ``g``. Drawn from the default generator, so ``torch.manual_seed`` reproduces it.
+    """
+    return torch.rand(assignment_shape(layout, stride), device=device).argsort(-1)
+
+
+def _group_ids(layout: TokenLayout, stride: Stride, device, assignment=None) -> torch.Tensor:
     """Group id of every token of the sequence, -1 for prefix/suffix tokens."""
     gh, gw = stride
     idx = torch.arange(layout.image_tokens, device=device)
@@ -141,17 +188,31 @@ def _group_ids(layout: TokenLayout, stride: Stride, device) -> torch.Tensor:
         r, c = idx % layout.height, idx // layout.height
     else:
         r, c = idx // layout.width, idx % layout.width
-    gid = (r % gh) * gw + (c % gw)
+    if assignment is None:
+        gid = (r % gh) * gw + (c % gw)
+    else:
+        # storage coordinates, then the group whose slot holds this token's offset
+        _, _, sr, sc = _storage_grid(layout, stride)
+        sr_pos, sc_pos = (c, r) if layout.transposed else (r, c)
+        offset = (sr_pos % sr) * sc + (sc_pos % sc)
+        gid = assignment.to(device).argsort(-1)[sr_pos // sr, sc_pos // sc, offset]
+        if layout.transposed:  # cluster() relabels groups to (Gh, Gw) order; name them the same way
+            gid = (gid % sc) * sr + gid // sc
     pre = torch.full((layout.prefix,), -1, dtype=gid.dtype, device=device)
     suf = torch.full((layout.suffix,), -1, dtype=gid.dtype, device=device)
     return torch.cat([pre, gid, suf])
 
 
-def grid_mask(q_layout: TokenLayout, k_layout: TokenLayout, stride, device=None) -> torch.Tensor:
-    """The grid mask ``M`` (bool, ``(Lq, Lk)``): True where attention is kept."""
+def grid_mask(q_layout: TokenLayout, k_layout: TokenLayout, stride, device=None, assignment=None) -> torch.Tensor:
+    """The grid mask ``M`` (bool, ``(Lq, Lk)``): True where attention is kept.
+
+    ``assignment``: the (query, key) pair of shuffle assignments (:func:`draw_assignment`), or None
+    for straightforward distributing.
+    """
     stride = normalize_stride(stride)
-    gq = _group_ids(q_layout, stride, device)
-    gk = _group_ids(k_layout, stride, device)
+    qa, ka = assignment if assignment is not None else (None, None)
+    gq = _group_ids(q_layout, stride, device, qa)
+    gk = _group_ids(k_layout, stride, device, ka)
     return (gq[:, None] == gk[None, :]) | (gq < 0)[:, None] | (gk < 0)[None, :]
 
 
@@ -187,10 +248,39 @@ class GridPlan:
     # + rel_w[n, i, j, l]; ``relpos_heads`` > 0 splits N into (batch, heads) for a 4-D mask.
     relpos: bool = False
     relpos_heads: int = 0
+    # Shuffle distributing: every call draws a fresh assignment (training only; the pass decides).
+    shuffle: bool = False
+
+    def __post_init__(self):
+        if self.shuffle and self.relpos:
+            raise ValueError("shuffle distributing is not implemented for a decomposed relative-position bias")
+        if self.shuffle and self.shares_grid is None:
+            raise ValueError("shuffle distributing needs query and key grids stored in the same order")
 
     @property
     def groups(self) -> int:
         return self.stride[0] * self.stride[1]
+
+    @property
+    def shares_grid(self) -> bool | None:
+        """Whether q and k tokens sit on one image grid (then they share one shuffle assignment);
+        None when they do but are stored in different orders (shuffle is not supported there)."""
+        ql, kl = self.q_layout, self.k_layout
+        if (ql.height, ql.width) != (kl.height, kl.width):
+            return False
+        return True if ql.transposed == kl.transposed else None
+
+    def draw(self, device=None):
+        """A fresh (query, key) pair of shuffle assignments for this site."""
+        qa = draw_assignment(self.q_layout, self.stride, device)
+        return qa, (qa if self.shares_grid else draw_assignment(self.k_layout, self.stride, device))
+
+    def _assignments(self, assignment, device):
+        if not self.shuffle:
+            if assignment is not None:
+                raise ValueError("an assignment was given to a plan without shuffle distributing")
+            return None, None
+        return self.draw(device) if assignment is None else assignment
 
     @staticmethod
     def for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p=0.0, scale=None, enable_gqa=False):
@@ -224,8 +314,8 @@ class GridPlan:
         suf = x.narrow(axis, layout.prefix + n, layout.suffix) if layout.suffix else None
         return pre, img, suf
 
-    def _cluster(self, x, layout: TokenLayout):
-        return cluster(x, layout.height, layout.width, self.stride, layout.transposed)
+    def _cluster(self, x, layout: TokenLayout, assignment=None):
+        return cluster(x, layout.height, layout.width, self.stride, layout.transposed, assignment)
 
     def _shared_keys(self, x, pre, suf):
         """Prepend / append the non-image keys to every group: (..., G, n, d) -> (..., G, P+n+S, d)."""
@@ -240,14 +330,14 @@ class GridPlan:
             pieces.append(suf.unsqueeze(-3).expand(*keep, self.groups, -1, -1))
         return torch.cat(pieces, dim=-2)
 
-    def _key_padding_bias(self, dtype, device):
+    def _key_padding_bias(self, dtype, device, assignment=None):
         """Additive (G, 1, Lk_group) bias hiding the zero keys that padding added; None if none."""
         kl = self.k_layout
         rows, cols, sr, sc = _storage_grid(kl, self.stride)
         if rows % sr == 0 and cols % sc == 0:
             return None
         ones = torch.ones(kl.image_tokens, 1, dtype=dtype, device=device)
-        valid = self._cluster(ones, kl).transpose(-1, -2)  # (G, 1, n): 1 real, 0 padding
+        valid = self._cluster(ones, kl, assignment).transpose(-1, -2)  # (G, 1, n): 1 real, 0 padding
         bias = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
         return self._shared_keys_bias(bias, kl.prefix, kl.suffix, dtype, device)
 
@@ -260,17 +350,18 @@ class GridPlan:
             pieces.append(torch.zeros(self.groups, 1, suffix, dtype=dtype, device=device))
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else bias
 
-    def _grouped_user_mask(self, mask, rows):
+    def _grouped_user_mask(self, mask, rows, qa=None, ka=None):
         """User mask rows of the image queries -> (..., G, nq, Lk_group), restricted to each group's keys.
 
-        ``rows`` is the image-query part of the mask, (..., nq_total, Lk) or (..., 1, Lk).
+        ``rows`` is the image-query part of the mask, (..., nq_total, Lk) or (..., 1, Lk);
+        ``qa`` / ``ka`` the shuffle assignments of the query / key grid, if any.
         """
-        rows = self._cluster(rows, self.q_layout) if self.mask_rows else rows.unsqueeze(-3)
+        rows = self._cluster(rows, self.q_layout, qa) if self.mask_rows else rows.unsqueeze(-3)
         if not self.mask_cols:  # (..., G or 1, nq, 1): broadcasts over keys as it is
             return rows
         pre, img, suf = self._parts(rows, self.k_layout, axis=-1)
         # Cluster the key axis too, then keep only the diagonal: group g's queries see group g's keys.
-        img = self._cluster(img.transpose(-1, -2), self.k_layout)  # (..., Gq, G, nk, nq)
+        img = self._cluster(img.transpose(-1, -2), self.k_layout, ka)  # (..., Gq, G, nk, nq)
         if self.mask_rows:
             img = torch.diagonal(img, dim1=-4, dim2=-3).movedim(-1, -3)  # (..., G, nk, nq)
         else:
@@ -286,15 +377,20 @@ class GridPlan:
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else img
 
     # -- the two implementations ----------------------------------------------------------------
-    def grouped(self, q, k, v, attn_mask=None):
-        """Grid attention by regrouping: attention runs inside each of the G groups."""
+    def grouped(self, q, k, v, attn_mask=None, assignment=None):
+        """Grid attention by regrouping: attention runs inside each of the G groups.
+
+        With shuffle distributing, ``assignment`` is the (query, key) pair of assignments to use;
+        None draws a fresh one (what the rewritten graph does on every call).
+        """
         ql, kl = self.q_layout, self.k_layout
+        qa, ka = self._assignments(assignment, q.device)
         q_pre, q_img, q_suf = self._parts(q, ql)
         k_pre, k_img, k_suf = self._parts(k, kl)
         v_pre, v_img, v_suf = self._parts(v, kl)
-        qg = self._cluster(q_img, ql)
-        kg = self._shared_keys(self._cluster(k_img, kl), k_pre, k_suf)
-        vg = self._shared_keys(self._cluster(v_img, kl), v_pre, v_suf)
+        qg = self._cluster(q_img, ql, qa)
+        kg = self._shared_keys(self._cluster(k_img, kl, ka), k_pre, k_suf)
+        vg = self._shared_keys(self._cluster(v_img, kl, ka), v_pre, v_suf)
 
         if self.relpos:
             return self._grouped_relpos_attention(qg, kg, vg, attn_mask)
@@ -308,13 +404,13 @@ class GridPlan:
         group_mask, mask_rank = None, 0
         if mask is not None:
             m_pre, m_img, m_suf = plan._parts(mask, ql) if plan.mask_rows else (mask, mask, mask)
-            group_mask, mask_rank = plan._grouped_user_mask(mask, m_img), self.ndim + 1
-        pad = plan._key_padding_bias(q.dtype, q.device)  # (G, 1, Lk_group)
+            group_mask, mask_rank = plan._grouped_user_mask(mask, m_img, qa, ka), self.ndim + 1
+        pad = plan._key_padding_bias(q.dtype, q.device, ka)  # (G, 1, Lk_group)
         if pad is not None:
             group_mask = pad if group_mask is None else group_mask + pad
             mask_rank = max(mask_rank, 3)
 
-        out_img = self._attend_groups(qg, kg, vg, group_mask, mask_rank)
+        out_img = self._attend_groups(qg, kg, vg, group_mask, mask_rank, qa)
 
         if not (ql.prefix or ql.suffix):
             return out_img
@@ -335,7 +431,7 @@ class GridPlan:
             pieces.append(out_rest.narrow(-2, ql.prefix, ql.suffix))
         return torch.cat(pieces, dim=-2)
 
-    def _attend_groups(self, qg, kg, vg, group_mask, mask_rank: int):
+    def _attend_groups(self, qg, kg, vg, group_mask, mask_rank: int, qa=None):
         """SDPA inside every group, then Grid Recovering of the image queries' outputs."""
         if self.ndim >= 4:
             # Fold the group axis into the head axis so SDPA sees 4-D inputs (its fast CPU/GPU kernels).
@@ -351,7 +447,7 @@ class GridPlan:
         else:
             out = self._sdpa(qg, kg, vg, group_mask)
         ql = self.q_layout
-        return recover(out, ql.height, ql.width, self.stride, ql.transposed)
+        return recover(out, ql.height, ql.width, self.stride, ql.transposed, qa)
 
     # -- decomposed relative-position bias ------------------------------------------------------
     def _own_offsets(self, x, size: int, first: bool):
@@ -393,9 +489,11 @@ class GridPlan:
             group_mask = group_mask + pad
         return self._attend_groups(qg, kg, vg, group_mask, self.mask_ndim + 1)
 
-    def masked(self, q, k, v, attn_mask=None):
-        """The oracle form: dense SDPA with ``attn_mask = B + log M``."""
-        keep = grid_mask(self.q_layout, self.k_layout, self.stride, device=q.device)
+    def masked(self, q, k, v, attn_mask=None, assignment=None):
+        """The oracle form: dense SDPA with ``attn_mask = B + log M`` (M for ``assignment`` when shuffling)."""
+        assignment = self._assignments(assignment, q.device)
+        keep = grid_mask(self.q_layout, self.k_layout, self.stride, q.device,
+                         None if assignment[0] is None else assignment)
         log_m = torch.where(keep, 0.0, float("-inf")).to(q.dtype)
         if self.relpos:
             attn_mask = self.dense_relpos_bias(*attn_mask)
@@ -414,17 +512,25 @@ class GridPlan:
 
 
 def grouped_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
-                      stride=2, enable_gqa=False):
-    """Eager grid attention, regrouped form (exactly :func:`masked_attention`, G times cheaper)."""
+                      stride=2, enable_gqa=False, assignment=None):
+    """Eager grid attention, regrouped form (exactly :func:`masked_attention`, G times cheaper).
+
+    ``assignment``: a (query, key) pair of shuffle assignments (:meth:`GridPlan.draw`); None for
+    straightforward distributing.
+    """
     plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa)
-    return plan.grouped(q, k, v, attn_mask)
+    if assignment is not None:
+        plan = replace(plan, shuffle=True)
+    return plan.grouped(q, k, v, attn_mask, assignment)
 
 
 def masked_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
-                     stride=2, enable_gqa=False):
+                     stride=2, enable_gqa=False, assignment=None):
     """Eager grid attention, dense masked form: ``SDPA(q, k, v, attn_mask = B + log M)``."""
     plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa)
-    return plan.masked(q, k, v, attn_mask)
+    if assignment is not None:
+        plan = replace(plan, shuffle=True)
+    return plan.masked(q, k, v, attn_mask, assignment)
 
 
 def attention_flops(batch_heads: int, lq: int, lk: int, d: int, dv: int) -> int:

@@ -37,6 +37,7 @@ class Report:
     failure: str | None = None
     implementation: str = "grouped"
     preset: str | None = None
+    distributing: str = "straightforward"   # what this graph's rewritten sites use
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -83,6 +84,7 @@ class Report:
             f"{len(self.sites)} attention sites: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped; "
             f"attention {_gflop(before)} -> {_gflop(after)} GFLOP{saved}; implementation={self.implementation}"
             + (f"; preset={self.preset}" if self.preset else "")
+            + ("; distributing=shuffle (training)" if self.distributing == "shuffle" else "")
         )
         if self.failure:
             lines.append(f"PASS FAILED, original graph compiled instead: {self.failure}")

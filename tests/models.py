@@ -1,7 +1,7 @@
 """Small test models (random weights) written the way real model families write attention.
 
 Every attention module has ``self.oracle = None``. When the test sets it to
-``(q_layout, k_layout, stride)`` (see oracle.oracle_mode) the module adds the independently built
+``(q_layout, k_layout, stride[, shuffle assignment pair])`` (see oracle.oracle_mode) the module adds the independently built
 log grid mask to its own mask before calling SDPA. That path is only ever run eagerly: compiled
 and rewritten graphs are captured with ``oracle = None``.
 
@@ -23,8 +23,8 @@ HEADS = 2
 def attend(mod, q, k, v, attn_mask=None, is_causal=False, scale=None):
     if mod.oracle is not None:
         assert not is_causal, "the oracle is only defined for non-causal sites"
-        ql, kl, stride = mod.oracle
-        attn_mask = oracle_mask(attn_mask, ql, kl, stride, q.dtype, q.device)
+        ql, kl, stride, *assignment = mod.oracle  # a 4th entry: the shuffle assignment pair
+        attn_mask = oracle_mask(attn_mask, ql, kl, stride, q.dtype, q.device, *assignment)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 

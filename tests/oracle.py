@@ -58,15 +58,41 @@ def token_groups(layout, stride) -> list:
     return groups
 
 
-@functools.lru_cache(maxsize=256)
-def _grid_mask_cached(q, k, stride) -> np.ndarray:
-    gq = token_groups(q, stride)
-    gk = token_groups(k, stride)
+def shuffled_token_groups(layout, stride, assignment) -> list:
+    """Groups under shuffle distributing, from DESIGN.md section 1 and the documented encoding of
+    ``gridattn_fx.grid.draw_assignment``: ``assignment[a, b, g]`` is the offset, counted in storage
+    order, of the token of block ``(a, b)`` that joins group ``g``. Storage order is row-major, or
+    for a column-major image: blocks and offsets enumerated column-first, and group ``g`` then names
+    the group ``(g % Gh, g // Gh)``.
+    """
+    p, h, w, s, transposed = layout_tuple(layout)
+    gh, gw = stride_tuple(stride)
+    a_np = np.asarray(assignment)
+    groups: list = [None] * p
+    for t in range(h * w):
+        if transposed:
+            c, r = divmod(t, h)
+            block, offset = (c // gw, r // gh), (c % gw) * gh + (r % gh)
+        else:
+            r, c = divmod(t, w)
+            block, offset = (r // gh, c // gw), (r % gh) * gw + (c % gw)
+        g = int(np.nonzero(a_np[block] == offset)[0][0])
+        groups.append((g % gh, g // gh) if transposed else divmod(g, gw))
+    groups += [None] * s
+    return groups
+
+
+def mask_from_groups(gq, gk) -> np.ndarray:
     m = np.zeros((len(gq), len(gk)), dtype=bool)
     for i, a in enumerate(gq):
         for j, b in enumerate(gk):
             m[i, j] = a is None or b is None or a == b
     return m
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_mask_cached(q, k, stride) -> np.ndarray:
+    return mask_from_groups(token_groups(q, stride), token_groups(k, stride))
 
 
 def grid_mask_np(q_layout, k_layout, stride) -> np.ndarray:
@@ -86,16 +112,21 @@ def as_additive(attn_mask, dtype) -> torch.Tensor | None:
         ~attn_mask, -math.inf)
 
 
-def oracle_mask(attn_mask, q_layout, k_layout, stride, dtype, device=None) -> torch.Tensor:
-    """B + log M (B converted from bool to 0/-inf first)."""
-    logm = log_grid_mask(q_layout, k_layout, stride, dtype=dtype, device=device)
+def oracle_mask(attn_mask, q_layout, k_layout, stride, dtype, device=None, assignment=None) -> torch.Tensor:
+    """B + log M (B converted from bool to 0/-inf first); M for a shuffle ``assignment`` pair if given."""
+    if assignment is None:
+        logm = log_grid_mask(q_layout, k_layout, stride, dtype=dtype, device=device)
+    else:
+        m = mask_from_groups(shuffled_token_groups(q_layout, stride, assignment[0].cpu()),
+                             shuffled_token_groups(k_layout, stride, assignment[1].cpu()))
+        logm = torch.from_numpy(np.where(m, 0.0, -np.inf)).to(dtype=dtype, device=device)
     b = as_additive(attn_mask, dtype)
     return logm if b is None else b + logm
 
 
-def oracle_sdpa(q, k, v, attn_mask=None, scale=None, *, q_layout, k_layout, stride):
+def oracle_sdpa(q, k, v, attn_mask=None, scale=None, *, q_layout, k_layout, stride, assignment=None):
     """The reference semantics: SDPA(Q, K, V, attn_mask = B + log M)."""
-    mask = oracle_mask(attn_mask, q_layout, k_layout, stride, q.dtype, q.device)
+    mask = oracle_mask(attn_mask, q_layout, k_layout, stride, q.dtype, q.device, assignment)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -152,17 +183,17 @@ def assert_differs(a, b, min_diff=1e-6):
 
 
 @contextlib.contextmanager
-def oracle_mode(model, q_layout, k_layout=None, stride=2, only=None):
+def oracle_mode(model, q_layout, k_layout=None, stride=2, only=None, assignment=None):
     """Make (some of) the model's attention modules compute the oracle. Eager use only.
 
     ``only``: iterable of module paths (as in model.named_modules()) to switch; default all modules
-    that have an ``oracle`` attribute.
+    that have an ``oracle`` attribute. ``assignment``: a shuffle (query, key) assignment pair.
     """
     k_layout = q_layout if k_layout is None else k_layout
     switched = []
     for name, mod in model.named_modules():
         if hasattr(mod, "oracle") and (only is None or name in set(only)):
-            mod.oracle = (q_layout, k_layout, stride)
+            mod.oracle = (q_layout, k_layout, stride) + ((assignment,) if assignment is not None else ())
             switched.append(mod)
     assert switched, "no attention module switched to the oracle"
     try:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oracle import assert_close64, assert_differs, assert_equal_exact, log_grid_mask, oracle_mode
+from oracle import assert_close64, assert_differs, assert_equal_exact, log_grid_mask, oracle_mask, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 
@@ -40,8 +40,8 @@ class FormAttention(nn.Module):
     def _oracle(self, scores):
         if self.oracle is None:
             return scores
-        ql, kl, stride = self.oracle
-        return scores + log_grid_mask(ql, kl, stride, scores.dtype)
+        ql, kl, stride, *assignment = self.oracle  # a 4th entry: a shuffle assignment pair
+        return scores + oracle_mask(None, ql, kl, stride, scores.dtype, None, *assignment)
 
     def forward(self, img, mask=None):
         x = self.embed(img).flatten(2).transpose(1, 2)

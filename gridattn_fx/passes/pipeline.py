@@ -60,9 +60,12 @@ def _check_replacement(site: AttentionSite, plan, implementation: str) -> None:
 
 
 def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
-             report: Report | None = None) -> tuple[fx.GraphModule, Report]:
+             report: Report | None = None, training: bool = False) -> tuple[fx.GraphModule, Report]:
     """Rewrite a copy of ``gm``; decisions are added to ``report`` as they are made, so a caller
-    that catches a failure still has every site found up to that point."""
+    that catches a failure still has every site found up to that point.
+
+    ``training``: the graph belongs to a module in training mode (shuffle distributing applies).
+    """
     report = report if report is not None else Report(implementation=config.implementation, preset=config.preset)
     new_gm = copy_graph_module(gm)
     ensure_values(new_gm, example_inputs)
@@ -71,7 +74,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     chosen = []
     for site in sites:
         path = module_path(site.output)
-        d = decide(site, layouts, config, path)
+        d = decide(site, layouts, config, path, training)
         row = SiteReport(
             node=site.output.name,
             module_path=path,

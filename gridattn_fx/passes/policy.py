@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -52,7 +52,23 @@ def _relpos_mismatch(site: AttentionSite, q_layout: TokenLayout, k_layout: Token
     return None
 
 
-def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, module_path: str) -> Decision:
+def _shuffle(plan: GridPlan, config: GridAttnConfig, training: bool) -> tuple[GridPlan, str]:
+    """The plan with shuffle distributing when the config asks for it and the module is training."""
+    if config.distributing != "shuffle":
+        return plan, ""
+    if not training:
+        return plan, ", straightforward distributing (inference)"
+    if plan.relpos:
+        return plan, ", straightforward distributing (shuffle is not implemented for a decomposed rel-pos bias)"
+    if plan.shares_grid is None:
+        return plan, (", straightforward distributing (shuffle is not implemented for query and key grids "
+                      "stored in different orders)")
+    return replace(plan, shuffle=True), ", shuffle distributing (training)"
+
+
+def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, module_path: str,
+           training: bool = False) -> Decision:
+    """The decision for one site; ``training`` says the compiled module is in training mode."""
     q_layout, q_why = layouts.layout(site.query, site.query_dim)
     k_layout, k_why = layouts.layout(site.key, site.key_dim)
     evidence = f"q: {q_why}" + ("" if site.key is site.query else f"; k: {k_why}")
@@ -63,11 +79,11 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     def skip(reason):
         return Decision(False, reason, q_layout, k_layout, evidence, None, flops, flops)
 
-    gh, gw = config.stride
+    (gh, gw), stride_from = config.stride_for(module_path)
     if site.build is None:  # recognised as attention, but not readable exactly
         return skip(f"unsupported site: {site.unsupported}")
     if (gh, gw) == (1, 1):
-        return skip("stride 1: grid attention is the identity" + config.credit("stride"))
+        return skip("stride 1: grid attention is the identity" + stride_from)
     if site.is_causal:
         return skip("causal attention: the grid semantics do not apply")
     if q_layout is None:
@@ -114,11 +130,12 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     plan = GridPlan(q_layout, k_layout, (gh, gw), len(q_shape), mask_ndim, mask_rows, mask_cols, site.mask_bool,
                     site.dropout_p, site.scale, site.enable_gqa, relpos=site.relpos is not None,
                     relpos_heads=site.mask_shape[-3] if site.relpos is not None and len(site.mask_shape) == 4 else 0)
+    plan, distributing = _shuffle(plan, config, training)
     if config.implementation == "masked":
         after = flops
     else:
         bh, _, _, d, dv = cost
         after = 2 * bh * plan.grouped_pairs() * (d + dv)
     kind = "image self-attention" if q_layout == k_layout else "image attention across two grids"
-    reason = f"{kind}, stride {gh}x{gw}" + config.credit("stride")
+    reason = f"{kind}, stride {gh}x{gw}" + stride_from + distributing
     return Decision(True, reason, q_layout, k_layout, evidence, plan, flops, after)
