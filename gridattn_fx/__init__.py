@@ -3,9 +3,11 @@
     compiled = torch.compile(model, backend="gridattn", options={"stride": 2})
     gm, report = gridattn_fx.rewrite(model, (images,), stride=2)
     print(gridattn_fx.last_report())
+    calibration = gridattn_fx.calibrate(model.eval(), (images,), budget=0.01)   # per-site strides
 """
 
 from .api import capture, rewrite
+from .calibrate import Calibration, calibrate
 from .config import GridAttnConfig
 from .dynamo_backend import backend
 from .grid import TokenLayout, cluster, grid_mask, grouped_attention, masked_attention, recover
@@ -14,11 +16,13 @@ from .report import Report, SiteReport, last_report
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration",
     "GridAttnConfig",
     "Report",
     "SiteReport",
     "TokenLayout",
     "backend",
+    "calibrate",
     "capture",
     "cluster",
     "grid_mask",

@@ -141,6 +141,16 @@ class GridAttnConfig:
             return GridAttnConfig.from_preset(options["preset"], **explicit)
         return replace(self, **options, preset_fields=tuple(f for f in self.preset_fields if f not in options))
 
+    def to_options(self) -> dict:
+        """The options that rebuild this config (``torch.compile(..., options=...)``): those that
+        differ from the defaults, with the preset's own values left to the preset."""
+        out = {"preset": self.preset} if self.preset else {}
+        for name in self.option_names():
+            value = getattr(self, name)
+            if name != "preset" and name not in self.preset_fields and value != _DEFAULTS[name]:
+                out[name] = list(value) if name in ("include", "exclude") else value
+        return out
+
     def selects(self, module_path: str) -> tuple[bool, str]:
         """Whether include/exclude admit a module path, and why not."""
         if self._include_re and not any(r.search(module_path) for r in self._include_re):
