@@ -11,7 +11,7 @@ from .calibrate import Calibration, calibrate
 from .config import GridAttnConfig
 from .dynamo_backend import backend
 from .grid import TokenLayout, cluster, grid_mask, grouped_attention, masked_attention, recover
-from .report import Report, SiteReport, last_report
+from .report import Report, SiteReport, last_report, report_history
 
 __version__ = "0.1.0"
 
@@ -30,5 +30,6 @@ __all__ = [
     "last_report",
     "masked_attention",
     "recover",
+    "report_history",
     "rewrite",
 ]

@@ -95,14 +95,27 @@ def _gflop(flops: int | None) -> str:
     return "?" if flops is None else f"{flops / 1e9:.3f}"
 
 
-_last: list[Report | None] = [None]
+# One model can reach the backend as several graphs (graph breaks, DDP bucket splits): keep the
+# recent ones, not just the last.
+_HISTORY_LIMIT = 256
+_history: list[Report] = []
 
 
 def record(report: Report) -> None:
-    _last[0] = report
+    _history.append(report)
+    del _history[:-_HISTORY_LIMIT]
     logger.info("gridattn rewrite report:\n%s", report)
 
 
 def last_report() -> Report | None:
     """The report of the most recent graph the backend (or :func:`rewrite`) processed."""
-    return _last[0]
+    return _history[-1] if _history else None
+
+
+def report_history(clear: bool = False) -> list[Report]:
+    """Reports of the recent graphs (oldest first, at most 256); ``clear=True`` empties the history
+    after returning it, so the next call sees only graphs compiled from then on."""
+    out = list(_history)
+    if clear:
+        _history.clear()
+    return out

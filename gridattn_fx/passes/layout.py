@@ -129,12 +129,15 @@ class LayoutAnalysis:
     """Runs once over a graph; then answers :meth:`layout` for any node and sequence axis.
 
     ``attention_outputs`` maps each attention site's output node to (query node, its sequence
-    axis): the output carries the query's token layout on the same axis.
+    axis): the output carries the query's token layout on the same axis. ``inherited`` gives facts
+    for placeholders proven in an earlier piece of the same split graph (passes/split_handoff.py).
     """
 
-    def __init__(self, gm: fx.GraphModule, attention_outputs: dict[fx.Node, tuple[fx.Node, int]]):
+    def __init__(self, gm: fx.GraphModule, attention_outputs: dict[fx.Node, tuple[fx.Node, int]],
+                 inherited: dict[fx.Node, object] | None = None):
         self.gm = gm
         self.attention_outputs = attention_outputs
+        self.inherited = inherited or {}
         self.facts: dict[fx.Node, object] = {}
         self.lost: dict[fx.Node, str] = {}
         for node in gm.graph.nodes:
@@ -187,6 +190,8 @@ class LayoutAnalysis:
 
     # -- transfer functions ---------------------------------------------------------------------
     def _transfer(self, node: fx.Node):
+        if node.op == "placeholder":
+            return _step(self.inherited.get(node), "DDP bucket split")
         if node.op not in ("call_function", "call_method", "call_module"):
             return None
         if node in self.attention_outputs:

@@ -13,6 +13,7 @@ from .grid_rewrite import rewrite_site
 from ..patterns.values import value_of as _val
 from .layout import LayoutAnalysis, module_path
 from .policy import decide
+from .split_handoff import inherited_facts, leave_facts
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -70,7 +71,9 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     new_gm = copy_graph_module(gm)
     ensure_values(new_gm, example_inputs)
     sites = find_attention_sites(new_gm)
-    layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None})
+    layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},
+                             inherited_facts(new_gm))
+    leave_facts(new_gm, layouts.facts)  # before the rewrite: output names are still the original ones
     chosen = []
     for site in sites:
         path = module_path(site.output)
