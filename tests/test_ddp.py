@@ -66,3 +66,56 @@ def test_ddp_gradients_match_the_single_process_run(runs):
         for name, w in want.items():
             assert_close64(ddp[0]["grads"][step][name], w, msg=f"step {step} {name}")
             assert torch.equal(ddp[1]["grads"][step][name], ddp[0]["grads"][step][name])
+
+
+# ---------------------------------------------------------------------------------------------
+# the hand-off itself, without processes
+# ---------------------------------------------------------------------------------------------
+def _pieces(n_tokens_second):
+    """Two graphs as DDPOptimizer would pass them: tokens leave the first as ``tokens``, and the
+    second takes a placeholder of that name (of the given sequence length) into attention."""
+    import torch.fx as fx
+    import torch.nn.functional as F
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 2, 2)
+
+        def forward(self, img):
+            return self.conv(img).flatten(2).transpose(1, 2)
+
+    first = fx.symbolic_trace(Embed())
+    out = first.graph.output_node().args[0]
+    out.name = "tokens"
+
+    graph = fx.Graph()
+    tokens = graph.placeholder("tokens")
+    q = graph.call_method("unsqueeze", (tokens, 1))
+    graph.output(graph.call_function(F.scaled_dot_product_attention, (q, q, q)))
+    second = fx.GraphModule(torch.nn.Module(), graph)
+    return first, second, torch.randn(1, n_tokens_second, 8)
+
+
+@pytest.mark.parametrize("length,inherits", [(64, True), (63, False)])
+def test_layouts_cross_a_split_only_by_name_and_shape(length, inherits):
+    from torch._dynamo.backends.distributed import DDPOptimizerContext
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import gridattn_fx
+
+    first, second, tokens = _pieces(length)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    ctx = TracingContext(mode)
+    ctx.ddp_optimizer_ctx = DDPOptimizerContext()
+    with tracing(ctx):
+        gridattn_fx.rewrite(first, (torch.randn(1, 3, 16, 16),), min_image_tokens=0)
+        _, report = gridattn_fx.rewrite(second, (tokens,), min_image_tokens=0)
+    site = report.sites[0]
+    assert (site.decision == "rewritten") is inherits, str(report)
+    if inherits:
+        assert "DDP bucket split" in site.evidence
+    # outside a split, nothing is inherited
+    _, alone = gridattn_fx.rewrite(second, (tokens,), min_image_tokens=0)
+    assert alone.sites[0].decision == "skipped"
