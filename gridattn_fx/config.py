@@ -41,7 +41,7 @@ class GridAttnConfig:
     strict: bool = False
     preset: str | None = None
     distributing: str = "straightforward"
-    site_strides: dict = field(default_factory=dict)
+    site_strides: dict = field(default_factory=dict, hash=False)  # a dict: not part of the hash
     # Fields whose value the preset supplied (not the user): the report credits those decisions.
     preset_fields: tuple[str, ...] = field(default=(), repr=False)
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
