@@ -21,27 +21,19 @@ import torch
 import gridattn_fx
 
 from .data import make_batch
+from .evaluate import EVAL_BATCH, load_model
 from .metrics import heldout, miou
-from .model import SegViT
+from .model import predict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CALIBRATION_SEED = 2_000_003   # neither a training seed (0, 1, ...) nor the held-out one
 BUDGETS = (0.05, 0.1, 0.2, 0.3)
-EVAL_BATCH = 16
-
-
-def load_model() -> SegViT:
-    model = SegViT()
-    model.load_state_dict(torch.load(os.path.join(HERE, "segvit.pt"), weights_only=True))
-    return model.eval()
 
 
 def heldout_miou(model, config, images, labels) -> float:
     """mIoU of the model rewritten with ``config`` (run eagerly), over the held-out set."""
     gm, _ = gridattn_fx.rewrite(model, (images[:EVAL_BATCH],), config)
-    with torch.no_grad():
-        preds = [gm(images[i:i + EVAL_BATCH]).argmax(1) for i in range(0, len(images), EVAL_BATCH)]
-    return miou(torch.cat(preds), labels)
+    return miou(predict(gm, images, EVAL_BATCH).argmax(1), labels)
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,7 @@ import gridattn_fx
 
 from .data import CLASSES, NUM_CLASSES, make_batch
 from .metrics import HELDOUT_SEED, HELDOUT_SIZE, confusion, heldout, iou_per_class, miou
-from .model import SegViT
+from .model import SegViT, predict
 
 __all__ = [
     "WEIGHTS",
@@ -80,12 +80,6 @@ def load_model(path: str = WEIGHTS, **config) -> SegViT:
     model = SegViT(**{**kwargs, **config})
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
-
-
-@torch.no_grad()
-def predict(model, images: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
-    """Logits (N, classes, H, W) of ``model`` (eager or compiled) over ``images`` in equal chunks."""
-    return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
 def evaluate_logits(
@@ -153,7 +147,7 @@ def run_config(name: str, model, images, labels, ref_logits=None, stride: int = 
         rewritten, summary = _report_summary()
     warm_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    logits = predict(runner, images)
+    logits = predict(runner, images, EVAL_BATCH)
     eval_s = time.perf_counter() - t1
     res = evaluate_logits(logits, labels, ref_logits)
     res.update(

@@ -18,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The demo model's global multi-head SDPA attention (qkv -> heads -> SDPA -> proj), same weights layout.
+from gridattn_fx.demo_model import Attention
+
 from .data import IMAGE_SIZE, NUM_CLASSES
 
-__all__ = ["SegViT"]
+__all__ = ["SegViT", "predict"]
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -38,20 +41,10 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()[None]
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+@torch.no_grad()
+def predict(model, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Logits (N, classes, H, W) of ``model`` (eager or compiled) over ``images`` in equal chunks."""
+    return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
 class Block(nn.Module):

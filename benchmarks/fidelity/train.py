@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .data import make_batch
 from .metrics import HELDOUT_SEED, HELDOUT_SIZE, heldout, iou_per_class, confusion
-from .model import SegViT
+from .model import SegViT, predict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 0
@@ -49,11 +49,6 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """Logits (N, classes, H, W) of ``model`` over ``images`` in chunks."""
-    return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lowres-steps", type=int, default=LOWRES_STEPS)
