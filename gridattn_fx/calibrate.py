@@ -147,7 +147,7 @@ def calibrate(model, sample_inputs, budget: float = 0.01, strides=(1, 2, 4), met
     samples = _samples(sample_inputs)
     if len({tuple(tuple(getattr(t, "shape", ())) for t in s) for s in samples}) != 1:
         raise ValueError("calibrate: all samples must have the same shapes (the graph is captured once)")
-    base = (config or GridAttnConfig()).with_options(**options) if options else (config or GridAttnConfig())
+    base = (config or GridAttnConfig()).with_options(**options)
     if model.training:
         raise ValueError("calibrate: put the model in eval() mode (calibration measures inference)")
 

@@ -252,10 +252,9 @@ class GridPlan:
     shuffle: bool = False
 
     def __post_init__(self):
-        if self.shuffle and self.relpos:
-            raise ValueError("shuffle distributing is not implemented for a decomposed relative-position bias")
-        if self.shuffle and self.shares_grid is None:
-            raise ValueError("shuffle distributing needs query and key grids stored in the same order")
+        why = self.shuffle_unsupported if self.shuffle else None
+        if why:
+            raise ValueError(why)
 
     @property
     def groups(self) -> int:
@@ -269,6 +268,15 @@ class GridPlan:
         if (ql.height, ql.width) != (kl.height, kl.width):
             return False
         return True if ql.transposed == kl.transposed else None
+
+    @property
+    def shuffle_unsupported(self) -> str | None:
+        """Why this site cannot use shuffle distributing, or None if it can."""
+        if self.relpos:
+            return "shuffle is not implemented for a decomposed rel-pos bias"
+        if self.shares_grid is None:
+            return "shuffle is not implemented for query and key grids not stored in the same order"
+        return None
 
     def draw(self, device=None):
         """A fresh (query, key) pair of shuffle assignments for this site."""

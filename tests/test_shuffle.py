@@ -173,7 +173,7 @@ def test_compiled_training_step_matches_oracle_forward_and_gradients():
         assert_close64(g, w, msg=name)
 
 
-def test_compiled_training_is_reproducible_without_recompiles_and_eval_is_straightforward():
+def test_compiled_training_is_reproducible_without_recompiles_and_eval_is_straightforward(monkeypatch):
     model, compiled = _compiled_vit()  # inductor's own RNG this time
     x = image(2, 16, 16)
     calls = []
@@ -185,18 +185,15 @@ def test_compiled_training_is_reproducible_without_recompiles_and_eval_is_straig
         calls.append(training)
         return original(gm, example_inputs, config, training)
 
-    backend_module.apply_pass = counting
-    try:
-        torch.manual_seed(7)
-        steps = [compiled(x) for _ in range(3)]
-        torch.manual_seed(7)
-        again = compiled(x)
-        model.eval()
-        inference = [compiled(x), compiled(x)]
-        model.train()
-        compiled(x)
-    finally:
-        backend_module.apply_pass = original
+    monkeypatch.setattr(backend_module, "apply_pass", counting)
+    torch.manual_seed(7)
+    steps = [compiled(x) for _ in range(3)]
+    torch.manual_seed(7)
+    again = compiled(x)
+    model.eval()
+    inference = [compiled(x), compiled(x)]
+    model.train()
+    compiled(x)
     assert calls == [True, False], calls  # one graph per mode, none per step
     assert torch.equal(steps[0], again)
     assert not torch.equal(steps[0], steps[1])  # a fresh draw every call

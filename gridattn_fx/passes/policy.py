@@ -58,11 +58,8 @@ def _shuffle(plan: GridPlan, config: GridAttnConfig, training: bool) -> tuple[Gr
         return plan, ""
     if not training:
         return plan, ", straightforward distributing (inference)"
-    if plan.relpos:
-        return plan, ", straightforward distributing (shuffle is not implemented for a decomposed rel-pos bias)"
-    if plan.shares_grid is None:
-        return plan, (", straightforward distributing (shuffle is not implemented for query and key grids "
-                      "stored in different orders)")
+    if plan.shuffle_unsupported:
+        return plan, f", straightforward distributing ({plan.shuffle_unsupported})"
     return replace(plan, shuffle=True), ", shuffle distributing (training)"
 
 

@@ -61,5 +61,6 @@ def leave_facts(gm: fx.GraphModule, facts: dict[fx.Node, object]) -> None:
     outputs = []
     fx.node.map_arg(gm.graph.output_node().args, outputs.append)
     for node in outputs:
-        if node in facts and _signature(node) is not None:
-            known[node.name] = (facts[node], _signature(node))
+        signature = _signature(node)
+        if node in facts and signature is not None:
+            known[node.name] = (facts[node], signature)
