@@ -193,6 +193,8 @@ def attention_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, me
         ]
         for g in (2, 4):
             configs.append(Config(f"gridattn s{g}", "gridattn", core, grid_options(None, g), reference=f"eager-grid s{g}"))
+        configs.append(Config("gridattn s2 at-site", "gridattn", core, grid_options(None, 2, move_regrouping=False),
+                              reference="eager-grid s2"))
         for g in (2, 4):
             configs.append(Config(f"eager-grid s{g}", "eager-grid", EagerGridCore(heads, head_dim, g).eval(),
                                   reference=f"eager-grid s{g}"))
@@ -216,6 +218,8 @@ def attention_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, me
             configs.append(Config(f"gridattn s{g}", "gridattn", block, grid_options(None, g),
                                   reference=f"eager-grid s{g}"))
             configs.append(Config(f"eager-grid s{g}", "eager-grid", grid_block, reference=f"eager-grid s{g}"))
+        configs.append(Config("gridattn s2 at-site", "gridattn", block, grid_options(None, 2, move_regrouping=False),
+                              reference="eager-grid s2"))
         echo(f"[attn-block {size}] width {heads * head_dim}, {n * n} tokens")
         rows += run_case("attn-block", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory)
     return rows
@@ -263,13 +267,17 @@ def model_cases(which, *, quick, runs, warmup, echo=print, memory=True) -> list[
         rows += model_case("sam", "sam:vit_b", "sam", {"small": quick}, "256px" if quick else "1024px",
                            runs=runs, warmup=warmup, echo=echo, memory=memory, extra_options=small)
     if "sd-unet" in which:
-        # For information (not a preset): every image self-attention, the up blocks included.
-        every = {"gridattn s2 all-self": {"stride": 2, "min_image_tokens": 0}}
+        # For information (not the preset): the regrouping kept at the attention call, and every
+        # image self-attention, the up blocks included.
+        extra = {"gridattn s2 at-site": grid_options("sd-unet", 2, move_regrouping=False),
+                 "gridattn s2 all-self": {"stride": 2, "min_image_tokens": 0}}
         rows += model_case("sd-unet", "diffusers:unet-sd21", "sd-unet", {"small": quick},
                            "32x32 latents" if quick else "96x96 latents", runs=runs, warmup=warmup, echo=echo,
-                           memory=memory, extra_configs=None if quick else every)
+                           memory=memory, extra_configs=None if quick else extra)
     if "segformer" in which:
         kwargs = {"small": True} if quick else {"small": False, **SEGFORMER_B1}
+        extra = {"gridattn s2 at-site": grid_options("segformer", 2, move_regrouping=False)}
         rows += model_case("segformer", "transformers:segformer", "segformer", kwargs,
-                           "128px" if quick else "1024px", runs=runs, warmup=warmup, echo=echo, memory=memory)
+                           "128px" if quick else "1024px", runs=runs, warmup=warmup, echo=echo, memory=memory,
+                           extra_configs=None if quick else extra)
     return rows

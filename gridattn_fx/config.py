@@ -31,6 +31,10 @@ class GridAttnConfig:
                       Inference is always straightforward.
     site_strides      {module path: stride} for individual sites (e.g. from :func:`calibrate`),
                       overriding ``stride``; paths are matched exactly, as the report prints them.
+    move_regrouping   move Grid Clustering above the per-token ops that make q/k/v (projections,
+                      norms) and Grid Recovering below those that consume the output, where that is
+                      exact, so inductor folds both into neighbouring kernels (same result; False
+                      keeps them around the attention call).
     """
 
     stride: Stride = (2, 2)
@@ -42,6 +46,7 @@ class GridAttnConfig:
     preset: str | None = None
     distributing: str = "straightforward"
     site_strides: dict = field(default_factory=dict, hash=False)  # a dict: not part of the hash
+    move_regrouping: bool = True
     # Fields whose value the preset supplied (not the user): the report credits those decisions.
     preset_fields: tuple[str, ...] = field(default=(), repr=False)
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
@@ -77,8 +82,9 @@ class GridAttnConfig:
             raise ValueError(
                 f"option 'implementation' must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
             )
-        if not isinstance(self.strict, bool):
-            raise TypeError(f"option 'strict' must be a bool, got {self.strict!r}")
+        for name in ("strict", "move_regrouping"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"option '{name}' must be a bool, got {getattr(self, name)!r}")
         if self.distributing not in DISTRIBUTINGS:
             raise ValueError(
                 f"option 'distributing' must be one of {DISTRIBUTINGS}, got {self.distributing!r}"

@@ -35,6 +35,8 @@ __all__ = [
     "masked_attention",
     "normalize_stride",
     "draw_assignment",
+    "cluster_axis",
+    "recover_axis",
 ]
 
 
@@ -165,6 +167,28 @@ def recover(xg, height: int, width: int, stride, transposed: bool = False, assig
     return _recover_rows_cols(xg, rows, cols, sr, sc, assignment)
 
 
+def cluster_axis(x, axis: int, height: int, width: int, stride):
+    """Grid Clustering in place along one axis: the ``height*width`` raster tokens of ``axis`` are
+    reordered group after group (groups as in :func:`cluster`, raster order inside each), keeping
+    the shape. For images whose sides are multiples of the stride; ``axis`` must be non-negative.
+
+    The last op is the flatten that makes the reorder a copy, so the result is laid out in its own
+    axis order: a later linear reads it without another copy.
+    """
+    gh, gw = normalize_stride(stride)
+    x = x.unflatten(axis, (height // gh, gh, width // gw, gw))
+    x = x.movedim(axis + 1, axis).movedim(axis + 3, axis + 1)  # (a, gh, b, gw) -> (gh, gw, a, b)
+    return x.flatten(axis, axis + 3)
+
+
+def recover_axis(x, axis: int, height: int, width: int, stride):
+    """Grid Recovering along one axis: the exact inverse of :func:`cluster_axis`."""
+    gh, gw = normalize_stride(stride)
+    x = x.unflatten(axis, (gh, gw, height // gh, width // gw))
+    x = x.movedim(axis + 2, axis).movedim(axis + 3, axis + 2)  # (gh, gw, a, b) -> (a, gh, b, gw)
+    return x.flatten(axis, axis + 3)
+
+
 def assignment_shape(layout: TokenLayout, stride) -> tuple[int, int, int]:
     """Shape of a shuffle assignment for ``layout``: (block rows, block cols, Gh*Gw), in storage order."""
     rows, cols, sr, sc = _storage_grid(layout, normalize_stride(stride))
@@ -250,9 +274,15 @@ class GridPlan:
     relpos_heads: int = 0
     # Shuffle distributing: every call draws a fresh assignment (training only; the pass decides).
     shuffle: bool = False
+    # q, k, v arrive with their image tokens already in group-major order (:func:`cluster_axis`,
+    # moved above the projections by passes/regroup_motion.py) and the output leaves in that order.
+    pregrouped: bool = False
 
     def __post_init__(self):
         why = self.shuffle_unsupported if self.shuffle else None
+        if why:
+            raise ValueError(why)
+        why = self.pregrouped_unsupported if self.pregrouped else None
         if why:
             raise ValueError(why)
 
@@ -276,6 +306,23 @@ class GridPlan:
             return "shuffle is not implemented for a decomposed rel-pos bias"
         if self.shares_grid is None:
             return "shuffle is not implemented for query and key grids not stored in the same order"
+        return None
+
+    @property
+    def pregrouped_unsupported(self) -> str | None:
+        """Why this site's regrouping cannot be a plain token reorder outside it, or None if it can."""
+        has = [what for what, flag in (("a mask", self.mask_ndim is not None), ("a rel-pos bias", self.relpos),
+                                        ("dropout", self.dropout_p), ("shuffle distributing", self.shuffle)) if flag]
+        if has:
+            return f"the site has {' and '.join(has)}"
+        if self.ndim != 4:
+            return f"q has rank {self.ndim}, not (batch, heads, tokens, features)"
+        gh, gw = self.stride
+        for layout in (self.q_layout, self.k_layout):
+            if layout.prefix or layout.suffix or layout.transposed:
+                return f"layout {layout} is not a plain row-major image"
+            if layout.height % gh or layout.width % gw:
+                return f"image {layout.height}x{layout.width} is not a multiple of the stride {gh}x{gw}"
         return None
 
     def draw(self, device=None):
@@ -391,6 +438,8 @@ class GridPlan:
         With shuffle distributing, ``assignment`` is the (query, key) pair of assignments to use;
         None draws a fresh one (what the rewritten graph does on every call).
         """
+        if self.pregrouped:
+            return self._attend_pregrouped(q, k, v)
         ql, kl = self.q_layout, self.k_layout
         qa, ka = self._assignments(assignment, q.device)
         q_pre, q_img, q_suf = self._parts(q, ql)
@@ -457,6 +506,19 @@ class GridPlan:
         ql = self.q_layout
         return recover(out, ql.height, ql.width, self.stride, ql.transposed, qa)
 
+    def _attend_pregrouped(self, q, k, v):
+        """SDPA inside every group of group-major (B, h, G*n, d) inputs; the output stays group-major.
+
+        The group axis folds into the batch: when q/k/v are the usual transposed views of
+        (B, L, h, d) projection outputs, every step here is a view, and so is the way back."""
+        g = self.groups
+
+        def fold(x):  # (B, h, G*n, d) -> (B*G, h, n, d)
+            return x.unflatten(-2, (g, -1)).movedim(-3, -4).flatten(0, 1)
+
+        out = self._sdpa(fold(q), fold(k), fold(v), None)
+        return out.unflatten(0, (-1, g)).movedim(1, 2).flatten(2, 3)
+
     # -- decomposed relative-position bias ------------------------------------------------------
     def _own_offsets(self, x, size: int, first: bool):
         """Keep, for every group, only the key rows (``first``) or columns its own offset owns.
@@ -499,6 +561,8 @@ class GridPlan:
 
     def masked(self, q, k, v, attn_mask=None, assignment=None):
         """The oracle form: dense SDPA with ``attn_mask = B + log M`` (M for ``assignment`` when shuffling)."""
+        if self.pregrouped:
+            raise ValueError("a pregrouped plan has only the grouped implementation")
         assignment = self._assignments(assignment, q.device)
         keep = grid_mask(self.q_layout, self.k_layout, self.stride, q.device,
                          None if assignment[0] is None else assignment)

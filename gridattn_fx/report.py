@@ -29,6 +29,7 @@ class SiteReport:
     stride: tuple[int, int] | None
     flops_before: int | None
     flops_after: int | None
+    regrouping: str = ""   # rewritten sites: where the cluster / recover went (passes/regroup_motion.py)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Report:
                 f"{s.stride[0]}x{s.stride[1]}" if s.stride else "-",
                 _gflop(s.flops_before),
                 _gflop(s.flops_after),
-                s.reason,
+                s.reason + (f"; {s.regrouping}" if s.regrouping else ""),
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]

@@ -18,43 +18,53 @@ from ..patterns import AttentionSite
 logger = logging.getLogger("gridattn_fx")
 
 
-def trace_replacement(site: AttentionSite, plan: GridPlan, implementation: str) -> fx.Graph:
-    fn = site.build(plan, implementation)
+def trace_function(fn, arity: int) -> fx.Graph:
+    """``fn`` (of ``arity`` tensors, constants baked in) as an fx graph of plain torch ops."""
     # fx.Tracer makes one placeholder per named parameter, so the wrapper needs a fixed arity.
-    names = ", ".join(f"arg{i}" for i in range(len(site.inputs)))
+    names = ", ".join(f"arg{i}" for i in range(arity))
     wrapper = eval(f"lambda {names}: fn({names})", {"fn": fn})  # noqa: S307 - names are ours
     return fx.Tracer().trace(wrapper)
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, implementation: str) -> None:
-    """Inline the grid form of ``site`` right before its output node and reroute its users."""
-    graph = gm.graph
-    sub = trace_replacement(site, plan, implementation)
+def inline(graph: fx.Graph, fn, inputs: list, before: fx.Node, like: fx.Node, tag: str) -> tuple[fx.Node, list[fx.Node]]:
+    """Insert ``fn(*inputs)`` before ``before``; the new nodes take ``like``'s module path and the
+    ``gridattn`` tag. Returns the result node and the new nodes in order."""
+    sub = trace_function(fn, len(inputs))
     placeholders = [n for n in sub.nodes if n.op == "placeholder"]
-    val_map = dict(zip(placeholders, site.inputs))
-    with graph.inserting_before(site.output):
+    val_map = dict(zip(placeholders, inputs))
+    with graph.inserting_before(before):
         result = graph.graph_copy(sub, val_map)
-    stack = site.output.meta.get("nn_module_stack")
+    stack = like.meta.get("nn_module_stack")
     new_nodes = [new for old, new in val_map.items() if old.op != "placeholder" and isinstance(new, fx.Node)]
     for new in new_nodes:
         if stack is not None:
             new.meta["nn_module_stack"] = dict(stack)
-        new.meta["gridattn"] = site.form
-    _propagate_values(new_nodes, site.output)
+        new.meta["gridattn"] = tag
+    return result, new_nodes
+
+
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, implementation: str) -> fx.Node:
+    """Inline the grid form of ``site`` right before its output node and reroute its users; returns
+    the node that now provides the site's value."""
+    result, new_nodes = inline(gm.graph, site.build(plan, implementation), site.inputs, site.output,
+                               site.output, site.form)
+    propagate_values(new_nodes, site.output)
     site.output.replace_all_uses_with(result)
-    _erase_dead(graph, site.nodes)
+    _erase_dead(gm.graph, site.nodes)
+    return result
 
 
-def _propagate_values(new_nodes, like: fx.Node) -> None:
-    """Give the inserted nodes fake values under the key the graph uses, as if Dynamo had traced
-    them: inductor's caches (AOTAutogradCache) only accept method calls on nodes known to be tensors."""
+def propagate_values(nodes, like: fx.Node) -> None:
+    """(Re)compute the fake values of ``nodes`` (in graph order) under the key the graph uses, as if
+    Dynamo had traced them: inductor's caches (AOTAutogradCache) only accept method calls on nodes
+    known to be tensors, and nodes recomputed in group order have new strides."""
     key = "example_value" if "example_value" in like.meta else "val"
     mode = getattr(like.meta.get(key), "fake_mode", None)
     if mode is None:
         return
     try:
         with mode:
-            for node in new_nodes:
+            for node in nodes:
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta[key])
                 if node.op == "call_method":
                     node.meta[key] = getattr(args[0], node.target)(*args[1:], **kwargs)

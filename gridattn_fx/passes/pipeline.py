@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch.fx as fx
 
@@ -13,6 +14,7 @@ from .grid_rewrite import rewrite_site
 from ..patterns.values import value_of as _val
 from .layout import LayoutAnalysis, module_path
 from .policy import decide
+from .regroup_motion import apply_motion, check_motion, plan_motion
 from .split_handoff import inherited_facts, leave_facts
 
 logger = logging.getLogger("gridattn_fx")
@@ -58,6 +60,28 @@ def _check_replacement(site: AttentionSite, plan, implementation: str) -> None:
             f"grid rewrite of {site.output.name} would change its output from "
             f"{tuple(expected.shape)}/{expected.dtype} to {tuple(got.shape)}/{got.dtype}"
         )
+
+
+def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConfig) -> str:
+    """Rewrite one site, with its regrouping moved to the neighbouring per-token ops where that is
+    exact (passes/regroup_motion.py); returns where the regrouping went, for the report."""
+    why = "move_regrouping=False" if not config.move_regrouping else (
+        "implementation='masked'" if config.implementation != "grouped" else "")
+    if not why:
+        motion, why = plan_motion(gm, site, plan)
+        if motion is not None:
+            pregrouped = replace(plan, pregrouped=True)
+            try:
+                check_motion(gm, site, pregrouped, motion, config.implementation)
+            except Exception as err:  # nothing is changed yet: keep the regrouping at the site
+                if config.strict:
+                    raise
+                why = f"moving it failed its check ({type(err).__name__}: {err})"
+            else:
+                apply_motion(gm, site, pregrouped, motion, config.implementation)
+                return motion.describe(site.output)
+    rewrite_site(gm, site, plan, config.implementation)
+    return f"regrouping at the attention call ({why})"
 
 
 def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
@@ -106,7 +130,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             row.decision, row.flops_after = SKIPPED, row.flops_before
             row.reason = f"replacement failed its check, site left alone ({type(err).__name__}: {err})"
             continue
-        rewrite_site(new_gm, site, plan, config.implementation)
+        row.regrouping = _rewrite(new_gm, site, plan, config)
         rewritten += 1
     if rewritten:
         new_gm.graph.lint()
