@@ -319,8 +319,10 @@ class GridPlan:
             return f"q has rank {self.ndim}, not (batch, heads, tokens, features)"
         gh, gw = self.stride
         for layout in (self.q_layout, self.k_layout):
-            if layout.prefix or layout.suffix or layout.transposed:
-                return f"layout {layout} is not a plain row-major image"
+            if layout.prefix or layout.suffix:
+                return f"layout {layout} has non-image tokens, which every group shares"
+            if layout.transposed:
+                return f"layout {layout} is stored column-major"
             if layout.height % gh or layout.width % gw:
                 return f"image {layout.height}x{layout.width} is not a multiple of the stride {gh}x{gw}"
         return None

@@ -92,7 +92,7 @@ def test_pregrouped_plan_is_the_oracle_on_clustered_tensors():
     assert_close64(recover_axis(out, 2, 6, 8, 2), expected)
     with pytest.raises(ValueError, match="mask"):
         GridPlan(layout, layout, (2, 2), 4, mask_ndim=4, pregrouped=True)
-    with pytest.raises(ValueError, match="row-major"):
+    with pytest.raises(ValueError, match="non-image tokens"):
         GridPlan(TokenLayout(1, 6, 8, 0), layout, (2, 2), 4, pregrouped=True)
     with pytest.raises(ValueError, match="multiple of the stride"):
         GridPlan(TokenLayout(0, 5, 8, 0), TokenLayout(0, 5, 8, 0), (2, 2), 4, pregrouped=True)
@@ -240,9 +240,9 @@ def test_random_ops_are_not_moved():
 
 
 @pytest.mark.parametrize("model,inputs,reason", [
-    (lambda: build(ViT, n_cls=1), (image(1, 8, 8),), "not a plain row-major image"),
+    (lambda: build(ViT, n_cls=1), (image(1, 8, 8),), "has non-image tokens"),
     (lambda: build(ViT, n_cls=0), (image(1, 10, 8),), "not a multiple of the stride"),
-    (lambda: build(ViT, n_cls=0, transposed=True), (image(1, 8, 12),), "not a plain row-major image"),
+    (lambda: build(ViT, n_cls=0, transposed=True), (image(1, 8, 12),), "stored column-major"),
 ])
 def test_sites_that_are_not_plain_images_keep_the_regrouping_at_the_call(model, inputs, reason):
     model = model()

@@ -62,9 +62,14 @@ def _check_replacement(site: AttentionSite, plan, implementation: str) -> None:
         )
 
 
+class ReplacementCheckFailed(Exception):
+    """The site's replacement did not pass its check on fake values; nothing was changed."""
+
+
 def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConfig) -> str:
     """Rewrite one site, with its regrouping moved to the neighbouring per-token ops where that is
-    exact (passes/regroup_motion.py); returns where the regrouping went, for the report."""
+    exact (passes/regroup_motion.py); returns where the regrouping went, for the report. Raises
+    :class:`ReplacementCheckFailed` (graph untouched) when the replacement fails its check."""
     why = "move_regrouping=False" if not config.move_regrouping else (
         "implementation='masked'" if config.implementation != "grouped" else "")
     if not why:
@@ -80,6 +85,10 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConf
             else:
                 apply_motion(gm, site, pregrouped, motion, config.implementation)
                 return motion.describe(site.output)
+    try:
+        _check_replacement(site, plan, config.implementation)
+    except Exception as err:
+        raise ReplacementCheckFailed(f"{type(err).__name__}: {err}") from err
     rewrite_site(gm, site, plan, config.implementation)
     return f"regrouping at the attention call ({why})"
 
@@ -123,14 +132,13 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     rewritten = 0
     for row, site, plan in chosen:
         try:
-            _check_replacement(site, plan, config.implementation)
-        except Exception as err:  # the graph is untouched so far: leave this one site alone
+            row.regrouping = _rewrite(new_gm, site, plan, config)
+        except ReplacementCheckFailed as err:  # the graph is untouched so far: leave this one site alone
             if config.strict:
-                raise
+                raise err.__cause__ from None
             row.decision, row.flops_after = SKIPPED, row.flops_before
-            row.reason = f"replacement failed its check, site left alone ({type(err).__name__}: {err})"
+            row.reason = f"replacement failed its check, site left alone ({err})"
             continue
-        row.regrouping = _rewrite(new_gm, site, plan, config)
         rewritten += 1
     if rewritten:
         new_gm.graph.lint()
