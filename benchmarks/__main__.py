@@ -5,6 +5,10 @@
     python -m benchmarks --cases attn --sizes 64
     python -m benchmarks relpos [--tokens 64] # benchmarks/relpos_bias_cost.py
 
+Analysis scripts quoted in RESULTS.md: ``python -m benchmarks.sam_block`` (one SAM global block's
+kernels and page faults), ``python -m benchmarks.attention_share`` (the share of a model's forward
+that a preset's attention sites take: the ceiling on what the preset can save).
+
 Writes ``<out>/results.csv``, ``<out>/table.md``, ``<out>/compile.md``, ``<out>/meta.json`` and PNG
 plots (with matplotlib) and prints the tables.
 """
