@@ -54,6 +54,14 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, implem
     return result
 
 
+def call_on_values(node: fx.Node, value_of):
+    """What ``node`` computes from the values ``value_of`` gives its input nodes (fake tensors)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value_of)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
 def propagate_values(nodes, like: fx.Node) -> None:
     """(Re)compute the fake values of ``nodes`` (in graph order) under the key the graph uses, as if
     Dynamo had traced them: inductor's caches (AOTAutogradCache) only accept method calls on nodes
@@ -65,11 +73,7 @@ def propagate_values(nodes, like: fx.Node) -> None:
     try:
         with mode:
             for node in nodes:
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta[key])
-                if node.op == "call_method":
-                    node.meta[key] = getattr(args[0], node.target)(*args[1:], **kwargs)
-                else:
-                    node.meta[key] = node.target(*args, **kwargs)
+                node.meta[key] = call_on_values(node, lambda n: n.meta[key])
     except Exception:  # only caching is at stake: compile uncached rather than fail the rewrite
         logger.debug("could not propagate fake values through the inserted nodes", exc_info=True)
 

@@ -73,18 +73,18 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConf
     why = "move_regrouping=False" if not config.move_regrouping else (
         "implementation='masked'" if config.implementation != "grouped" else "")
     if not why:
-        motion, why = plan_motion(gm, site, plan)
-        if motion is not None:
-            pregrouped = replace(plan, pregrouped=True)
-            try:
+        try:
+            motion, why = plan_motion(gm, site, plan)
+            if motion is not None:
+                pregrouped = replace(plan, pregrouped=True)
                 check_motion(gm, site, pregrouped, motion, config.implementation)
-            except Exception as err:  # nothing is changed yet: keep the regrouping at the site
-                if config.strict:
-                    raise
-                why = f"moving it failed its check ({type(err).__name__}: {err})"
-            else:
-                apply_motion(gm, site, pregrouped, motion, config.implementation)
-                return motion.describe(site.output)
+        except Exception as err:  # nothing is changed yet: keep the regrouping at the site
+            if config.strict:
+                raise
+            motion, why = None, f"moving it failed its check ({type(err).__name__}: {err})"
+        if motion is not None:
+            apply_motion(gm, site, pregrouped, motion, config.implementation)
+            return motion.describe(site.output)
     try:
         _check_replacement(site, plan, config.implementation)
     except Exception as err:

@@ -36,6 +36,8 @@ from ..grid import GridPlan, TokenLayout, cluster_axis, recover_axis
 from ..patterns import AttentionSite
 from ..patterns.ops import op_name
 from ..patterns.values import value_of as _val
+from .grid_rewrite import call_on_values, inline, propagate_values, rewrite_site
+from .layout import _PERMUTES, _SPLITS, _VIEWS, _arg, _normalized_shape, _permutation
 
 # Ops that compute every element from the same element of their tensor operands (broadcast aside).
 _ELEMENTWISE = {
@@ -45,9 +47,6 @@ _ELEMENTWISE = {
     "clone", "to", "type", "type_as", "float", "half", "double", "bfloat16", "detach", "_to_copy",
     "alias", "radd", "rmul", "rsub", "sin", "cos", "dropout",
 }
-_VIEWS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-          "_unsafe_view"}
-_TUPLE_OPS = {"unbind", "split", "chunk", "split_with_sizes", "tensor_split"}
 
 
 @dataclass
@@ -77,12 +76,6 @@ def _static(shape) -> bool:
     return shape is not None and all(isinstance(s, int) for s in shape)
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _operands(node: fx.Node):
     return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
 
@@ -93,34 +86,6 @@ def _axis_in_reshape(in_shape, out_shape, axis: int) -> int | None:
     for j, size in enumerate(out_shape):
         if size == in_shape[axis] and math.prod(out_shape[:j]) == before:
             return j
-    return None
-
-
-def _permutation(node: fx.Node, name: str, ndim: int) -> list[int] | None:
-    """The dims of the input in the order they appear in the output."""
-    def norm(d):
-        return d % ndim if isinstance(d, int) else None
-
-    perm = list(range(ndim))
-    if name == "permute":
-        dims = node.args[1:] if len(node.args) > 2 else _arg(node, 1, "dims")
-        dims = [norm(d) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-        return dims if sorted(d for d in dims if d is not None) == perm and None not in dims else None
-    if name in ("transpose", "swapaxes", "swapdims"):
-        a, b = norm(_arg(node, 1, "dim0")), norm(_arg(node, 2, "dim1"))
-        if a is None or b is None:
-            return None
-        perm[a], perm[b] = perm[b], perm[a]
-        return perm
-    if name == "t":
-        return perm[::-1] if ndim == 2 else perm
-    if name in ("movedim", "moveaxis"):
-        src, dst = norm(_arg(node, 1, "source")), norm(_arg(node, 2, "destination"))
-        if src is None or dst is None:
-            return None
-        perm.remove(src)
-        perm.insert(dst, src)
-        return perm
     return None
 
 
@@ -139,7 +104,7 @@ def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> i
     output (of every element, for tuple outputs); else None."""
     if node.op not in ("call_function", "call_method"):
         return None  # modules (symbolic_trace graphs) are not opened
-    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+    if _mutates(node):
         return None  # in-place: would write through to a tensor others may read
     name = op_name(node, gm)
     in_value, out_value = _val(data), _val(node)
@@ -156,7 +121,7 @@ def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> i
         return axis
     if isinstance(in_value, (tuple, list)):
         return None
-    if name in _TUPLE_OPS:
+    if name in _SPLITS:
         if node.args[0] is not data:
             return None
         dim = _arg(node, 1 if name == "unbind" else 2, "dim", 0)
@@ -170,7 +135,7 @@ def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> i
     if name in ("linear", "layer_norm", "rms_norm"):
         if node.args[0] is not data:
             return None
-        normalized = 1 if name == "linear" else len(_arg(node, 1, "normalized_shape", ()) or ())
+        normalized = 1 if name == "linear" else len(_normalized_shape(node, gm))
         if axis >= len(in_shape) - max(normalized, 1) or out_shape[:-1] != in_shape[:-1]:
             return None
         return axis
@@ -178,9 +143,14 @@ def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> i
         if node.args[0] is not data:
             return None
         return _axis_in_reshape(in_shape, out_shape, axis)
-    perm = _permutation(node, name, len(in_shape))
-    if perm is not None:
-        return perm.index(axis) if node.args[0] is data else None
+    if name in _PERMUTES:
+        if node.args[0] is not data:
+            return None
+        try:
+            perm = _permutation(node, name, len(in_shape))
+        except (TypeError, ValueError, IndexError):  # dims we cannot read as ints
+            return None
+        return perm.index(axis) if sorted(perm) == list(range(len(in_shape))) else None
     if name in _ELEMENTWISE:
         if out_shape != in_shape:
             return None
@@ -308,10 +278,7 @@ def plan_motion(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan) -> tupl
 # --- checking and applying ----------------------------------------------------------------------
 
 def _fake_call(node: fx.Node, env: dict):
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n] if n in env else _val(n))
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
+    return call_on_values(node, lambda n: env[n] if n in env else _val(n))
 
 
 def _same_kind(new, old, node: fx.Node) -> None:
@@ -367,8 +334,6 @@ def check_motion(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, motion
 def apply_motion(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, motion: Motion,
                  implementation: str) -> fx.Node:
     """Rewrite ``site`` with its regrouping moved as ``motion`` says (``plan`` is pregrouped)."""
-    from .grid_rewrite import inline, propagate_values, rewrite_site
-
     graph = gm.graph
     inputs = list(site.inputs)
     inserted = []
