@@ -278,3 +278,24 @@ def test_plain_vit_unchanged_by_the_broadcast_support():
         model.blocks[0].attn.oracle = None
         assert_close64(gm(x), expected)
     assert math.isfinite(float(gm(x).sum()))
+
+
+def test_gqa_and_mqa_compiled_with_the_backend():
+    """Through torch.compile(backend="gridattn") (inductor): both sites rewritten, output == oracle."""
+    torch.manual_seed(9)
+    model = build(TokenModel, KvHeadsAttention(4, 2), KvHeadsAttention(4, 1, gqa=False))
+    x = image(2, 8, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="gridattn", options={"stride": 2, "min_image_tokens": 0})
+    with torch.no_grad():
+        got = compiled(x)
+        report = gridattn_fx.last_report()
+        assert report.failure is None and len(report.rewritten) == 2, str(report)
+        for p in _site_paths(model):
+            model.get_submodule(p).oracle = ((1, 4, 6), (1, 4, 6), 2)
+        try:
+            expected = model(x)
+        finally:
+            for p in _site_paths(model):
+                model.get_submodule(p).oracle = None
+    assert_close64(got, expected)
