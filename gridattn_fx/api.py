@@ -27,6 +27,17 @@ def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None
     """Run the gridattn pass on a model (captured with Dynamo) or an existing GraphModule.
 
     Options are the same as the backend's; they override fields of ``config`` when both are given.
+
+    The returned GraphModule is specialised to the shapes of ``example_inputs``: its first op checks
+    that every tensor input has exactly its example shape and raises a ``ValueError`` naming the
+    shapes it was rewritten for otherwise. Token layouts are proven for one resolution (16x16 and
+    8x32 tokens have the same count but different grids), and the batch size is held fixed too: the
+    inserted grid attention does not depend on it, but the graph around it was captured with static
+    sizes, so the model's own reshapes carry the example batch size as constants, and a view that
+    folds the batch into the token axis would silently change the token count the layouts were
+    proven for. For inputs of other shapes call ``rewrite()`` again, or use
+    ``torch.compile(backend="gridattn")``, which rewrites every shape it compiles. Only a
+    GraphModule passed in and returned unchanged (the pass fell back) is left without the check.
     """
     example_inputs = tuple(example_inputs)
     config = config or GridAttnConfig()
@@ -39,4 +50,50 @@ def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None
     else:
         raise TypeError(f"rewrite() takes an nn.Module or fx.GraphModule, got {type(model_or_graph_module).__name__}")
     # The returned graph is fixed: shuffle distributing is baked in when the module is training now.
-    return apply_pass(gm, example_inputs, config, training=model_or_graph_module.training)
+    new_gm, report = apply_pass(gm, example_inputs, config, training=model_or_graph_module.training)
+    if new_gm is not model_or_graph_module:  # never edit the caller's own module
+        insert_shape_check(new_gm)
+    return new_gm, report
+
+
+def _shape(value) -> tuple[int, ...] | None:
+    """The example shape of a placeholder's value (symbolic sizes at their example hints)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return tuple(int(s) for s in value.shape)
+    except Exception:  # a size without a hint: nothing to check it against
+        return None
+
+
+@fx.node.has_side_effect  # no users, but must survive dead-code elimination
+def check_input_shapes(inputs: tuple, expected: tuple, names: tuple) -> None:
+    """Raise a ``ValueError`` unless every input has its ``expected`` shape (see :func:`rewrite`)."""
+    got = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
+    if got == expected:
+        return
+    wrong = [f"{name} of shape {g} (rewritten for {e})" for name, g, e in zip(names, got, expected) if g != e]
+    raise ValueError(
+        "this GraphModule was rewritten by gridattn_fx.rewrite() for tensor inputs of shapes "
+        f"{', '.join(str(e) for e in expected)} and only holds for them (token layouts, grid groups "
+        f"and the captured graph's sizes are fixed); called with {', '.join(wrong)}. Call "
+        "gridattn_fx.rewrite() again with example inputs of these shapes, or use "
+        "torch.compile(model, backend='gridattn')."
+    )
+
+
+def insert_shape_check(gm: fx.GraphModule) -> None:
+    """Insert one :func:`check_input_shapes` call on the tensor placeholders, after the placeholders."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    checked = []
+    for index, node in enumerate(placeholders):
+        shape = _shape(node.meta.get("val", node.meta.get("example_value")))
+        if shape is not None:
+            checked.append((node, shape, f"input {index} (`{node.name}`)"))
+    if not checked:
+        return
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.call_function(check_input_shapes, (
+            tuple(c[0] for c in checked), tuple(c[1] for c in checked), tuple(c[2] for c in checked)))
+    gm.graph.lint()
+    gm.recompile()

@@ -491,9 +491,20 @@ class GridPlan:
         return torch.cat(pieces, dim=-2)
 
     def _attend_groups(self, qg, kg, vg, group_mask, mask_rank: int, qa=None):
-        """SDPA inside every group, then Grid Recovering of the image queries' outputs."""
-        if self.ndim >= 4:
+        """SDPA inside every group, then Grid Recovering of the image queries' outputs.
+
+        ``qg`` / ``kg`` / ``vg`` are (..., heads, G, n, d); their batch and head axes may differ as
+        SDPA allows: broadcast (MQA written as k/v with one head) or, with ``enable_gqa``, fewer
+        key/value heads than query heads. Either way every query head meets the key/value head the
+        original site paired it with.
+        """
+        if self.enable_gqa and self.ndim >= 3:
+            out = self._attend_groups_gqa(qg, kg, vg, group_mask, mask_rank)
+        elif self.ndim >= 4:
             # Fold the group axis into the head axis so SDPA sees 4-D inputs (its fast CPU/GPU kernels).
+            # Folding merges heads with groups, so broadcast batch/head axes are expanded first (a view
+            # with nothing to expand where q, k and v agree already, the usual case).
+            qg, kg, vg = self._broadcast_lead(qg, kg, vg)
             if group_mask is not None:
                 if mask_rank < self.ndim + 1:
                     group_mask = group_mask[(None,) * (self.ndim + 1 - mask_rank)]
@@ -507,6 +518,39 @@ class GridPlan:
             out = self._sdpa(qg, kg, vg, group_mask)
         ql = self.q_layout
         return recover(out, ql.height, ql.width, self.stride, ql.transposed, qa)
+
+    def _broadcast_lead(self, qg, kg, vg):
+        """q, k, v (..., G, n, d) with their leading (batch, head) axes expanded to the common
+        broadcast sizes, exactly as SDPA broadcasts them (sizes read at run time, as batch sizes are)."""
+        corner = [x.narrow(-1, 0, 1).narrow(-2, 0, 1) for x in (qg, kg, vg)]
+        lead = torch.broadcast_tensors(*corner)[0]
+        sizes = [lead.size(i) for i in range(self.ndim - 2)]
+        return [x.expand(*sizes, -1, -1, -1) for x in (qg, kg, vg)]
+
+    def _attend_groups_gqa(self, qg, kg, vg, group_mask, mask_rank: int):
+        """SDPA with ``enable_gqa`` inside every group: (..., H, G, n, d) in, (..., Hq, G, n, dv) out.
+
+        SDPA pairs query head ``h`` with key/value head ``h // (Hq / Hkv)`` along axis -3. Folding
+        the groups *behind* the heads (index ``h * G + g``) would break that pairing; folded *in
+        front* (index ``g * H + h``) it holds: ``(g * Hq + h) // (Hq / Hkv) == g * Hkv + h // (Hq / Hkv)``.
+        A 3-D site (heads, tokens, d) keeps the group axis as a batch axis in front of the heads.
+        """
+        fold_heads = self.ndim >= 4
+
+        def fold(x):  # (..., H, G, n, d) -> (..., G*H, n, d), or (G, H, n, d) for a 3-D site
+            x = x.movedim(-3, -4)
+            return x.flatten(-4, -3) if fold_heads else x
+
+        if group_mask is not None:
+            if mask_rank < self.ndim + 1:
+                group_mask = group_mask[(None,) * (self.ndim + 1 - mask_rank)]
+            if fold_heads:  # the mask's head axis is the query heads' (SDPA broadcasts it to Hq)
+                group_mask = group_mask.expand(*([-1] * (self.ndim - 3)), qg.size(-4), self.groups, -1, -1)
+            group_mask = fold(group_mask)
+        out = self._sdpa(fold(qg), fold(kg), fold(vg), group_mask)
+        if fold_heads:
+            out = out.unflatten(-3, (self.groups, -1))
+        return out.movedim(-4, -3)
 
     def _attend_pregrouped(self, q, k, v):
         """SDPA inside every group of group-major (B, h, G*n, d) inputs; the output stays group-major.

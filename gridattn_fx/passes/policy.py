@@ -36,10 +36,18 @@ def _concrete(shape) -> tuple[int, ...] | None:
 
 
 def _cost(q_shape, k_shape, v_shape) -> tuple[int, int, int, int, int] | None:
-    """(batch*heads, Lq, Lk, d, dv) of a site, or None when sizes are symbolic."""
+    """(batch*heads, Lq, Lk, d, dv) of a site, or None when sizes are symbolic.
+
+    The work is per query head: key/value batch and head axes broadcast against q's (MQA written
+    as one k/v head), or with GQA (``enable_gqa``) hold fewer heads that groups of query heads share.
+    """
     if q_shape is None or k_shape is None or v_shape is None:
         return None
-    lead = torch.broadcast_shapes(q_shape[:-2], k_shape[:-2]) if len(q_shape) > 2 else ()
+    leads = (q_shape[:-2], k_shape[:-2], v_shape[:-2])
+    try:
+        lead = torch.broadcast_shapes(*leads)
+    except RuntimeError:  # GQA: the head axes differ; the batch axes still broadcast
+        lead = (*torch.broadcast_shapes(*(x[:-1] for x in leads)), q_shape[-3]) if len(q_shape) > 2 else ()
     return math.prod(lead), q_shape[-2], k_shape[-2], q_shape[-1], v_shape[-1]
 
 
