@@ -9,6 +9,7 @@ its softmax (eager only), so the reference is the model's own arithmetic restric
 """
 
 import math
+import re
 import warnings
 
 import pytest
@@ -422,3 +423,77 @@ def test_a_stride_that_leaves_one_token_per_group_is_skipped():
     # one side equal to its stride still leaves groups of several tokens: rewritten
     _, report = gridattn_fx.rewrite(build(ViT, depth=1, grid=(2, 6)), (image(1, 4, 12),), **OPTS)
     assert report.sites[0].decision == "rewritten", str(report)
+
+
+# --- real models (timm, random weights from configs) ------------------------------------------------
+def _timm():
+    from gridattn_fx.zoo._torchvision_stub import import_with_torchvision
+
+    try:
+        return import_with_torchvision("timm")
+    except ImportError:
+        pytest.skip("timm is not installed")
+
+
+def _coatnet(timm):
+    import dataclasses
+
+    from timm.models import maxxvit
+
+    cfg = maxxvit.model_cfgs["coatnet_nano_rw"]
+    cfg = dataclasses.replace(cfg, embed_dim=(16, 16, 32, 32), depths=(1, 1, 1, 1), stem_width=16,
+                              transformer_cfg=dataclasses.replace(cfg.transformer_cfg, dim_head=8))
+    model = maxxvit.MaxxVit(cfg, img_size=64)
+    for module in model.modules():  # the unfused path: v @ attn.transpose(-2, -1)
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return model
+
+
+# name -> (builder, the attention modules' class name, {path regex: (decision, form words, reason words)})
+REAL = {
+    "swinv2": (lambda timm: timm.create_model("swinv2_tiny_window8_256", img_size=64, embed_dim=16, depths=(1, 1),
+                                              num_heads=(1, 2), window_size=4),
+               "WindowAttention", {r"attn$": ("skipped", "tensor-scale", "windows")}),
+    "xcit": (lambda timm: timm.create_model("xcit_nano_12_p16_224", img_size=64, depth=1, cls_attn_layers=1,
+                                            embed_dim=32, num_heads=2),
+             ("XCA", "ClassAttn"), {r"^blocks\.0\.attn$": ("skipped", "tensor-scale", "no proven image layout"),
+                                    r"cls_attn_blocks\.0\.attn$": ("skipped", "", "")}),  # SDPA
+    "coatnet": (_coatnet, "Attention2d", {
+        r"stages\.2\.blocks\.0\.attn$": ("rewritten", "channels-first", "image self-attention"),
+        r"stages\.3\.blocks\.0\.attn$": ("skipped", "channels-first", "single image token")}),
+    "efficientvit_msra": (lambda timm: timm.create_model("efficientvit_m0", img_size=64, embed_dim=[16, 32, 48],
+                                                         depth=[1, 1, 1], num_heads=[1, 1, 1]),
+                          "CascadedGroupAttention", {
+        r"stages\.0\.": ("rewritten", "channels-first", "image self-attention"),
+        r"stages\.1\.": ("skipped", "channels-first", "single image token"),
+        r"stages\.2\.": ("skipped", "channels-first", "no proven image layout")}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_every_attention_site_of_real_models_is_in_the_report(name):
+    from gridattn_fx.zoo._common import finish
+
+    timm = _timm()
+    builder, classes, expected = REAL[name]
+    torch.manual_seed(0)
+    model, (x,) = finish(builder(timm), (torch.randn(1, 3, 64, 64),), dtype=torch.float64, nonzero_init=True)
+    reference = model(x)  # eager first: EfficientViT-MSRA fills its attention-bias cache here
+    gm, report = gridattn_fx.rewrite(model, (x,), **OPTS)
+    modules = [path for path, m in model.named_modules() if type(m).__name__ in classes]
+    assert modules
+    for path in modules:  # every attention module has its site(s); nothing is matched twice
+        assert any(s.module_path.startswith(path) for s in report.sites), (path, str(report))
+    for pattern, (decision, form, reason) in expected.items():
+        hits = [s for s in report.sites if re.search(pattern, s.module_path)]
+        assert hits, (pattern, str(report))
+        for site in hits:
+            assert site.decision == decision and form in site.form and reason in site.reason, str(report)
+    if not report.rewritten:
+        assert_equal_exact(gm(x), reference)
+    elif name == "coatnet":  # the grouped rewrite is the masked oracle form, end to end
+        masked, _ = gridattn_fx.rewrite(model, (x,), implementation="masked", **OPTS)
+        out = gm(x)
+        assert_close64(out, masked(x))
+        assert_differs(out, reference)
