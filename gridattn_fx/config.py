@@ -18,7 +18,9 @@ class GridAttnConfig:
 
     stride            int or (Gh, Gw); 1 leaves every site alone.
     min_image_tokens  sites whose query image has fewer tokens are skipped (grouping tiny images
-                      costs more in regrouping than it saves).
+                      costs more in regrouping than it saves). Whatever its value, a site whose
+                      query or key image is smaller than the stride, or exactly its size (every
+                      group would hold one image token), is skipped.
     include/exclude   regexes searched in each site's module path; a site must match some
                       ``include`` (when given) and no ``exclude``.
     implementation    "grouped" (regrouped attention, G times fewer FLOPs) or "masked" (dense

@@ -248,9 +248,10 @@ class Spellings(nn.Module):
             o = (scores - scores.amax(-1, keepdim=True)).softmax(-1) @ v
         elif self.kind == "weighted_sum":  # probabilities applied without a product
             o = (scores.softmax(-1).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
-        else:  # "classifier": no attention at all, two classifier softmaxes
+        else:  # "classifier": no attention at all; classifier softmaxes, one of them used twice
             pooled = x.mean(1)
-            return self.head(pooled).softmax(-1) + (pooled @ self.weight).softmax(dim=-1)
+            probs = (pooled @ self.weight / 2.0).softmax(dim=-1)
+            return self.head(pooled).softmax(-1) + probs + probs.amax(-1, keepdim=True)
         return o.transpose(1, 2).reshape(B, L, C)
 
 

@@ -631,14 +631,13 @@ def find_manual_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             continue
         try:
             site = _match(node)
-        except NoMatch as why:
+        except (NoMatch, Unsupported) as why:
+            # Reported only when it looks like attention: a classifier's softmax is not a site,
+            # whatever the reading tripped over.
             if not _attention_like(node):
                 continue
-            site = _unsupported_site(node, f"attention-like softmax whose chain is not read ({why})")
-            if site is None:
-                continue
-        except Unsupported as why:
-            site = _unsupported_site(node, str(why))
+            reason = str(why) if isinstance(why, Unsupported) else f"attention-like softmax whose chain is not read ({why})"
+            site = _unsupported_site(node, reason)
             if site is None:
                 continue
         sites.append(site)
@@ -653,7 +652,7 @@ _SCORE_OPS = {
 }
 
 
-def _attention_like(softmax: fx.Node, depth: int = 10) -> bool:
+def _attention_like(softmax: fx.Node, depth: int = 16) -> bool:
     """A softmax over the last axis of scores from a product of two batched (>= 3-D) tensors: what
     attention looks like even when its chain is spelled in a way the reading does not know. A
     classifier's softmax (logits from a linear or a product with a 2-D weight) is not."""
