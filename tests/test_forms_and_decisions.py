@@ -45,9 +45,9 @@ class CosineAttention(_Oracle):
     """Swin-V2-style cosine attention with a learned per-head logit scale, as global attention
     over a conv patch embedding (a proven layout; Swin-V2's own windows are not)."""
 
-    def __init__(self, grid=(6, 8), bias=True, divide=False):
+    def __init__(self, grid=(6, 8), bias=True, divide=False, logit_scale=True):
         super().__init__()
-        self.divide = divide
+        self.divide, self.use_logit_scale = divide, logit_scale
         self.embed = nn.Conv2d(3, DIM, 2, 2)
         self.qkv = nn.Linear(DIM, 3 * DIM)
         self.proj = nn.Linear(DIM, DIM)
@@ -60,8 +60,11 @@ class CosineAttention(_Oracle):
         B, L, C = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, HEADS, HD).permute(2, 0, 3, 1, 4).unbind(0)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
-        attn = attn / (1 / logit_scale) if self.divide else attn * logit_scale
+        if self.use_logit_scale:
+            logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+            attn = attn / (1 / logit_scale) if self.divide else attn * logit_scale
+        else:
+            attn = attn * 10.0
         if self.table is not None:
             attn = attn + self.table.unsqueeze(0)
         attn = self._masked(attn).softmax(dim=-1)
@@ -144,6 +147,15 @@ def test_cosine_attention_with_a_per_head_logit_scale_is_rewritten_exactly(imple
     assert site.decision == "rewritten", str(report)
     assert "cosine" in site.form and "tensor-scale" in site.form
     assert site.q_layout == TokenLayout(0, 6, 8)
+
+
+def test_cosine_attention_with_a_constant_scale_moves_its_regrouping():
+    torch.manual_seed(0)
+    model = CosineAttention(bias=False, logit_scale=False).double().eval()
+    report = _rewrite_vs_oracle(model, image(2, 12, 16), (0, 6, 8))
+    (site,) = report.sites
+    assert site.decision == "rewritten" and site.form == "manual-matmul+cosine", str(report)
+    assert "cluster at" in site.regrouping, str(report)  # normalize runs on the regrouped q and k
 
 
 def test_cosine_attention_at_a_non_divisible_grid_and_stride_2x4():
