@@ -18,19 +18,29 @@ class GridAttnConfig:
 
     stride            int or (Gh, Gw); 1 leaves every site alone.
     min_image_tokens  sites whose query image has fewer tokens are skipped (grouping tiny images
-                      costs more in regrouping than it saves).
+                      costs more in regrouping than it saves). Whatever its value, a site whose
+                      query or key image is smaller than the stride, or exactly its size (every
+                      group would hold one image token), is skipped.
     include/exclude   regexes searched in each site's module path; a site must match some
                       ``include`` (when given) and no ``exclude``.
     implementation    "grouped" (regrouped attention, G times fewer FLOPs) or "masked" (dense
                       SDPA with the grid mask: the exact oracle, for checking).
     strict            raise when the pass fails instead of compiling the original graph.
     preset            a named bundle of the options above (gridattn_fx.presets.PRESETS); explicit
-                      options override it.
+                      options override it. ``GridAttnConfig(preset=...)`` and
+                      :meth:`from_preset` agree, except that the constructor cannot tell an option
+                      left at its default from one set to the default value: there, every field
+                      still equal to its default takes the preset's value. Unknown names raise
+                      ValueError.
     distributing      "straightforward" (fixed groups) or "shuffle": a compiled module in training
                       mode draws a random group assignment on every call (DESIGN.md section 1).
                       Inference is always straightforward.
     site_strides      {module path: stride} for individual sites (e.g. from :func:`calibrate`),
-                      overriding ``stride``; paths are matched exactly, as the report prints them.
+                      overriding ``stride``. A key names the site whose module path (as the report
+                      prints it) equals it, or, failing that, ends with ``"." + key``: a model
+                      calibrated on its own still matches inside a wrapper (``model.``,
+                      ``_orig_mod.`` prefixes); an exact match wins, then the longest key. Keys that
+                      match no site of a graph are listed in its report and warned about.
     move_regrouping   move Grid Clustering above the per-token ops that make q/k/v (projections,
                       norms) and Grid Recovering below those that consume the output, where that is
                       exact, so inductor folds both into neighbouring kernels (same result; False
@@ -48,13 +58,20 @@ class GridAttnConfig:
     site_strides: dict = field(default_factory=dict, hash=False)  # a dict: not part of the hash
     move_regrouping: bool = True
     # Fields whose value the preset supplied (not the user): the report credits those decisions.
-    preset_fields: tuple[str, ...] = field(default=(), repr=False)
+    # None (the constructor's default) means "apply the preset here" (see __post_init__).
+    preset_fields: tuple[str, ...] | None = field(default=None, repr=False)
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
     _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.preset is not None and not isinstance(self.preset, str):
             raise TypeError(f"option 'preset' must be a preset name, got {self.preset!r}")
+        preset_values = preset_options(self.preset) if self.preset is not None else {}  # checks the name
+        if self.preset_fields is None:  # built directly, not by from_preset: the preset fills the defaults
+            applied = tuple(name for name in preset_values if getattr(self, name) == _DEFAULTS[name])
+            for name in applied:
+                object.__setattr__(self, name, preset_values[name])
+            object.__setattr__(self, "preset_fields", applied)
         try:
             stride = normalize_stride(self.stride)
         except TypeError as err:
@@ -93,9 +110,18 @@ class GridAttnConfig:
 
     def stride_for(self, module_path: str) -> tuple[Stride, str]:
         """The stride a site gets and where it came from (for the report)."""
+        key = self.site_stride_key(module_path)
+        if key is None:
+            return self.stride, self.credit("stride")
+        return self.site_strides[key], " (site_strides)" if key == module_path else f" (site_strides key {key!r})"
+
+    def site_stride_key(self, module_path: str) -> str | None:
+        """The ``site_strides`` key that names a site: its exact path, else the longest key the
+        path ends with (after a dot); None when no key names it."""
         if module_path in self.site_strides:
-            return self.site_strides[module_path], " (site_strides)"
-        return self.stride, self.credit("stride")
+            return module_path
+        hits = [key for key in self.site_strides if module_path.endswith("." + key)]
+        return max(hits, key=len) if hits else None
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

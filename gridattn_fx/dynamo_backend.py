@@ -8,11 +8,12 @@ import warnings
 import torch.fx as fx
 
 from .config import GridAttnConfig
-from .passes.pipeline import run_pass
+from .passes.pipeline import is_dynamo_restart, run_pass
 from .report import SKIPPED, Report, record
 from .training_mode import compiled_module_training
 
 logger = logging.getLogger("gridattn_fx")
+# Process-wide: only for warnings about the setup (the same for every graph), not about a graph.
 _warned: set[str] = set()
 
 
@@ -23,14 +24,16 @@ def _warn_once(message: str) -> None:
 
 
 def _fall_back(report: Report, failure: str) -> None:
-    """Mark a report whose graph runs unmodified: no site counts as rewritten any more."""
+    """Mark a report whose graph runs unmodified: no site counts as rewritten any more. Warns for
+    every graph that falls back (the graph number keeps the messages of two graphs apart)."""
     report.failure = failure
     for site in report.rewritten:
         site.decision = SKIPPED
         site.reason = f"pass failed, graph left unmodified ({site.reason})"
         site.flops_after = site.flops_before
     logger.debug("gridattn fallback details", exc_info=True)
-    _warn_once(f"gridattn: {failure}; the graph runs unmodified")
+    warnings.warn(f"gridattn: graph #{report.graph}: {failure}; the graph runs unmodified",
+                  RuntimeWarning, stacklevel=3)
 
 
 def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
@@ -41,7 +44,7 @@ def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     try:
         new_gm, report = run_pass(gm, example_inputs, config, report, training)
     except Exception as err:
-        if config.strict:
+        if config.strict or is_dynamo_restart(err):
             raise
         _fall_back(report, f"the rewrite pass failed ({type(err).__name__}: {err})")
         new_gm = gm
@@ -80,7 +83,7 @@ def backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mod
     try:
         return compile_fx(new_gm, example_inputs, config_patches=patches or None)
     except Exception as err:
-        if config.strict:
+        if config.strict or is_dynamo_restart(err):
             raise
         _fall_back(report, f"inductor failed on the rewritten graph ({type(err).__name__}: {err})")
         return compile_fx(gm, example_inputs, config_patches=patches or None)

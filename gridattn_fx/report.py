@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ class SiteReport:
     regrouping: str = ""   # rewritten sites: where the cluster / recover went (passes/regroup_motion.py)
 
 
+_graph_numbers = itertools.count(1)
+
+
 @dataclass
 class Report:
     sites: list[SiteReport] = field(default_factory=list)
@@ -39,6 +43,13 @@ class Report:
     implementation: str = "grouped"
     preset: str | None = None
     distributing: str = "straightforward"   # what this graph's rewritten sites use
+    # Sites chosen for a rewrite whose replacement failed its check and stayed dense ("path: why").
+    site_failures: list[str] = field(default_factory=list)
+    # ``site_strides`` keys that matched no attention site of this graph.
+    unmatched_site_strides: list[str] = field(default_factory=list)
+    # Numbers the graphs of this process, so warnings about two graphs never read the same (and
+    # Python's once-per-message filter cannot hide the second one).
+    graph: int = field(default_factory=lambda: next(_graph_numbers), compare=False)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -87,6 +98,10 @@ class Report:
             + (f"; preset={self.preset}" if self.preset else "")
             + ("; distributing=shuffle (training)" if self.distributing == "shuffle" else "")
         )
+        for failure in self.site_failures:
+            lines.append(f"SITE LEFT DENSE, its replacement failed its check: {failure}")
+        for key in self.unmatched_site_strides:
+            lines.append(f"site_strides key {key!r} matches no attention site in this graph")
         if self.failure:
             lines.append(f"PASS FAILED, original graph compiled instead: {self.failure}")
         return "\n".join(lines)

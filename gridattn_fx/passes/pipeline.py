@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import replace
 
 import torch.fx as fx
@@ -66,12 +67,25 @@ class ReplacementCheckFailed(Exception):
     """The site's replacement did not pass its check on fake values; nothing was changed."""
 
 
+def is_dynamo_restart(err: BaseException) -> bool:
+    """Dynamo's restarts (``RestartAnalysis`` and its subclasses, e.g. ``TensorifyScalarRestartAnalysis``)
+    are control flow - Dynamo traces the frame again - not failures: never catch them as one."""
+    try:
+        from torch._dynamo.exc import RestartAnalysis
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return isinstance(err, RestartAnalysis)
+
+
 def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConfig) -> str:
     """Rewrite one site, with its regrouping moved to the neighbouring per-token ops where that is
     exact (passes/regroup_motion.py); returns where the regrouping went, for the report. Raises
     :class:`ReplacementCheckFailed` (graph untouched) when the replacement fails its check."""
     why = "move_regrouping=False" if not config.move_regrouping else (
         "implementation='masked'" if config.implementation != "grouped" else "")
+    if not why and site.value_dim % plan.ndim != plan.ndim - 2:
+        # passes/regroup_motion.py tracks v on axis -2: a channels-first v (``v @ P^T``) stays put
+        why = "the value and output are channels-first (v @ P^T)"
     if not why:
         try:
             motion, why = plan_motion(gm, site, plan)
@@ -79,7 +93,7 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConf
                 pregrouped = replace(plan, pregrouped=True)
                 check_motion(gm, site, pregrouped, motion, config.implementation)
         except Exception as err:  # nothing is changed yet: keep the regrouping at the site
-            if config.strict:
+            if config.strict or is_dynamo_restart(err):
                 raise
             motion, why = None, f"moving it failed its check ({type(err).__name__}: {err})"
         if motion is not None:
@@ -88,6 +102,8 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConf
     try:
         _check_replacement(site, plan, config.implementation)
     except Exception as err:
+        if is_dynamo_restart(err):
+            raise
         raise ReplacementCheckFailed(f"{type(err).__name__}: {err}") from err
     rewrite_site(gm, site, plan, config.implementation)
     return f"regrouping at the attention call ({why})"
@@ -129,6 +145,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
         report.sites.append(row)
         if d.rewrite:
             chosen.append((row, site, d.plan))
+    _check_site_strides(report, config)
     rewritten = 0
     for row, site, plan in chosen:
         try:
@@ -138,9 +155,34 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
                 raise err.__cause__ from None
             row.decision, row.flops_after = SKIPPED, row.flops_before
             row.reason = f"replacement failed its check, site left alone ({err})"
+            report.site_failures.append(f"{row.module_path or row.node}: {err}")
             continue
         rewritten += 1
+    if report.site_failures:
+        _warn(f"gridattn: graph #{report.graph}: {len(report.site_failures)} attention site(s) chosen for a "
+              f"rewrite stay dense because their replacement failed its check: "
+              + "; ".join(report.site_failures))
     if rewritten:
         new_gm.graph.lint()
         new_gm.recompile()
     return new_gm, report
+
+
+def _warn(message: str) -> None:
+    """One RuntimeWarning for a decision the user must hear about (the report says it too)."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _check_site_strides(report: Report, config: GridAttnConfig) -> None:
+    """Name the ``site_strides`` keys that choose no site of this graph (a wrong or stale path
+    would otherwise rewrite nothing without a word)."""
+    paths = [row.module_path for row in report.sites]
+    unmatched = [key for key in config.site_strides
+                 if not any(path == key or path.endswith("." + key) for path in paths)]
+    if not unmatched:
+        return
+    report.unmatched_site_strides.extend(unmatched)
+    keys = ", ".join(repr(k) for k in unmatched)
+    _warn(f"gridattn: graph #{report.graph}: site_strides "
+          + (f"key {keys} matches" if len(unmatched) == 1 else f"keys {keys} match")
+          + " no attention site in this graph")

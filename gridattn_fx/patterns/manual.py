@@ -5,14 +5,21 @@ masks with ``masked_fill`` or ``where``, SAM adds a decomposed relative-position
 5-D view). Rather than one pattern per spelling, the matcher starts at every softmax over the last
 axis and reads the chain around it into one canonical description:
 
-    product      q @ k^T  (matmul, @, bmm, baddbmm, einsum; k transposed by transpose/permute/mT)
-    score steps  applied to the product in order: scale by a constant, add a bias tensor,
-                 keep-masks (masked_fill / where with -inf), SAM's decomposed rel-pos add
+    product      q @ k^T  (matmul, @, bmm, baddbmm, einsum; k transposed by transpose/permute/mT);
+                 q and k may be ``F.normalize``d over their features (cosine attention, Swin-V2)
+    score steps  applied to the product in order: scale by a constant or by a tensor that is
+                 constant along both token axes (Swin-V2's ``logit_scale.exp()``, XCiT's
+                 temperature: shape (heads, 1, 1)), add a bias tensor, keep-masks (masked_fill /
+                 where with -inf), SAM's decomposed rel-pos add
     softmax      tensor method / F.softmax / torch.softmax, casts around it
-    weights      optional dropout, then probabilities @ v
+    weights      optional dropout, then probabilities @ v, or ``v @ P^T`` on channels-first
+                 tensors (timm CoAtNet/MaxxViT ``Attention2d``, EfficientViT-MSRA): q, k, v of
+                 shape (..., d, N), read in the SDPA convention as ``out^T = P @ v^T``
 
-Anything it cannot read exactly (a finite fill value, a non-constant scale, probabilities used
-elsewhere) is still reported as a site, skipped with the reason.
+Anything it cannot read exactly (a finite fill value, a scale that varies along the tokens,
+probabilities used elsewhere) is still reported as a site, skipped with the reason; so is a
+softmax over the last axis of a product of two batched tensors whose chain matches no reading
+(it looks like attention: leaving it out of the report would be a silent omission).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from .ops import op_name
 from .site import AttentionSite
@@ -48,10 +56,16 @@ class _Reading:
     """What the walk has read so far; score steps are kept in the order they are applied."""
 
     nodes: list = field(default_factory=list)
-    # ("scale", c) | ("bias", node) | ("base", node, beta) | ("keep", node, negate) | ("relpos", h, w)
+    # ("scale", c) | ("tscale", node, divide) | ("bias", node) | ("base", node, beta)
+    # | ("keep", node, negate) | ("relpos", h, w)
     steps: list = field(default_factory=list)
     q_scale: float = 1.0
     product: str = ""
+    # F.normalize arguments (p, dim, eps) taken off q / k (cosine attention), applied in the replacement
+    q_norm: tuple | None = None
+    k_norm: tuple | None = None
+    # ``v @ P^T``: q, k, v and the output are channels-first, (..., d, N)
+    channels_first: bool = False
 
 
 def _name(node) -> str | None:
@@ -113,8 +127,12 @@ def _read_scores(node, reading: _Reading):
         if name in ("mul", "div", "truediv"):
             a, b = node.args[0], node.args[1]
             c, other = (_const(b), a) if _const(b) is not None else (_const(a), b)
-            if c is None or name != "mul" and other is not a:
-                raise NoMatch(f"{name} by a tensor is not a scale")
+            if c is None:
+                node, factor = _tensor_scale(node, name)
+                reading.steps.append(("tscale", factor, name != "mul"))
+                continue
+            if name != "mul" and other is not a:
+                raise Unsupported("a constant divided by the scores is not a scale")
             reading.steps.append(("scale", c if name == "mul" else 1.0 / c))
             node = other
         elif name in ("add", "iadd", "radd"):
@@ -147,6 +165,23 @@ def _read_scores(node, reading: _Reading):
             node = flat
         else:
             raise NoMatch(f"{name or node.op} between the product and the softmax")
+
+
+def _tensor_scale(node, name):
+    """``scores * t`` / ``scores / t`` with ``t`` constant along both token axes (its last two
+    sizes are 1, e.g. a per-head (heads, 1, 1) logit scale): (the chain, t)."""
+    a, b = node.args[0], node.args[1]
+    for chain, factor in ((a, b), (b, a)) if name == "mul" else ((a, b),):
+        if not (isinstance(chain, fx.Node) and _reaches_product(chain)):
+            continue
+        shape = shape_of(factor) if isinstance(factor, fx.Node) else None
+        if shape is None:
+            raise Unsupported(f"the scores are scaled by a non-tensor value `{getattr(factor, 'name', factor)}`")
+        if any(not (isinstance(s, int) and s == 1) for s in shape[-2:]):
+            raise Unsupported(f"the scores are multiplied by a tensor of shape {tuple(shape)} that varies "
+                              "along the token axes (not a scale)")
+        return chain, factor
+    raise NoMatch(f"{name} of two tensors, neither of which leads to a q @ k^T product")
 
 
 def _which_is_chain(a, b):
@@ -311,14 +346,40 @@ def _einsum_operands(node):
     raise NoMatch("einsum is not an attention product")
 
 
+def _strip_normalize(node, feature_dim: int, reading: _Reading):
+    """``F.normalize(x, p, dim=features)`` on an operand -> (x, (p, dim, eps)); else (node, None).
+
+    Normalizing over the features treats every token on its own: the replacement applies it to
+    the (possibly regrouped) operand, and the operand's own token layout is the one to prove.
+    """
+    shape = shape_of(node)
+    if _name(node) != "normalize" or shape is None or not _single_user(node) or node.kwargs.get("out") is not None:
+        return node, None
+    p, dim, eps = _arg(node, 1, "p", 2.0), _arg(node, 2, "dim", 1), _arg(node, 3, "eps", 1e-12)
+    nd = len(shape)
+    if not isinstance(dim, int) or dim % nd != feature_dim % nd or _const(p) is None or _const(eps) is None:
+        return node, None
+    reading.nodes.append(node)
+    return node.args[0], (_const(p), dim % nd - nd, _const(eps))
+
+
 def _read_product(prod: fx.Node, reading: _Reading):
-    """(q, k, k_is_transposed_input) from the score product; records alpha/beta of baddbmm."""
+    """(q, k, k_is_transposed_input) from the score product; records alpha/beta of baddbmm.
+
+    ``q`` and ``k`` are given as the site reads them: without a feature-wise ``F.normalize``
+    (kept in ``reading.q_norm`` / ``k_norm``), and for a channels-first site (``v @ P^T``) ``q``
+    is the (..., d, N) tensor the product transposes.
+    """
     name = _name(prod)
     if name == "einsum":
         a, b, form = _einsum_operands(prod)
         if form != "qk":
             raise NoMatch("einsum is not q k^T")
-        return _strip_scale(a, reading), _strip_scale(b, reading), False
+        if reading.channels_first:
+            raise Unsupported("v @ P^T with the scores from an einsum")
+        q, reading.q_norm = _strip_normalize(_strip_scale(a, reading), -1, reading)
+        k, reading.k_norm = _strip_normalize(_strip_scale(b, reading), -1, reading)
+        return q, k, False
     if name == "baddbmm":
         base, a, b = prod.args[0], prod.args[1], prod.args[2]
         beta, alpha = _arg(prod, 3, "beta", 1), _arg(prod, 4, "alpha", 1)
@@ -331,14 +392,40 @@ def _read_product(prod: fx.Node, reading: _Reading):
     else:
         a, b = prod.args[0], prod.args[1]
     q = _strip_scale(a, reading)
+    if reading.channels_first:
+        # The output's token axis is the last one: the query must be given on that axis too, so
+        # that the output inherits the query's layout on the right axis (passes/layout.py).
+        q, explicit_q = _untranspose(q, reading)
+        if not explicit_q:
+            raise Unsupported("v @ P^T whose query is not a transposed channels-first (..., d, N) tensor")
+        q, reading.q_norm = _strip_normalize(q, -2, reading)
+    else:
+        q, reading.q_norm = _strip_normalize(q, -1, reading)
     kt, explicit = _untranspose(_strip_scale(b, reading), reading)
-    return q, kt, not explicit
+    k, reading.k_norm = _strip_normalize(kt, -1 if explicit else -2, reading)
+    return q, k, not explicit
 
 
 # --- after the softmax ----------------------------------------------------------------------------
 
+def _swaps_last_two(node) -> bool:
+    """Whether ``node`` transposes the last two axes of its input (transpose / permute / mT)."""
+    name, shape = _name(node), shape_of(node)
+    if shape is None:
+        return False
+    nd = len(shape)
+    if name in ("transpose", "swapaxes", "swapdims"):
+        dims = node.args[1:3]
+        return all(isinstance(d, int) for d in dims) and sorted(d % nd for d in dims) == [nd - 2, nd - 1]
+    if name == "permute":
+        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return all(isinstance(p, int) for p in perm) and [p % nd for p in perm] == list(range(nd - 2)) + [nd - 1, nd - 2]
+    return name == "getattr" and node.args[1] == "mT"
+
+
 def _read_output(softmax: fx.Node, reading: _Reading):
-    """Follow the probabilities through casts and dropout to ``P @ v``; returns (output, v, p)."""
+    """Follow the probabilities through casts and dropout to ``P @ v`` (or ``v @ P^T``, which sets
+    ``reading.channels_first``); returns (output, v, p)."""
     node, dropout_p = softmax, 0.0
     while True:
         if len(node.users) != 1:
@@ -360,6 +447,12 @@ def _read_output(softmax: fx.Node, reading: _Reading):
         if name in ("matmul", "bmm") and user.args[0] is node:
             reading.nodes.append(user)
             return user, user.args[1], dropout_p
+        if _swaps_last_two(user) and len(user.users) == 1:
+            product = next(iter(user.users))
+            if _name(product) in ("matmul", "bmm") and product.args[1] is user and product.args[0] is not user:
+                reading.nodes.extend([user, product])
+                reading.channels_first = True
+                return product, product.args[0], dropout_p
         if name == "einsum":
             a, b, form = _einsum_operands(user)
             if form == "pv" and a is node:
@@ -371,12 +464,20 @@ def _read_output(softmax: fx.Node, reading: _Reading):
 # --- the site -------------------------------------------------------------------------------------
 
 def _score_program(reading: _Reading):
-    """Fold the steps into ``scores = scale * q @ k^T + sum(m * bias) + keep-masks [+ rel-pos]``."""
+    """Fold the steps into ``scores = scale * prod(t) * q @ k^T + sum(m * bias) + keep-masks
+    [+ rel-pos]``; ``t`` are the tensor scales, as (node, divide) pairs."""
     scale = reading.q_scale
-    biases, keeps, relpos = [], [], None
+    biases, keeps, relpos, tscales = [], [], None, []
     for step in reversed(reading.steps):  # recorded outermost first; apply innermost first
         kind = step[0]
-        if kind == "scale":
+        if kind == "tscale":
+            # Folded into q, a tensor scale must act on the product alone.
+            if keeps:
+                raise Unsupported("a tensor scale after a -inf mask (its sign is not known)")
+            if biases or relpos is not None:
+                raise Unsupported("a tensor scale applied after a bias (it would scale the bias too)")
+            tscales.append((step[1], step[2]))
+        elif kind == "scale":
             if step[1] <= 0 and keeps:
                 raise Unsupported("a non-positive scale after a -inf mask")
             if relpos is not None:
@@ -391,7 +492,7 @@ def _score_program(reading: _Reading):
             keeps.append((step[1], step[2]))
         elif kind == "relpos":
             relpos = (step[1], step[2])
-    return scale, biases, keeps, relpos
+    return scale, biases, keeps, relpos, tscales
 
 
 def _match(softmax: fx.Node) -> AttentionSite:
@@ -404,7 +505,7 @@ def _match(softmax: fx.Node) -> AttentionSite:
     q, k, k_transposed_input = _read_product(prod, reading)
     if not all(isinstance(x, fx.Node) for x in (q, k, v)):
         raise NoMatch("operands are not tensors")
-    scale, biases, keeps, relpos = _score_program(reading)
+    scale, biases, keeps, relpos, tscales = _score_program(reading)
     if relpos is None and not keeps and len(biases) == 1 and biases[0][1] == 1.0:
         terms = relpos_bias_terms(biases[0][0])
         if terms is not None:  # timm samvit / HF SAM add the decomposed bias as one tensor
@@ -413,16 +514,37 @@ def _match(softmax: fx.Node) -> AttentionSite:
             relpos = terms
     if relpos is not None and (biases or keeps):
         raise Unsupported("relative-position bias combined with other biases or masks")
-    return _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, dropout_p, reading)
+    return _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, tscales, dropout_p,
+                 reading)
 
 
-def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, dropout_p, reading):
+def _swapped(shape):
+    return shape[:-2] + (shape[-1], shape[-2])
+
+
+def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, tscales, dropout_p, reading):
+    channels_first = reading.channels_first
     q_shape, v_shape = shape_of(q), shape_of(v)
     k_shape = shape_of(k)
+    if None in (q_shape, k_shape, v_shape):
+        raise NoMatch("operands without shapes")
+    if channels_first:
+        q_shape, v_shape = _swapped(q_shape), _swapped(v_shape)
     if k_transposed_input:
-        k_shape = k_shape[:-2] + (k_shape[-1], k_shape[-2])
+        k_shape = _swapped(k_shape)
+    for factor, _ in tscales:
+        try:
+            widened = tuple(torch.broadcast_shapes(q_shape, shape_of(factor))) != tuple(q_shape)
+        except Exception:  # symbolic or incompatible sizes: not provably a per-head scale of q
+            widened = True
+        if widened:
+            raise Unsupported(f"a tensor scale of shape {tuple(shape_of(factor))} that does not broadcast into "
+                              f"the query {tuple(q_shape)}")
+    q_norm, k_norm = reading.q_norm, reading.k_norm
     extra = [b for b, _ in biases] + [m for m, _ in keeps] + (list(relpos) if relpos else [])
-    inputs = [q, k, v] + extra
+    factors = [t for t, _ in tscales]
+    divides = [d for _, d in tscales]
+    inputs = [q, k, v] + extra + factors
     multipliers = [m for _, m in biases]
     negations = [neg for _, neg in keeps]
     n_bias, n_keep = len(biases), len(keeps)
@@ -444,11 +566,25 @@ def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, re
         attend = getattr(plan, implementation)
 
         def replacement(q, k, v, *extra):
+            # The original's own feature-wise ops first, on its own tensors: then the SDPA convention.
+            if q_norm is not None:
+                q = F.normalize(q, *q_norm)
+            if k_norm is not None:
+                k = F.normalize(k, *k_norm)
+            if channels_first:
+                q, v = q.transpose(-2, -1), v.transpose(-2, -1)
             if k_transposed_input:
                 k = k.transpose(-2, -1)
+            if factors:  # scale * t * (q @ k^T) == scale * (t * q) @ k^T: t is constant along tokens
+                extra, given = extra[:len(extra) - len(factors)], extra[len(extra) - len(factors):]
+                for factor, divide in zip(given, divides):
+                    q = q / factor if divide else q * factor
             if v_cast:
-                return replacement_same_dtype(q, k, v.to(score_dtype), *extra).to(out_dtype)
-            return replacement_same_dtype(q, k, v, *extra)
+                out = replacement_same_dtype(q, k, v.to(score_dtype), *extra).to(out_dtype)
+            else:
+                out = replacement_same_dtype(q, k, v, *extra)
+            # v @ P^T gave a contiguous (..., dv, N) tensor, and its readers may view it as such
+            return out.transpose(-2, -1).contiguous() if channels_first else out
 
         def replacement_same_dtype(q, k, v, *extra):
             if grid is not None:
@@ -465,13 +601,16 @@ def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, re
 
         return replacement
 
-    form = "manual-" + reading.product + ("+relpos" if relpos else "")
+    form = ("manual-" + reading.product + ("+relpos" if relpos else "") + ("+cosine" if q_norm or k_norm else "")
+            + ("+tensor-scale" if factors else "") + ("+channels-first" if channels_first else ""))
     return AttentionSite(
         form=form,
         output=output,
         query=q,
         key=k,
+        query_dim=-1 if channels_first else -2,
         key_dim=-1 if k_transposed_input else -2,
+        value_dim=-1 if channels_first else -2,
         inputs=inputs,
         build=build,
         q_shape=q_shape,
@@ -492,14 +631,52 @@ def find_manual_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             continue
         try:
             site = _match(node)
-        except NoMatch:
-            continue
-        except Unsupported as why:
-            site = _unsupported_site(node, str(why))
+        except (NoMatch, Unsupported) as why:
+            # Reported only when it looks like attention: a classifier's softmax is not a site,
+            # whatever the reading tripped over.
+            if not _attention_like(node):
+                continue
+            reason = str(why) if isinstance(why, Unsupported) else f"attention-like softmax whose chain is not read ({why})"
+            site = _unsupported_site(node, reason)
             if site is None:
                 continue
         sites.append(site)
     return sites
+
+
+# Ops a score tensor may pass through between its product and the softmax (no axis moves: a
+# softmax over a transposed product is over the queries, not attention).
+_SCORE_OPS = {
+    "add", "iadd", "radd", "sub", "rsub", "mul", "div", "truediv", "masked_fill", "where", "neg",
+    "tanh", "clamp", "clamp_min", "clamp_max", *_CASTS, *_VIEWS,
+}
+
+
+def _attention_like(softmax: fx.Node, depth: int = 16) -> bool:
+    """A softmax over the last axis of scores from a product of two batched (>= 3-D) tensors: what
+    attention looks like even when its chain is spelled in a way the reading does not know. A
+    classifier's softmax (logits from a linear or a product with a 2-D weight) is not."""
+    if not _last_axis(softmax, _arg(softmax, 1, "dim")):
+        return False
+    frontier = [softmax.args[0]]
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            name = _name(node)
+            if name in _PRODUCTS:
+                if name == "einsum":
+                    operands = node.args[1:]
+                    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+                        operands = operands[0]
+                else:
+                    operands = node.args[1:3] if name == "baddbmm" else node.args[:2]
+                tensors = [a for a in operands if isinstance(a, fx.Node)]
+                if len(tensors) == 2 and all(len(shape_of(a) or ()) >= 3 for a in tensors):
+                    return True
+            elif name in _SCORE_OPS:
+                nxt.extend(a for a in node.args if isinstance(a, fx.Node))
+        frontier = nxt
+    return False
 
 
 def _unsupported_site(softmax: fx.Node, why: str) -> AttentionSite | None:

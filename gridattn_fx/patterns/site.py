@@ -28,6 +28,9 @@ class AttentionSite:
     v_shape: tuple
     query_dim: int = -2      # sequence axis of ``query`` / ``key`` (not -2 for e.g. seq-first MHA)
     key_dim: int = -2
+    # Sequence axis of the value input (``inputs[2]``); -1 for channels-first ``v @ P^T`` sites,
+    # whose output then carries the tokens on its last axis too (``query_dim`` is -1 there).
+    value_dim: int = -2
     mask_shape: tuple | None = None   # the additive/bool attn_mask as the attention sees it
     mask_bool: bool = False
     relpos: tuple | None = None       # (qh, qw, kh, kw) for a decomposed relative-position bias
