@@ -436,3 +436,91 @@ def test_conv3d_reason_names_the_video_source():
     s = expect_skipped(report, "attn", "conv3d", "video")
     assert "no spatial source" not in s.reason
     assert_equal_exact(gm(x), model(x))
+
+
+class BatchedPairsOneEach(BatchedPairs):
+    """BatchedPairs with one image each: the batch axes have size 1 along the way."""
+
+
+def test_batched_cross_attention_with_single_images_is_skipped():
+    model = build(BatchedPairsOneEach)
+    a, b = image(1, 12, 20), image(1, 12, 20)
+    gm, report = rewrite(model, (a, b))
+    expect_rewritten(report, "self_attn", (0, 6, 10))
+    expect_skipped(report, "cross_attn", "different images")
+    with oracle_mode(model, (0, 6, 10), only=["self_attn"]):
+        ref = model(a, b)
+    assert_close64(gm(a, b), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# real models (random weights from configs)
+# ---------------------------------------------------------------------------------------------
+def _timm():
+    from gridattn_fx.zoo._torchvision_stub import import_with_torchvision
+    try:
+        return import_with_torchvision("timm")
+    except ImportError as e:
+        pytest.skip(f"timm is not installed ({e})")
+
+
+def test_timm_levit_sites_are_proven_and_match_the_oracle():
+    """BatchNorm1d over flattened tokens (stage 0) and ``view(B, H, W, C)[:, ::2, ::2]``
+    subsampling (stages 1-2) keep the image; every site equals the oracle."""
+    from oracle import log_grid_mask
+
+    _timm()
+    from timm.models.levit import Levit
+
+    model = Levit(img_size=128, num_classes=10, embed_dim=(32, 48, 64), key_dim=8, depth=(1, 1, 1),
+                  num_heads=(2, 2, 2)).double().eval()
+    with torch.no_grad():  # timm's init (zero biases, 0.02 weights) leaves attention nearly uniform
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    x = image(2, 128, 128)
+    gm, report = rewrite(model, (x,))
+    layouts = {
+        "stages.0.blocks.0.attn": ((0, 8, 8), (0, 8, 8)),
+        "stages.1.downsample.attn_downsample": ((0, 4, 4), (0, 8, 8)),
+        "stages.1.blocks.0.attn": ((0, 4, 4), (0, 4, 4)),
+        "stages.2.downsample.attn_downsample": ((0, 2, 2), (0, 4, 4)),
+        "stages.2.blocks.0.attn": ((0, 2, 2), (0, 2, 2)),
+    }
+    assert len(report.sites) == len(layouts), str(report)
+    for path, (ql, kl) in layouts.items():
+        expect_rewritten(report, path, ql, kl)
+    out = gm(x)
+    # LeViT caches its bias table in eval mode (Dynamo's capture left a fake one there); the
+    # oracle adds the independently built log grid mask to each site's own bias
+    patched = []
+    for path, (ql, kl) in layouts.items():
+        mod = model.get_submodule(path)
+        mod.attention_bias_cache = {}
+        mask = log_grid_mask(ql, kl, 2)
+        mod.get_attention_biases = (lambda m, g: (lambda device: m.attention_biases[:, m.attention_bias_idxs] + g))(mod, mask)
+        patched.append(mod)
+    try:
+        ref = model(x)
+    finally:
+        for mod in patched:
+            del mod.get_attention_biases
+    assert_close64(out, ref)
+    assert_differs(ref, model(x))
+
+
+def test_hf_efficientloftr_cross_sites_are_skipped():
+    """Both images through one backbone as a batch, split along it: self-attention within an image
+    is rewritten, cross-attention between the two images is not."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.EfficientLoFTRConfig(
+        num_attention_layers=1, stage_num_blocks=[1, 1, 1, 1], out_features=[16, 16, 32, 256],
+        stage_stride=[2, 1, 2, 2], hidden_size=256, intermediate_size=256, fine_fusion_dims=[256, 32, 16])
+    model = transformers.EfficientLoFTRModel(config).double().eval()
+    x = torch.randn(1, 2, 3, 128, 128, dtype=torch.float64)
+    gm, report = rewrite(model, (x,))
+    prefix = "local_feature_transformer.layers.0."
+    expect_rewritten(report, prefix + "self_attention.attention", (0, 4, 4))
+    cross = [s for s in report.sites if s.module_path == prefix + "cross_attention.attention"]
+    assert len(cross) == 2 and len(report.sites) == 3, str(report)
+    for s in cross:
+        assert s.decision == "skipped" and "cross-attention between two different images" in s.reason, str(report)

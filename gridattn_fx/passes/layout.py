@@ -440,7 +440,14 @@ class LayoutAnalysis:
             parts = tuple((f.image, _hint(_shape(t)[dim])) for t, f in with_fact)
             return _step(replace(with_fact[0][1], image=(("cat", parts),)), "cat")
         merged = _merge([f for _, f in with_fact])
-        return _step(merged, "cat") if merged is not None else None
+        if merged is None:
+            return None
+        if len({f.image for _, f in with_fact}) > 1:
+            # Parts of different images glued along an axis that may index images (a size-1 batch
+            # axis is not tracked): the order of the parts matters, as for a batch.
+            parts = tuple((f.image if f is not None else None, _hint(_shape(t)[dim])) for t, f in facts)
+            merged = replace(merged, image=(("cat", parts),), batch=tuple(sorted({*merged.batch, dim})))
+        return _step(merged, "cat")
 
     def _stack(self, node):
         tensors = list(_arg(node, 0, "tensors"))
@@ -588,10 +595,12 @@ def _merge(facts: list):
     """The fact of a value computed position by position from several facts (``a + b``, a cat of
     channels): they must agree on positions and image axes; the values mix their images."""
     first = facts[0]
-    if any(_positions(f) != _positions(first) or f.batch != first.batch for f in facts[1:]):
+    if any(_positions(f) != _positions(first) for f in facts[1:]):
         return None
+    batch = tuple(sorted({b for f in facts for b in f.batch}))  # a size-1 image axis may be untracked
     images = sorted({f.image for f in facts}, key=repr)
-    return first if len(images) == 1 else replace(first, image=(("mix", tuple(images)),))
+    image = images[0] if len(images) == 1 else (("mix", tuple(images)),)
+    return replace(first, batch=batch, image=image)
 
 
 def _image_text(image: tuple) -> str:
