@@ -246,6 +246,14 @@ class InPlace(nn.Module):
             t.mul_(2.0)
         elif self.kind == "iadd":
             t += self.pos
+        elif self.kind == "write_a_clone":  # a write into a copy leaves the tokens alone
+            c = t.clone()
+            c[:, self.perm] = t
+            t = t + c.mean()
+        elif self.kind == "write_after":  # a write into the output, after the attention
+            out = self.attn(t)
+            out[:, self.perm] = out.clone()
+            return out
         return self.attn(t)
 
 
@@ -261,7 +269,7 @@ def test_in_place_reorder_breaks_the_proof(kind):
         assert {"copy_roll": "copy", "index_copy": "index_copy", "setitem": "setitem"}[kind] in s.reason
 
 
-@pytest.mark.parametrize("kind", ["add_", "mul_", "iadd"])
+@pytest.mark.parametrize("kind", ["add_", "mul_", "iadd", "write_a_clone", "write_after"])
 def test_in_place_pointwise_keeps_the_proof(kind):
     model = build(InPlace, kind)
     x = image(2, 12, 20)
@@ -325,6 +333,19 @@ def test_batchnorm1d_over_flattened_tokens_keeps_the_proof():
     with oracle_mode(model, (0, 6, 10)):
         ref = model(x)
     assert_close64(gm(x), ref)
+    assert_differs(ref, model(x))
+
+
+def test_batchnorm1d_in_training_mode_keeps_the_proof():
+    # batch statistics are still per channel: every value stays at its token
+    model = build(BnTokens).train()
+    x = image(2, 12, 20)
+    gm, report = rewrite(model, (x,))
+    expect_rewritten(report, "attn", (0, 6, 10))
+    out = gm(x)
+    with oracle_mode(model, (0, 6, 10)):
+        ref = model(x)
+    assert_close64(out, ref)
     assert_differs(ref, model(x))
 
 
@@ -453,6 +474,29 @@ def test_batched_cross_attention_with_single_images_is_skipped():
     assert_close64(gm(a, b), ref)
 
 
+class LostInsideFlatTokens(nn.Module):
+    """An op that mixes tokens between ``flatten(0, 1)`` and ``reshape_as``: the reason must name
+    it, not the reshape_as that only reads the template's shape."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 2, 2)
+        self.attn = Attention(dim)
+
+    def forward(self, img):
+        x = tokens(self.patch_embed(img))
+        return self.attn(torch.cumsum(x.flatten(0, 1), 0).reshape_as(x))
+
+
+def test_reason_names_the_op_that_lost_the_layout():
+    model = build(LostInsideFlatTokens)
+    x = image(2, 12, 20)
+    gm, report = rewrite(model, (x,))
+    s = expect_skipped(report, "attn", "lost at cumsum")
+    assert "reshape_as" not in s.reason
+    assert_equal_exact(gm(x), model(x))
+
+
 # ---------------------------------------------------------------------------------------------
 # real models (random weights from configs)
 # ---------------------------------------------------------------------------------------------
@@ -524,3 +568,17 @@ def test_hf_efficientloftr_cross_sites_are_skipped():
     assert len(cross) == 2 and len(report.sites) == 3, str(report)
     for s in cross:
         assert s.decision == "skipped" and "cross-attention between two different images" in s.reason, str(report)
+
+
+def test_timm_mvitv2_in_place_rel_pos_write_is_reported_and_untouched():
+    _timm()
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    model = MultiScaleVit(MultiScaleVitCfg(depths=(1, 1), embed_dim=(16, 32), num_heads=(1, 2)),
+                          img_size=64, num_classes=10).double().eval()
+    x = image(1, 64, 64)
+    gm, report = rewrite(model, (x,))
+    assert [s.module_path for s in report.sites] == ["stages.0.blocks.0.attn", "stages.1.blocks.0.attn"], str(report)
+    for s in report.sites:
+        assert s.decision == "skipped" and "written in place" in s.reason, str(report)
+    assert_equal_exact(gm(x), model(x))

@@ -494,13 +494,15 @@ class LayoutAnalysis:
 
 # --- mutation ---------------------------------------------------------------------------------
 
-# Ops whose output may share storage with their first argument (a view, or the argument itself).
-_ALIASING = _VIEWS | _PERMUTES | _SPLITS | {
+# Ops whose output shares storage with their first argument (views) ...
+_VIEWING = _VIEWS | _PERMUTES | _SPLITS | {
     "getitem", "narrow", "slice", "select", "expand", "expand_as", "broadcast_to", "detach", "alias",
-    "contiguous", "to", "type", "type_as", "float", "half", "double", "bfloat16", "as_strided",
-    "diagonal", "unfold", "view_as_real", "view_as_complex", "real", "imag", "clone", "getattr",
-    "_to_copy", "lift_fresh_copy", "dropout", "feature_dropout", "chunk", "split_with_sizes",
+    "as_strided", "diagonal", "unfold", "view_as_real", "view_as_complex", "real", "imag", "getattr",
 }
+# ... or may return the argument itself (a no-op cast, contiguous on a contiguous tensor, dropout
+# in eval mode): an alias unless the graph's values show a fresh storage.
+_MAYBE_ALIASING = {"contiguous", "to", "type", "type_as", "float", "half", "double", "bfloat16", "dropout",
+                   "feature_dropout"}
 
 
 def _storage(node):
@@ -536,8 +538,10 @@ def _alias_classes(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
             continue
         if not isinstance(first, fx.Node):
             continue
-        storage = _storage(node)
-        if op_name(node, gm) in _ALIASING or mutates(node) or (storage is not None and storage == _storage(first)):
+        name, storage, source = op_name(node, gm), _storage(node), _storage(first)
+        same = storage is not None and storage == source
+        unknown = storage is None or source is None
+        if name in _VIEWING or mutates(node) or same or (name in _MAYBE_ALIASING and unknown):
             union(node, first)
         for dest in (written_args(node) if mutates(node) else ()):
             union(node, dest)
