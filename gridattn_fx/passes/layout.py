@@ -176,17 +176,16 @@ class LayoutAnalysis:
         self._inplace_pointwise = set()
         self._unsupported_sources = set()
         for node in self.gm.graph.nodes:
+            try:
+                fact = self._transfer(node)
+            except Exception:  # an op we mis-read must never become a wrong proof
+                fact = None
             writer = self.written.get(node)
             if writer is not None:
-                fact = None
-                if isinstance(_val(node), torch.Tensor):
+                if fact is not None:  # the write, not the op, is what loses this layout
                     self.lost[node] = (f"in-place {op_name(writer, self.gm) or writer.target} `{writer.name}` "
                                        "(a write into this tensor or a view of it can move its tokens)")
-            else:
-                try:
-                    fact = self._transfer(node)
-                except Exception:  # an op we mis-read must never become a wrong proof
-                    fact = None
+                fact = None
             if fact is not None:
                 self.facts[node] = fact
             elif node not in self.lost and node not in self.attention_outputs and isinstance(
