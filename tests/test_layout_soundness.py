@@ -218,6 +218,49 @@ def test_batched_self_and_cross_attention():
     assert_differs(ref, model(a, b))
 
 
+class HeadsInBatch(nn.Module):
+    """diffusers' head_to_batch_dim: heads folded into the batch by separate reshapes of q, k, v
+    (eligible); ``swap`` folds the key's heads the other way round, (heads, B), so that query
+    entry b * heads + h meets another image's keys (not eligible)."""
+
+    def __init__(self, swap=False, dim=DIM, heads=HEADS):
+        super().__init__()
+        self.swap, self.heads = swap, heads
+        self.patch_embed = nn.Conv2d(3, dim, 2, 2)
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.oracle = None
+
+    def fold(self, x, swap=False):
+        B, N, C = x.shape
+        x = x.reshape(B, N, self.heads, C // self.heads)
+        order = (2, 0, 1, 3) if swap else (0, 2, 1, 3)
+        return x.permute(*order).reshape(B * self.heads, N, C // self.heads)
+
+    def forward(self, img):
+        x = tokens(self.patch_embed(img))
+        o = attend(self, self.fold(self.q(x)), self.fold(self.k(x), self.swap), self.fold(self.v(x), self.swap))
+        return o.reshape(x.shape[0], self.heads, x.shape[1], -1)
+
+
+def test_heads_folded_into_the_batch_alike_are_one_image():
+    model = build(HeadsInBatch)
+    x = image(2, 12, 20)
+    gm, report = rewrite(model, (x,))
+    expect_rewritten(report, "", (0, 6, 10))
+    with oracle_mode(model, (0, 6, 10)):
+        ref = model(x)
+    assert_close64(gm(x), ref)
+    assert_differs(ref, model(x))
+
+
+def test_heads_folded_into_the_batch_differently_are_skipped():
+    model = build(HeadsInBatch, swap=True)
+    x = image(2, 12, 20)
+    gm, report = rewrite(model, (x,))
+    expect_skipped(report, "", "different images")
+    assert_equal_exact(gm(x), model(x))
+
+
 # ---------------------------------------------------------------------------------------------
 # item 4: in-place writes on the provenance path
 # ---------------------------------------------------------------------------------------------
