@@ -68,6 +68,8 @@ def mutates(node: fx.Node) -> bool:
     ``x += y``, a mutable ATen overload, an ``out=`` argument)."""
     target = node.target
     if node.op == "call_method":
+        if target.startswith("__") and target.endswith("__"):
+            return target[2:-2] in _INPLACE_OPERATORS  # x.__setitem__(i, y), x.__iadd__(y)
         return target.endswith("_") and not target.startswith("_")
     if node.op != "call_function":
         return False
