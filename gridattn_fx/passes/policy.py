@@ -55,8 +55,10 @@ def _relpos_mismatch(site: AttentionSite, q_layout: TokenLayout, k_layout: Token
 def _scores_written(site: AttentionSite, layouts: LayoutAnalysis):
     """The in-place op writing into the scores or probabilities of a site, if any (MViTv2 writes
     its relative-position bias into a slice of the scores)."""
-    # (not the output itself: a write into the result after the site changes nothing about it)
-    nodes = [n for n in site.nodes if n is not site.output] or list(site.output.all_input_nodes)
+    if site.build is None:  # an unreadable manual site is reported against its softmax
+        nodes = list(site.output.all_input_nodes)
+    else:  # not the inputs (a write there is the layout's business), nor the output (written after)
+        nodes = [n for n in site.nodes if n is not site.output and n not in site.inputs]
     return next((w for w in map(layouts.writer_of, nodes) if w is not None), None)
 
 
