@@ -13,6 +13,14 @@ Two kinds of fact:
 * :class:`Tokens` - one sequence axis ``dim`` holding ``prefix`` tokens, then the image
   (row-major, or column-major when ``transposed``), then ``suffix`` tokens.
 
+Every fact also says *which image* its positions belong to (``image``: a root named by the tensor a
+spatial source read, plus a record of every selection, reordering or merge along the axes that
+index images, the ``batch`` axes) so that a site attends within one image only when its queries
+and keys provably come from the same one (or a reduction of it, as SegFormer's strided-conv keys):
+two images of a batch split apart (feature matching) keep different identities. Any write into a
+tensor on the provenance path (``copy_``, ``index_copy_``, ``x[i] = y``; only in-place pointwise
+ops keep positions) breaks the proof for every alias of that tensor.
+
 Sizes are kept as the graph gives them (``int`` or ``torch.SymInt``): a layout with symbolic image
 sizes is reported as such, and the policy leaves the site alone rather than guess.
 """
@@ -29,7 +37,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..grid import TokenLayout
-from ..patterns.ops import op_name
+from ..patterns.ops import mutates, op_name, written_args
 from ..patterns.values import shape_of as _shape
 from ..patterns.values import value_of as _val
 
@@ -42,6 +50,8 @@ class Spatial:
     width: object
     origin: str
     trail: tuple = ()
+    image: tuple = ()   # which image (see the module docstring); equal tuples = the same image
+    batch: tuple = ()   # axes whose index selects an image (not necessarily all images of a batch)
 
     def dims(self):
         return (self.h_dim, self.w_dim)
@@ -57,6 +67,12 @@ class Tokens:
     transposed: bool
     origin: str
     trail: tuple = ()
+    image: tuple = ()
+    batch: tuple = ()
+    # Outer axes merged into ``dim`` in front of the tokens, as ((size, is_batch), ...): the tokens
+    # of a (B, N, C) tensor flattened to (B * N, C) for a BatchNorm1d. Not a sequence layout
+    # until a reshape splits them off again.
+    lead: tuple = ()
 
     def dims(self):
         return (self.dim,)
@@ -99,6 +115,11 @@ _SOURCES = {
     "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "pixel_shuffle",
     "pixel_unshuffle", "_adaptive_avg_pool2d",
 }
+# Sources of a 3-D (video) grid: recognised only to say why such a site is not proven (yet).
+_VIDEO_SOURCES = {
+    "conv3d", "conv_transpose3d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
+    "upsample_nearest3d", "upsample_trilinear3d",
+}
 _POINTWISE = {
     "add", "sub", "mul", "div", "truediv", "floordiv", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
     "reciprocal", "sigmoid", "tanh", "relu", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "leaky_relu",
@@ -138,19 +159,38 @@ class LayoutAnalysis:
         self.gm = gm
         self.attention_outputs = attention_outputs
         self.inherited = inherited or {}
+        self.written = _written_tensors(gm)
+        self._run()
+        # An in-place pointwise op keeps positions only if it adds nothing laid out differently
+        # (``x.add_(x.transpose(1, 2))`` would not): where its own fact is lost, so is its target's.
+        bad = {dest: node for node in gm.graph.nodes if node in self._inplace_pointwise
+               and self.facts.get(node) is None
+               for dest in written_args(node) if self.facts.get(dest) is not None}
+        if bad:
+            self.written.update(_alias_closure(gm, bad, self.written))
+            self._run()
+
+    def _run(self):
         self.facts: dict[fx.Node, object] = {}
         self.lost: dict[fx.Node, str] = {}
-        for node in gm.graph.nodes:
+        self._inplace_pointwise = set()
+        self._unsupported_sources = set()
+        for node in self.gm.graph.nodes:
             try:
                 fact = self._transfer(node)
             except Exception:  # an op we mis-read must never become a wrong proof
                 fact = None
+            writer = self.written.get(node)
+            if writer is not None:
+                if fact is not None:  # the write, not the op, is what loses this layout
+                    self.lost[node] = (f"in-place {op_name(writer, self.gm) or writer.target} `{writer.name}` "
+                                       "(a write into this tensor or a view of it can move its tokens)")
+                fact = None
             if fact is not None:
                 self.facts[node] = fact
-            elif node not in attention_outputs and isinstance(_val(node), torch.Tensor) and any(
-                self.facts.get(a) is not None for a in node.all_input_nodes
-            ):
-                name = op_name(node, gm)
+            elif node not in self.lost and node not in self.attention_outputs and isinstance(
+                    _val(node), torch.Tensor) and any(self.facts.get(a) is not None for a in _data_inputs(node, self.gm)):
+                name = op_name(node, self.gm)
                 why = _LOSS_HINTS.get(name, "")
                 self.lost[node] = f"{name or node.target} `{node.name}`" + (f" ({why})" if why else "")
 
@@ -162,6 +202,8 @@ class LayoutAnalysis:
         if shape is None:
             return None, "not a tensor"
         seq_dim = seq_dim % len(shape)
+        if isinstance(fact, Tokens) and fact.dim == seq_dim and fact.lead:
+            return None, f"image tokens merged with the batch axis ({fact.origin} via {_trail_text(fact.trail)})"
         if isinstance(fact, Tokens) and fact.dim == seq_dim:
             sizes = [_static(s) for s in (fact.prefix, fact.height, fact.width, fact.suffix)]
             evidence = f"{fact.origin} via {_trail_text(fact.trail)}"
@@ -176,17 +218,50 @@ class LayoutAnalysis:
         seen, queue = {node}, deque([node])
         while queue and len(seen) < 5000:
             cur = queue.popleft()
+            if cur in self._unsupported_sources:
+                return self.lost[cur]
             if cur in self.lost:
                 src = next((self.facts[a] for a in cur.all_input_nodes if a in self.facts), None)
                 origin = f" (from {src.origin})" if src is not None else ""
                 return f"image layout{origin} lost at {self.lost[cur]}"
             # An attention output's positions are its query's: only that lineage explains them.
-            inputs = [self.attention_outputs[cur][0]] if cur in self.attention_outputs else cur.all_input_nodes
+            inputs = [self.attention_outputs[cur][0]] if cur in self.attention_outputs else _data_inputs(cur, self.gm)
             for a in inputs:
                 if a not in seen:
                     seen.add(a)
                     queue.append(a)
         return "no spatial source (conv/pool/interpolate output) reaches it"
+
+    def writer_of(self, node: fx.Node) -> fx.Node | None:
+        """The in-place op that writes into ``node``'s tensor or an alias of it in a way that can
+        move values between positions, if any (in-place pointwise ops are not such writes)."""
+        return self.written.get(node)
+
+    def same_image(self, query: fx.Node, key: fx.Node) -> str | None:
+        """None when, for every attention batch index, the query's and the key's tokens provably
+        come from the same image (or a reduction of it); otherwise why not. Both must carry facts."""
+        fq, fk = self.facts.get(query), self.facts.get(key)
+        if fq is None or fk is None:
+            return "no proven image on one side"
+        if fq.image != fk.image:
+            q_text, k_text = _image_text(fq.image), _image_text(fk.image)
+            if q_text == k_text:
+                k_text += " (arranged differently)"
+            return (f"cross-attention between two different images: queries from {q_text}, "
+                    f"keys from {k_text} (the grid applies only within one image)")
+        q_shape, k_shape = _shape(query), _shape(key)
+        for back in range(1, max(len(q_shape), len(k_shape)) + 1):
+            sides = []
+            for fact, shape in ((fq, q_shape), (fk, k_shape)):
+                axis = len(shape) - back
+                size = _hint(shape[axis]) if axis >= 0 else 1
+                sides.append((axis >= 0 and axis in fact.batch and size != 1, size))
+            (q_batch, q_size), (k_batch, k_size) = sides
+            if (q_batch or k_batch) and (q_batch, q_size) != (k_batch, k_size):
+                return (f"queries and keys index their images differently (axis -{back}: {q_size} "
+                        f"{'images' if q_batch else 'non-image entries'} vs {k_size} "
+                        f"{'images' if k_batch else 'non-image entries'}): not provably the same image")
+        return None
 
     # -- transfer functions ---------------------------------------------------------------------
     def _transfer(self, node: fx.Node):
@@ -209,9 +284,15 @@ class LayoutAnalysis:
         if name is None:
             return None
         out = _val(node)
-        if name in _SOURCES:
-            if isinstance(out, torch.Tensor) and out.dim() == 4:
-                return Spatial(2, 3, out.shape[2], out.shape[3], origin=self._source_text(node, name, out))
+        if name in _SOURCES or name in _VIDEO_SOURCES:
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and name in _SOURCES:
+                image = self._source_image(node)
+                return Spatial(2, 3, out.shape[2], out.shape[3], origin=self._source_text(node, name, out),
+                               image=image, batch=(0,))
+            if isinstance(out, torch.Tensor) and out.dim() == 5:
+                self._unsupported_sources.add(node)
+                self.lost[node] = (f"{name} `{node.name}` (a 3-D conv/pool output: video T x H x W layouts "
+                                   "are not supported yet)")
             return None
         inp = node.args[0] if node.args else None
         fact = self.facts.get(inp) if isinstance(inp, fx.Node) else None
@@ -230,10 +311,12 @@ class LayoutAnalysis:
             dims = [dims] if isinstance(dims, int) else list(dims or [])
             keepdim = _arg(node, 2, "keepdim", False)
             reduced = {d % out.dim() for d in dims}
-            return _step(fact, name) if dims and keepdim is True and not reduced & set(fact.dims()) else None
+            kept = not reduced & (set(fact.dims()) | set(fact.batch))
+            return _step(fact, name) if dims and keepdim is True and kept else None
         if name in ("softmax", "log_softmax", "_softmax"):
             dim = _arg(node, 1, "dim")
-            return _step(fact, name) if fact is not None and isinstance(dim, int) and dim % out.dim() not in fact.dims() else None
+            ok = fact is not None and isinstance(dim, int) and dim % out.dim() not in (*fact.dims(), *fact.batch)
+            return _step(fact, name) if ok else None
         if fact is None:
             return None
         if name in _VIEWS or (name == "flatten" and node.op == "call_module"):
@@ -243,23 +326,25 @@ class LayoutAnalysis:
         if name in _LAST_DIM:
             n_last = len(_normalized_shape(node, self.gm)) if name != "linear" else 1
             ndim = len(_shape(inp))
-            return _step(fact, name) if all(d < ndim - n_last for d in fact.dims()) else None
+            return _step(fact, name) if all(d < ndim - n_last for d in (*fact.dims(), *fact.batch)) else None
         if name in _CHANNEL_NORMS:
-            return _step(fact, name) if all(d >= 2 for d in fact.dims()) else None
+            return self._channel_norm(node, name, fact)
         if name == "getitem":
-            return _index(fact, _shape(inp), _resolve(node.args[1]))
+            return _index(fact, _shape(inp), _resolve(node.args[1]), node.name)
         if name in ("narrow", "slice"):
             return self._narrow(node, name, fact, _shape(inp))
         if name == "select":
             dim, index = _resolve(_arg(node, 1, "dim")), _resolve(_arg(node, 2, "index"))
             idx = [slice(None)] * (dim % len(_shape(inp))) + [index]
-            return _index(fact, _shape(inp), tuple(idx))
+            return _index(fact, _shape(inp), tuple(idx), node.name)
         if name in _SPLITS:
             return self._split(node, name, fact, _shape(inp))
         if name == "repeat_interleave":  # along a batch-like axis (SAM repeats images per prompt)
             dim = _resolve(_arg(node, 2, "dim"))
             ndim = len(_shape(inp))
             ok = isinstance(dim, int) and dim % ndim not in fact.dims() and len(out.shape) == ndim
+            if ok and dim % ndim in fact.batch:  # each image repeated: a new arrangement of images
+                fact = replace(fact, image=fact.image + (("repeat", node.name),))
             return _step(fact, name) if ok else None
         if name in ("expand", "expand_as", "broadcast_to"):
             return _broadcast(fact, _shape(inp), tuple(out.shape), name)
@@ -267,13 +352,35 @@ class LayoutAnalysis:
             pads = _resolve(_arg(node, 1, "pad"))
             ndim = len(_shape(inp))
             touched = {ndim - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
-            return _step(fact, name) if not touched & set(fact.dims()) else None
+            return _step(fact, name) if not touched & (set(fact.dims()) | set(fact.batch)) else None
         if name == "matmul":
             other = _val(node.args[1])
             if isinstance(other, torch.Tensor) and other.dim() == 2 and self.facts.get(node.args[1]) is None:
                 ndim = len(_shape(inp))
-                return _step(fact, name) if all(d < ndim - 1 for d in fact.dims()) else None
+                return _step(fact, name) if all(d < ndim - 1 for d in (*fact.dims(), *fact.batch)) else None
         return None
+
+    def _source_image(self, node) -> tuple:
+        """The image a spatial source's output shows: its input's when that input is already an
+        NCHW image (a strided conv / pool / resize of it is a reduction of the same image),
+        otherwise a new image named by the tensor it reads (two convs of one tensor see one image)."""
+        inp = node.args[0] if node.args else None
+        fact = self.facts.get(inp) if isinstance(inp, fx.Node) else None
+        if isinstance(fact, Spatial) and fact.dims() == (2, 3):
+            n = _shape(inp)[0]
+            if fact.batch == (0,) or (not fact.batch and _hint(n) == 1):
+                return fact.image
+        read = inp if isinstance(inp, fx.Node) else node
+        return (("root", read.name, id(self.gm)),)
+
+    def _channel_norm(self, node, name, fact):
+        """Norms with a channel axis 1: per-channel statistics (batch norm, in eval or training
+        mode) or per-sample ones (group / instance norm) never move a value to another position."""
+        if name in ("batch_norm", "_native_batch_norm_legit_no_training"):
+            ok = 1 not in fact.dims() and 1 not in fact.batch and len(_shape(node.args[0])) >= 2
+        else:
+            ok = all(d >= 2 for d in fact.dims()) and set(fact.batch) <= {0}
+        return _step(fact, name) if ok else None
 
     def _source_text(self, node, name, out) -> str:
         path = module_path(node)
@@ -287,7 +394,7 @@ class LayoutAnalysis:
         out_shape = _shape(node)
         if out_shape is None:
             return None
-        found = None
+        found = []
         for arg in node.all_input_nodes:
             fact = self.facts.get(arg)
             if fact is None:
@@ -297,10 +404,13 @@ class LayoutAnalysis:
             moved = _shift(fact, shift)
             if any(_hint(shape[d - shift]) != _hint(out_shape[d]) for d in moved.dims()):
                 return None  # the fact's axis is broadcast into something larger
-            if found is not None and _key(found) != _key(moved):
-                return None  # two different layouts meet: no single proof
-            found = found or moved
-        return _step(found, name) if found is not None else None
+            found.append(moved)
+        if not found:
+            return None
+        if node.op in ("call_method", "call_function") and mutates(node):
+            self._inplace_pointwise.add(node)
+        merged = _merge(found)  # None: two different layouts meet, no single proof
+        return _step(merged, name) if merged is not None else None
 
     def _cat(self, node):
         tensors = list(_arg(node, 0, "tensors"))
@@ -312,24 +422,46 @@ class LayoutAnalysis:
         if not with_fact:
             return None
         if any(dim in f.dims() for _, f in with_fact):
-            if len(with_fact) != 1 or not isinstance(with_fact[0][1], Tokens):
+            if len(with_fact) != 1 or not isinstance(with_fact[0][1], Tokens) or with_fact[0][1].lead:
                 return None  # two images in one sequence, or rows glued to rows: not a layout we model
             target, fact = with_fact[0]
+            if dim in fact.batch:
+                return None
             idx = [t is target for t in tensors].index(True)
             before = sum((_shape(t)[dim] for t in tensors[:idx]), 0)
             after = sum((_shape(t)[dim] for t in tensors[idx + 1:]), 0)
             return _step(replace(fact, prefix=fact.prefix + before, suffix=fact.suffix + after), "cat")
-        keys = {_key(f) for _, f in with_fact}
-        return _step(with_fact[0][1], "cat") if len(keys) == 1 else None
+        if any(dim in f.batch for _, f in with_fact):
+            # Images stacked along the batch: every part must be an image laid out alike, and the
+            # result's image index says which part (and which of its images) it came from.
+            if len(with_fact) != len(tensors) or len({_positions(f) for _, f in with_fact}) != 1:
+                return None
+            parts = tuple((f.image, _hint(_shape(t)[dim])) for t, f in with_fact)
+            return _step(replace(with_fact[0][1], image=(("cat", parts),)), "cat")
+        merged = _merge([f for _, f in with_fact])
+        if merged is None:
+            return None
+        if len({f.image for _, f in with_fact}) > 1:
+            # Parts of different images glued along an axis that may index images (a size-1 batch
+            # axis is not tracked): the order of the parts matters, as for a batch.
+            parts = tuple((f.image if f is not None else None, _hint(_shape(t)[dim])) for t, f in facts)
+            merged = replace(merged, image=(("cat", parts),), batch=tuple(sorted({*merged.batch, dim})))
+        return _step(merged, "cat")
 
     def _stack(self, node):
         tensors = list(_arg(node, 0, "tensors"))
         dim = _arg(node, 1, "dim", 0) % len(_shape(node))
-        with_fact = [f for _, f in self._inputs_with_facts(tensors) if f is not None]
-        if not with_fact or len({_key(f) for f in with_fact}) != 1:
+        facts = [f for _, f in self._inputs_with_facts(tensors)]
+        with_fact = [f for f in facts if f is not None]
+        if not with_fact or len({_positions(f) for f in with_fact}) != 1:
             return None
-        fact = with_fact[0]
-        return _step(_remap(fact, {d: d + (d >= dim) for d in fact.dims()}), "stack")
+        fact = _remap(with_fact[0], {d: d + (d >= dim) for d in range(len(_shape(node)))})
+        if fact is None:
+            return None
+        images = tuple(f.image if f is not None else None for f in facts)
+        if len(set(images)) != 1:  # the new axis picks an image: a batch axis
+            fact = replace(fact, image=(("stack", images),), batch=tuple(sorted((*fact.batch, dim))))
+        return _step(fact, "stack")
 
     def _narrow(self, node, name, fact, shape):
         if name == "narrow":
@@ -339,7 +471,7 @@ class LayoutAnalysis:
             dim = _resolve(_arg(node, 1, "dim", 0))
             sl = slice(_resolve(_arg(node, 2, "start")), _resolve(_arg(node, 3, "end")), _resolve(_arg(node, 4, "step", 1)))
         idx = [slice(None)] * (dim % len(shape)) + [sl]
-        return _index(fact, shape, tuple(idx))
+        return _index(fact, shape, tuple(idx), node.name)
 
     def _split(self, node, name, fact, shape):
         pieces = _val(node)
@@ -355,15 +487,134 @@ class LayoutAnalysis:
                 size = piece.shape[dim]
                 idx = tuple([slice(None)] * dim + [slice(offset, offset + size)])
                 offset = offset + size
-            results.append(_index(fact, shape, idx))
+            results.append(_index(fact, shape, idx, f"{node.name}[{len(results)}]"))
         return tuple(results)
+
+
+# --- mutation ---------------------------------------------------------------------------------
+
+# Ops whose output shares storage with their first argument (views) ...
+_VIEWING = _VIEWS | _PERMUTES | _SPLITS | {
+    "getitem", "narrow", "slice", "select", "expand", "expand_as", "broadcast_to", "detach", "alias",
+    "as_strided", "diagonal", "unfold", "view_as_real", "view_as_complex", "real", "imag", "getattr",
+}
+# ... or may return the argument itself (a no-op cast, contiguous on a contiguous tensor, dropout
+# in eval mode): an alias unless the graph's values show a fresh storage.
+_MAYBE_ALIASING = {"contiguous", "to", "type", "type_as", "float", "half", "double", "bfloat16", "dropout",
+                   "feature_dropout"}
+
+
+def _storage(node):
+    value = _val(node)
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return value.untyped_storage()._cdata
+    except Exception:  # sparse, nested, or a value without storage
+        return None
+
+
+def _alias_classes(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Each node's representative among the nodes that may share its storage (conservative)."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(n):
+        parent.setdefault(n, n)
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    def union(a, b):
+        parent[find(a)] = find(b)
+
+    for node in gm.graph.nodes:
+        find(node)
+        if node.op not in ("call_function", "call_method", "call_module") or not node.args:
+            continue
+        first = node.args[0]
+        if isinstance(first, (list, tuple)) and op_name(node, gm) in _CATS:
+            continue
+        if not isinstance(first, fx.Node):
+            continue
+        name, storage, source = op_name(node, gm), _storage(node), _storage(first)
+        same = storage is not None and storage == source
+        unknown = storage is None or source is None
+        if name in _VIEWING or mutates(node) or same or (name in _MAYBE_ALIASING and unknown):
+            union(node, first)
+        for dest in (written_args(node) if mutates(node) else ()):
+            union(node, dest)
+    return {n: find(n) for n in parent}
+
+
+def _written_tensors(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Every node whose tensor (or an alias of it) some op writes into in a way that can move
+    values between positions, mapped to that op. In-place pointwise ops (``x.add_(y)``,
+    ``x.mul_(s)``, ``relu_``) keep every value at its position and are left to the transfer."""
+    writers = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or not mutates(node):
+            continue
+        name = op_name(node, gm)
+        dests = written_args(node)
+        if name in _POINTWISE and dests == [node.args[0]] and "out" not in node.kwargs:
+            continue
+        for dest in dests:
+            writers.setdefault(dest, node)
+    return _alias_closure(gm, writers, {})
+
+
+def _alias_closure(gm, writers: dict, known: dict) -> dict[fx.Node, fx.Node]:
+    """Spread each written node's writer over its whole alias class (views share storage)."""
+    if not writers:
+        return dict(known)
+    classes = _alias_classes(gm)
+    by_class = {}
+    for dest, writer in writers.items():
+        by_class.setdefault(classes.get(dest, dest), writer)
+    out = dict(known)
+    for node, rep_ in classes.items():
+        if rep_ in by_class:
+            out.setdefault(node, by_class[rep_])
+    return out
+
+
+def _data_inputs(node: fx.Node, gm) -> list[fx.Node]:
+    """The inputs whose values flow into ``node``; ``x.reshape_as(template)`` only reads the
+    template's shape."""
+    if op_name(node, gm) in ("view_as", "reshape_as", "expand_as", "type_as") and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return node.all_input_nodes
 
 
 # --- fact arithmetic --------------------------------------------------------------------------
 
-def _key(fact):
-    """Facts that describe the same positions compare equal regardless of their history."""
-    return replace(fact, origin="", trail=())
+def _positions(fact):
+    """Facts that describe the same positions compare equal regardless of history and image."""
+    return replace(fact, origin="", trail=(), image=(), batch=())
+
+
+def _merge(facts: list):
+    """The fact of a value computed position by position from several facts (``a + b``, a cat of
+    channels): they must agree on positions and image axes; the values mix their images."""
+    first = facts[0]
+    if any(_positions(f) != _positions(first) for f in facts[1:]):
+        return None
+    batch = tuple(sorted({b for f in facts for b in f.batch}))  # a size-1 image axis may be untracked
+    images = sorted({f.image for f in facts}, key=repr)
+    image = images[0] if len(images) == 1 else (("mix", tuple(images)),)
+    return replace(first, batch=batch, image=image)
+
+
+def _image_text(image: tuple) -> str:
+    if not image:
+        return "an unnamed image"
+    root = image[0]
+    kinds = {"cat": "images concatenated along the batch", "stack": "images stacked along a new axis",
+             "mix": "a mix of several images"}
+    text = f"the image read from `{root[1]}`" if root[0] == "root" else kinds.get(root[0], root[0])
+    picks = [r[1] for r in image[1:] if r[0] == "select"]
+    return text + (f", selected by `{picks[-1]}`" if picks else "")
 
 
 def _step(fact, op: str):
@@ -380,17 +631,19 @@ def _trail_text(trail) -> str:
 
 
 def _shift(fact, by: int):
-    return _remap(fact, {d: d + by for d in fact.dims()}) if by else fact
+    return _remap(fact, {d: d + by for d in (*fact.dims(), *fact.batch)}) if by else fact
 
 
 def _remap(fact, mapping: dict):
-    """Move a fact's axes; None when one of them disappears."""
+    """Move a fact's axes; None when one of them disappears (a vanishing image axis is dropped:
+    callers record selections along it first)."""
     new = {d: mapping.get(d) for d in fact.dims()}
     if any(v is None for v in new.values()):
         return None
+    batch = tuple(sorted(mapping[b] for b in fact.batch if mapping.get(b) is not None))
     if isinstance(fact, Spatial):
-        return replace(fact, h_dim=new[fact.h_dim], w_dim=new[fact.w_dim])
-    return replace(fact, dim=new[fact.dim])
+        return replace(fact, h_dim=new[fact.h_dim], w_dim=new[fact.w_dim], batch=batch)
+    return replace(fact, dim=new[fact.dim], batch=batch)
 
 
 def _arg(node, index, name, default=None):
@@ -438,7 +691,12 @@ def _permutation(node, name, ndim) -> list[int]:
 
 def _permute(fact, perm, name):
     inverse = {src: dst for dst, src in enumerate(perm)}
-    return _step(_remap(fact, inverse), name)
+    moved = _remap(fact, inverse)
+    order = sorted(fact.batch, key=lambda b: inverse[b])
+    if moved is not None and order != sorted(fact.batch):  # image axes swapped among themselves
+        ranks = tuple(sorted(fact.batch).index(b) for b in order)
+        moved = replace(moved, image=moved.image + (("perm", ranks),))
+    return _step(moved, name)
 
 
 def _reshape_groups(in_shape, out_shape):
@@ -474,15 +732,30 @@ def _reshape(fact, in_shape, out_shape, name):
     if groups is None:
         return None
     owner = {d: g for g in groups for d in g[0]}
+    in_batch = set(fact.batch)
+    fact = _reshape_images(fact, groups, in_shape, out_shape, owner)  # batch now in output axes
+    if fact is None:
+        return None
     if isinstance(fact, Tokens):
         gi, go = owner.get(fact.dim, (None, None))
+        if gi is None:
+            return None
+        if fact.lead:
+            return _reshape_lead(fact, gi, go, out_shape, name)
         if gi == [fact.dim] and len(go) == 1:
             return _step(replace(fact, dim=go[0]), name)
         if gi == [fact.dim] and len(go) == 2 and _hint(fact.prefix) == 0 and _hint(fact.suffix) == 0:
             rows, cols = (fact.width, fact.height) if fact.transposed else (fact.height, fact.width)
             if [_hint(out_shape[d]) for d in go] == [_hint(rows), _hint(cols)]:
                 h_dim, w_dim = (go[1], go[0]) if fact.transposed else (go[0], go[1])
-                return _step(Spatial(h_dim, w_dim, fact.height, fact.width, fact.origin, fact.trail), name)
+                return _step(Spatial(h_dim, w_dim, fact.height, fact.width, fact.origin, fact.trail,
+                                     fact.image, fact.batch), name)
+        if len(go) == 1 and gi[-1] == fact.dim and fact.dim not in in_batch:
+            # outer axes merged in front of the tokens (``x.flatten(0, 1)``): tokens stay in order
+            # within each outer index; a later reshape must split exactly these axes off again
+            lead = tuple((_hint(in_shape[d]), d in in_batch) for d in gi[:-1])
+            batch = set(fact.batch) | ({go[0]} if any(is_batch for _, is_batch in lead) else set())
+            return _step(replace(fact, dim=go[0], lead=lead, batch=tuple(sorted(batch))), name)
         return None
     gh, gw = owner.get(fact.h_dim), owner.get(fact.w_dim)
     if gh is None or gw is None:
@@ -492,10 +765,51 @@ def _reshape(fact, in_shape, out_shape, name):
         if len(go) != 1 or sorted(gi) != sorted([fact.h_dim, fact.w_dim]):
             return None
         transposed = fact.w_dim < fact.h_dim
-        return _step(Tokens(go[0], 0, fact.height, fact.width, 0, transposed, fact.origin, fact.trail), name)
+        return _step(Tokens(go[0], 0, fact.height, fact.width, 0, transposed, fact.origin, fact.trail,
+                            fact.image, fact.batch), name)
     if len(gh[0]) == 1 and len(gh[1]) == 1 and len(gw[0]) == 1 and len(gw[1]) == 1:
         return _step(replace(fact, h_dim=gh[1][0], w_dim=gw[1][0]), name)
     return None
+
+
+def _reshape_images(fact, groups, in_shape, out_shape, owner):
+    """Carry a fact's image axes through a reshape (its image axes only; the caller maps the rest).
+
+    An image axis kept whole moves; any other group holding an image axis (images merged with
+    each other or with heads, or split) makes all its output axes image axes and is recorded in
+    the identity, so two tensors agree on their image per index only if reshaped alike.
+    """
+    batch, records = set(), []
+    for b in fact.batch:
+        if b not in owner:
+            if _hint(in_shape[b]) != 1:
+                return None
+            continue  # a single image along this axis: nothing to track
+        gi, go = owner[b]
+        if isinstance(fact, Tokens) and fact.dim in gi:
+            continue  # merged with the tokens: _reshape keeps it in ``lead``
+        batch.update(go)
+        if len(gi) != 1 or len(go) != 1:
+            record = ("reshape", tuple((_hint(in_shape[d]), d in fact.batch) for d in gi),
+                      tuple(_hint(out_shape[d]) for d in go))
+            if record not in records:
+                records.append(record)
+    return replace(fact, batch=tuple(sorted(batch)), image=fact.image + tuple(records))
+
+
+def _reshape_lead(fact, gi, go, out_shape, name):
+    """Split the outer axes merged into a token axis off again (``bn(x.flatten(0, 1)).reshape_as(x)``)."""
+    if gi != [fact.dim]:
+        return None
+    any_batch = any(is_batch for _, is_batch in fact.lead)
+    if len(go) == 1:  # still merged
+        batch = set(fact.batch) | ({go[0]} if any_batch else set())
+        return _step(replace(fact, dim=go[0], batch=tuple(sorted(batch))), name)
+    outer = [(size, is_batch) for size, is_batch in fact.lead if size != 1]
+    if len(go) != len(outer) + 1 or [_hint(out_shape[d]) for d in go[:-1]] != [size for size, _ in outer]:
+        return None
+    batch = set(fact.batch) | {d for d, (_, is_batch) in zip(go[:-1], outer) if is_batch}
+    return _step(replace(fact, dim=go[-1], lead=(), batch=tuple(sorted(batch))), name)
 
 
 def _broadcast(fact, in_shape, out_shape, name):
@@ -506,8 +820,9 @@ def _broadcast(fact, in_shape, out_shape, name):
     return _step(moved, name)
 
 
-def _index(fact, shape, index):
-    """``x[index]`` for basic indexing (ints, slices, None, Ellipsis)."""
+def _index(fact, shape, index, selector: str = ""):
+    """``x[index]`` for basic indexing (ints, slices, None, Ellipsis); ``selector`` names the op,
+    recorded in the image identity when it picks along an image axis."""
     if not isinstance(index, tuple):
         index = (index,)
     if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice, torch.SymInt))) for i in index):
@@ -518,6 +833,7 @@ def _index(fact, shape, index):
         index = index[:at] + (slice(None),) * (len(shape) - consumed) + index[at + 1:]
     index = index + (slice(None),) * (len(shape) - sum(1 for i in index if i is not None))
     mapping, sizes, in_d, out_d = {}, {}, 0, 0
+    picks = False
     for item in index:
         if item is None:
             out_d += 1
@@ -526,16 +842,30 @@ def _index(fact, shape, index):
             mapping[in_d] = out_d
             sizes[in_d] = item
             out_d += 1
+        if in_d in fact.batch and _hint(shape[in_d]) != 1 and not _is_full(item, shape[in_d]):
+            picks = True
         in_d += 1
     fact = _remap(fact, mapping)
     if fact is None:
         return None
+    if picks:  # some of the images, not all: a different identity
+        fact = replace(fact, image=fact.image + (("select", selector),))
     inverse = {v: k for k, v in mapping.items()}
     for d in fact.dims():
         fact = _slice(fact, d, sizes[inverse[d]], shape[inverse[d]])
         if fact is None:
             return None
     return _step(fact, "getitem")
+
+
+def _is_full(item, length) -> bool:
+    if not isinstance(item, slice):
+        return False
+    n = _hint(length)
+    bounds = [_hint(x) if x is not None else None for x in (item.start, item.stop, item.step)]
+    if n is None or any(b is None and raw is not None for b, raw in zip(bounds, (item.start, item.stop, item.step))):
+        return False
+    return slice(*bounds).indices(n) == (0, n, 1)
 
 
 def _slice(fact, dim, sl: slice, length):
@@ -546,11 +876,13 @@ def _slice(fact, dim, sl: slice, length):
     start, stop, step = slice(start, stop, step).indices(n)
     if (start, stop, step) == (0, n, 1):
         return fact
-    if step != 1:
-        return None
-    if isinstance(fact, Spatial):  # a crop of rows or columns is still a grid
-        size = max(stop - start, 0)
+    if isinstance(fact, Spatial):
+        # A crop of rows or columns is still a grid, and so is every step-th row or column
+        # (LeViT's subsampling ``x.view(B, H, W, C)[:, ::2, ::2]``): a smaller image of its own.
+        size = len(range(start, stop, step))
         return replace(fact, height=size) if dim == fact.h_dim else replace(fact, width=size)
+    if step != 1 or fact.lead:
+        return None
     first, end = _hint(fact.prefix), _hint(fact.prefix) + _hint(fact.image_tokens)
     if start <= first and stop >= end:
         return replace(fact, prefix=fact.prefix - start, suffix=fact.suffix - (n - stop))

@@ -60,6 +60,16 @@ def _relpos_mismatch(site: AttentionSite, q_layout: TokenLayout, k_layout: Token
     return None
 
 
+def _scores_written(site: AttentionSite, layouts: LayoutAnalysis):
+    """The in-place op writing into the scores or probabilities of a site, if any (MViTv2 writes
+    its relative-position bias into a slice of the scores)."""
+    if site.build is None:  # an unreadable manual site is reported against its softmax
+        nodes = list(site.output.all_input_nodes)
+    else:  # not the inputs (a write there is the layout's business), nor the output (written after)
+        nodes = [n for n in site.nodes if n is not site.output and n not in site.inputs]
+    return next((w for w in map(layouts.writer_of, nodes) if w is not None), None)
+
+
 def _shuffle(plan: GridPlan, config: GridAttnConfig, training: bool) -> tuple[GridPlan, str]:
     """The plan with shuffle distributing when the config asks for it and the module is training."""
     if config.distributing != "shuffle":
@@ -85,6 +95,11 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         return Decision(False, reason, q_layout, k_layout, evidence, None, flops, flops)
 
     (gh, gw), stride_from = config.stride_for(module_path)
+    written = _scores_written(site, layouts)
+    if written is not None:
+        return skip(f"the attention scores are written in place by `{written.name}` (e.g. a relative-position "
+                    f"bias written into a slice of them): not an exact site" +
+                    (f"; {site.unsupported}" if site.unsupported else ""))
     if site.build is None:  # recognised as attention, but not readable exactly
         return skip(f"unsupported site: {site.unsupported}")
     if (gh, gw) == (1, 1):
@@ -95,6 +110,9 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         return skip(f"query: {q_why}")
     if k_layout is None:
         return skip(f"key: {k_why} (cross-attention to non-image tokens?)")
+    other_image = layouts.same_image(site.query, site.key)
+    if other_image:
+        return skip(other_image)
     if site.unsupported:
         return skip(f"unsupported site: {site.unsupported}")
     # The policy speaks only about eligible sites: an ineligible one says why it is ineligible.

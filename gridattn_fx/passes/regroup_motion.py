@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from ..grid import GridPlan, TokenLayout, cluster_axis, recover_axis
 from ..patterns import AttentionSite
+from ..patterns.ops import mutates as _mutates
 from ..patterns.ops import op_name
 from ..patterns.values import value_of as _val
 from .grid_rewrite import call_on_values, inline, propagate_values, rewrite_site
@@ -163,20 +164,6 @@ def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> i
             return None
         return axis if all(_independent(a, out_shape, axis) for a in others) else None
     return None
-
-
-def _mutates(node: fx.Node) -> bool:
-    target = node.target
-    if node.op == "call_method":
-        return target.endswith("_") and not target.startswith("_")
-    if node.op != "call_function":
-        return False
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.is_mutable
-    name = getattr(target, "__name__", "")
-    return (name.endswith("_") and not name.startswith("_")) or name in {
-        "iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow", "imod", "iand", "ior", "ixor",
-        "ilshift", "irshift", "imatmul", "setitem"}
 
 
 def _mutation_between(gm: fx.GraphModule, first: fx.Node, last: fx.Node, order) -> fx.Node | None:

@@ -23,7 +23,8 @@ _MODULE_OPS = {
     nn.InstanceNorm2d: "instance_norm", nn.Dropout: "dropout", nn.Identity: "clone", nn.GELU: "gelu",
     nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Mish: "mish",
     nn.Hardswish: "hardswish", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Softplus: "softplus",
-    nn.Flatten: "flatten",
+    nn.Flatten: "flatten", nn.BatchNorm1d: "batch_norm", nn.Conv3d: "conv3d", nn.ConvTranspose3d: "conv_transpose3d",
+    nn.MaxPool3d: "max_pool3d", nn.AvgPool3d: "avg_pool3d",
 }
 
 
@@ -52,3 +53,46 @@ def op_name(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
     if name.endswith("_") and not name.startswith("_"):
         name = name[:-1]  # in-place variants keep positions exactly like their functional twins
     return name
+
+
+# --- mutation ---------------------------------------------------------------------------------
+
+_INPLACE_OPERATORS = {
+    "iadd", "isub", "imul", "itruediv", "ifloordiv", "ipow", "imod", "iand", "ior", "ixor", "ilshift",
+    "irshift", "imatmul", "setitem",
+}
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether ``node`` writes into one of its tensor arguments (``x.copy_(y)``, ``x[i] = y``,
+    ``x += y``, a mutable ATen overload, an ``out=`` argument)."""
+    target = node.target
+    if node.op == "call_method":
+        if target.startswith("__") and target.endswith("__"):
+            return target[2:-2] in _INPLACE_OPERATORS  # x.__setitem__(i, y), x.__iadd__(y)
+        return target.endswith("_") and not target.startswith("_")
+    if node.op != "call_function":
+        return False
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    if isinstance(node.kwargs.get("out"), fx.Node):
+        return True
+    name = getattr(target, "__name__", "") or ""
+    return (name.endswith("_") and not name.startswith("_")) or name in _INPLACE_OPERATORS
+
+
+def written_args(node: fx.Node) -> list[fx.Node]:
+    """The arguments a mutating node writes into (its destination; for ATen overloads, every
+    argument the schema marks as written)."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        written = []
+        for i, arg in enumerate(node.target._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                if isinstance(value, fx.Node):
+                    written.append(value)
+        return written
+    out = node.kwargs.get("out")
+    if isinstance(out, fx.Node):
+        return [out]
+    return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
