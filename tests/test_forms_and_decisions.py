@@ -431,7 +431,7 @@ def test_a_stride_that_leaves_one_token_per_group_is_skipped():
     model, x = build(ViT, depth=1, grid=(2, 2)), image(1, 4, 4)
     gm, report = gridattn_fx.rewrite(model, (x,), **OPTS)
     (site,) = report.sites
-    assert site.decision == "skipped" and "single image token" in site.reason, str(report)
+    assert site.decision == "skipped" and "single image key" in site.reason, str(report)
     assert_equal_exact(gm(x), model(x))
     # one side equal to its stride still leaves groups of several tokens: rewritten
     _, report = gridattn_fx.rewrite(build(ViT, depth=1, grid=(2, 6)), (image(1, 4, 12),), **OPTS)
@@ -474,12 +474,12 @@ REAL = {
                                     r"cls_attn_blocks\.0\.attn$": ("skipped", "", "")}),  # SDPA
     "coatnet": (_coatnet, "Attention2d", {
         r"stages\.2\.blocks\.0\.attn$": ("rewritten", "channels-first", "image self-attention"),
-        r"stages\.3\.blocks\.0\.attn$": ("skipped", "channels-first", "single image token")}),
+        r"stages\.3\.blocks\.0\.attn$": ("skipped", "channels-first", "single image key")}),
     "efficientvit_msra": (lambda timm: timm.create_model("efficientvit_m0", img_size=64, embed_dim=[16, 32, 48],
                                                          depth=[1, 1, 1], num_heads=[1, 1, 1]),
                           "CascadedGroupAttention", {
         r"stages\.0\.": ("rewritten", "channels-first", "image self-attention"),
-        r"stages\.1\.": ("skipped", "channels-first", "single image token"),
+        r"stages\.1\.": ("skipped", "channels-first", "single image key"),
         r"stages\.2\.": ("skipped", "channels-first", "no proven image layout")}),
 }
 

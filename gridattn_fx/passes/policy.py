@@ -131,12 +131,13 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     for side, layout in (("query", q_layout), ("key", k_layout)):
         if layout.height < gh or layout.width < gw:
             return skip(f"{side} image {layout.height}x{layout.width} is smaller than the stride {gh}x{gw}")
-        # The same rule at equality: a stride that spans the whole image leaves one image token
-        # per group and attention degenerates (a query sees one image token). One side equal to
-        # its stride still leaves groups of several tokens (a row's every Gw-th), which is kept.
-        if layout.height == gh and layout.width == gw:
-            return skip(f"{side} image {layout.height}x{layout.width} at stride {gh}x{gw}: each group would "
-                        "hold a single image token (attention degenerates)")
+        # The same rule at equality, for keys: a stride that spans the whole key image leaves one
+        # image key per group, so every image query would see a single image key (attention
+        # degenerates). One query per group is fine (LeViT's downsampling attention: a 2x2 query
+        # grid over 4x4 keys); one side equal to its stride still leaves groups of several tokens.
+        if side == "key" and layout.height == gh and layout.width == gw:
+            return skip(f"key image {layout.height}x{layout.width} at stride {gh}x{gw}: each group would "
+                        "hold a single image key (attention degenerates)")
     if len(q_shape) < 2 or len(k_shape) != len(q_shape) or len(v_shape) != len(q_shape):
         return skip(f"unsupported ranks q{len(q_shape)}/k{len(k_shape)}/v{len(v_shape)}")
     if site.relpos is not None:
