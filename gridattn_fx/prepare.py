@@ -23,7 +23,6 @@ any other backend sees a free alias. ``unprepare(model)`` removes the hooks and 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import types
@@ -225,32 +224,59 @@ _MARKS = "_gridattn_marks"
 _ORIGINAL = "_gridattn_original_forward"
 
 
+_INSTANCE = "_gridattn_instance_forward"
+
+
 def _wrap_forward(module: nn.Module) -> None:
-    module.__dict__[_ORIGINAL] = module.__dict__.get("forward")  # an instance forward set by someone else
+    # An instance ``forward`` set by someone else is called (and restored) as it is; otherwise the
+    # class's forward function is called with the module (a plain function Dynamo inlines).
+    instance = module.__dict__.get("forward")
+    module.__dict__[_INSTANCE] = instance
+    module.__dict__[_ORIGINAL] = instance if instance is not None else type(module).forward
     module.__dict__[_MARKS] = ()
-    module.forward = types.MethodType(_marked_forward, module)
+    module.forward = types.MethodType(_marked_forward_for(type(module)), module)
+
+
+_MARKED_FORWARDS: dict[type, types.FunctionType] = {}
+
+
+def _marked_forward_for(cls: type) -> types.FunctionType:
+    """One copy of :func:`_marked_forward` per module class: Dynamo counts recompiles per code
+    object, so each class keeps its own budget, as its own ``forward`` would have."""
+    fn = _MARKED_FORWARDS.get(cls)
+    if fn is None:
+        code = _marked_forward.__code__
+        code = code.replace(co_name=f"{code.co_name}_{cls.__name__}",
+                            co_qualname=f"{code.co_qualname}_{cls.__name__}")
+        fn = types.FunctionType(code, _marked_forward.__globals__, code.co_name)
+        _MARKED_FORWARDS[cls] = fn
+    return fn
 
 
 def _unwrap_forward(module: nn.Module) -> None:
-    original = module.__dict__.pop(_ORIGINAL, None)
+    instance = module.__dict__.pop(_INSTANCE, None)
+    module.__dict__.pop(_ORIGINAL, None)
     module.__dict__.pop(_MARKS, None)
-    if original is None:
+    if instance is None:
         module.__dict__.pop("forward", None)
     else:
-        module.forward = original
+        module.forward = instance
 
 
 def _marked_forward(self, *args, **kwargs):
-    original = self.__dict__[_ORIGINAL]
-    forward = original if original is not None else functools.partial(type(self).forward, self)
+    if self.__dict__[_INSTANCE] is None:
+        args = (self,) + args
+    forward = self.__dict__[_ORIGINAL]
     # Only graphs need the markers; an eager call stays exactly as it was.
     if not torch.compiler.is_compiling():
         return forward(*args, **kwargs)
+    offset = 0 if self.__dict__[_INSTANCE] is not None else 1
     marks = self.__dict__[_MARKS]
     if marks:
         args, kwargs = list(args), dict(kwargs)
         for key, hint in marks:
             positional = isinstance(key, int)
+            key = key + offset if positional else key
             if positional and key >= len(args) or not positional and key not in kwargs:
                 continue
             x = args[key] if positional else kwargs[key]
