@@ -256,3 +256,51 @@ def test_patchify_with_inner_factor_outside_is_not_a_grid():
     _gm, report = gridattn_fx.rewrite(model, (x,), **dict(OPTS, strict=False))
     (site,) = report.sites
     assert site.decision == "skipped", site.q_layout
+
+
+# --- the marker against the graph's own proof ---------------------------------------------------
+
+class MarkedViT(ViT):
+    """A ViT whose patch tokens carry an explicit gridattn::layout_hint (as prepare() would put)."""
+
+    def __init__(self, hint, **kw):
+        super().__init__(**kw)
+        self.hint = hint
+
+    def forward(self, img):
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)
+        x = torch.ops.gridattn.layout_hint.default(x, [1], list(self.hint), False, True)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+@pytest.mark.parametrize("hint, decision, words", [
+    ((0, 16, 16, 0), "rewritten", "proven in this graph"),      # agrees: the graph's own proof wins
+    ((0, 8, 32, 0), "skipped", "contradicts this graph's proof"),  # same count, other grid: dropped
+])
+def test_marker_checked_against_the_graph(hint, decision, words):
+    model = build(MarkedViT, hint, depth=1, n_cls=0)
+    x = image(1, 32, 32)
+    gm, report = gridattn_fx.rewrite(model, (x,), **dict(OPTS, strict=False))
+    (site,) = report.sites
+    assert site.decision == decision, str(report)
+    assert words in (site.layout_source if decision == "rewritten" else site.reason), str(report)
+    assert not any("layout_hint" in str(n.target) for n in gm.graph.nodes)  # the marker is gone
+    with torch.no_grad():
+        got = gm(x)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    if decision == "rewritten":
+        with oracle_mode(model, (0, 16, 16), stride=2), torch.no_grad():
+            assert_close64(got, model(x))
+    else:
+        with torch.no_grad():
+            assert_close64(got, model(x))
+
+
+def test_marker_is_a_free_alias_for_other_backends():
+    model = build(MarkedViT, (0, 16, 16, 0), depth=1, n_cls=0)
+    x = image(1, 32, 32)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        assert_equal_exact(compiled(x), model(x))

@@ -154,7 +154,7 @@ class LayoutAnalysis:
                 fact = self._with_hint(node, fact)
             if fact is not None:
                 self.facts[node] = fact
-            elif node not in attention_outputs and isinstance(_val(node), torch.Tensor) and any(
+            elif node not in attention_outputs and node not in self.lost and isinstance(_val(node), torch.Tensor) and any(
                 self.facts.get(a) is not None for a in node.all_input_nodes
             ):
                 name = op_name(node, gm)
@@ -171,6 +171,10 @@ class LayoutAnalysis:
             if isinstance(hint, Tokens) and _hint(shape[hint.dim]) != _hint(hint.prefix + hint.image_tokens + hint.suffix):
                 self.lost[node] = (f"{hint.origin}: {hint.prefix}+{hint.height}x{hint.width}+{hint.suffix} tokens "
                                    f"do not match `{node.name}`'s {shape[hint.dim]}")
+                return None
+            if isinstance(hint, Spatial) and (_hint(shape[hint.h_dim]), _hint(shape[hint.w_dim])) != (
+                    _hint(hint.height), _hint(hint.width)):
+                self.lost[node] = f"{hint.origin}: {hint.height}x{hint.width} does not match `{node.name}` {shape}"
                 return None
             return hint
         if _key(proven) == _key(hint):
