@@ -353,6 +353,8 @@ def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
     sites = find_attention_sites(gm)
     analysis = LayoutAnalysis(gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},
                               None, hints, conflicts)
+    if declared:
+        _check_declarations_against_graph(gm, analysis, Tokens)
     site_paths = {module_path(s.output) for s in sites}
     holders = {p for path in site_paths for p in _enclosing(path)}
     table: dict[str, dict] = {}
@@ -370,6 +372,27 @@ def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
     logger.debug("gridattn prepare(): %s remembered layouts at %d module inputs", state.model_name,
                  sum(len(e) for e in out.values()))
     return out
+
+
+def _check_declarations_against_graph(gm, analysis, Tokens) -> None:
+    """A declared token layout that meets a layout the graph proves for the same tokens (same
+    axis and length, another grid) is a contradiction: ValueError naming the declared input."""
+    for node in gm.graph.nodes:
+        if node in analysis.facts:
+            continue
+        facts = [analysis.facts.get(a) for a in node.all_input_nodes]
+        declared = [f for f in facts if isinstance(f, Tokens) and f.origin.startswith("declared")]
+        proven = [f for f in facts if isinstance(f, Tokens) and not f.origin.startswith(("declared", "remembered"))]
+        for d in declared:
+            for p in proven:
+                same_tokens = d.dim == p.dim and d.prefix + d.image_tokens + d.suffix == p.prefix + p.image_tokens + p.suffix
+                if same_tokens and (d.prefix, d.height, d.width, d.suffix, d.transposed) != (
+                        p.prefix, p.height, p.width, p.suffix, p.transposed):
+                    name = d.origin[d.origin.find("`") + 1:d.origin.rfind("`")] or "?"
+                    raise ValueError(
+                        f"declared input '{name}': its layout {d.prefix}+{d.height}x{d.width}+{d.suffix} contradicts "
+                        f"the {p.prefix}+{p.height}x{p.width}+{p.suffix} the graph proves from {p.origin} "
+                        f"(they meet at `{node.name}`)")
 
 
 def _enclosing(path: str):

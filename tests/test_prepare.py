@@ -304,3 +304,25 @@ def test_marker_is_a_free_alias_for_other_backends():
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         assert_equal_exact(compiled(x), model(x))
+
+
+class TokensPlusConvPositions(TokenInput):
+    """Declared tokens meet positions the graph proves from a conv: the two must agree."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.pos = nn.Conv2d(3, DIM, 2, 2)
+
+    def forward(self, tokens, img):
+        x = self.embed(tokens) + self.pos(img).flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+def test_declaration_contradicting_the_graph_raises():
+    model = build(TokensPlusConvPositions, depth=1)
+    tokens, img = torch.randn(1, 256, DIM, dtype=torch.float64), image(1, 32, 32)
+    with pytest.raises(ValueError, match="declared input 'tokens'.*8x32.*16x16"):
+        gridattn_fx.prepare(model, (tokens, img), tokens=ImageTokens(height=8, width=32))
+    gridattn_fx.prepare(model, (tokens, img), tokens=ImageTokens(height=16, width=16))  # agrees: fine

@@ -22,7 +22,7 @@ def hint_fact(node: fx.Node):
     _x, dims, sizes, transposed, declared = node.args
     dims, sizes = list(dims), [_resolve(s) for s in sizes]
     where = module_path(node)
-    origin = (DECLARED if declared else REMEMBERED) + (f" (at `{where}`)" if where else "")
+    origin = (DECLARED if declared else REMEMBERED) + (f" (at `{where}`)" if where else f" (`{node.args[0].name}`)")
     if len(dims) == 1 and len(sizes) == 4:
         prefix, height, width, suffix = sizes
         return Tokens(dims[0], prefix, height, width, suffix, bool(transposed), origin=origin)
