@@ -109,7 +109,7 @@ def prepared_layouts(model: nn.Module) -> dict | None:
 class _Prepared:
     def __init__(self, model: nn.Module, signature: inspect.Signature, declarations: dict):
         self.model_name = type(model).__name__
-        self._model_ref = model  # the hooks live on the model: no cycle outlives it
+        self._model_ref = model  # a cycle through the model's own attribute: collected with it
         self.signature = signature
         self.declarations = dict(declarations)
         self.by_signature: OrderedDict = OrderedDict()
@@ -195,8 +195,11 @@ def _check_declared(name: str, declaration: ImageTokens, arguments: dict) -> tup
 
 
 def _shapes(args, kwargs) -> tuple:
+    """What a call's layouts can depend on: tensor shapes, and ints/bools (a forward may take its
+    grid as ints, e.g. SegFormer's ``H, W``). Floats and tensor values are left out."""
     leaves, _ = pytree.tree_flatten((args, kwargs))
-    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in leaves)
+    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x if isinstance(x, (int, bool)) else None
+                 for x in leaves)
 
 
 @torch.compiler.disable
@@ -208,7 +211,9 @@ def _resolve_call(state: _Prepared, args, kwargs) -> None:
 
 def _root_hook(state: _Prepared):
     def gridattn_prepare_root(module, args, kwargs):
-        if not state.capturing:
+        # An export (gridattn_fx.rewrite, torch.export) sees the whole model in one graph: it needs
+        # no remembered layouts, and could not take the graph break of the lookup.
+        if not state.capturing and not torch.compiler.is_exporting():
             _resolve_call(state, args, kwargs)
         return None
     return gridattn_prepare_root
@@ -268,7 +273,7 @@ def _marked_forward(self, *args, **kwargs):
         args = (self,) + args
     forward = self.__dict__[_ORIGINAL]
     # Only graphs need the markers; an eager call stays exactly as it was.
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return forward(*args, **kwargs)
     offset = 0 if self.__dict__[_INSTANCE] is not None else 1
     marks = self.__dict__[_MARKS]

@@ -101,8 +101,25 @@ def test_graph_break_between_patch_embed_and_blocks():
     with torch.no_grad():
         got = compiled(x)
     sites = _reports()
-    assert [(s.decision, s.layout_source) for s in sites] == [("rewritten", "remembered by prepare")]
+    assert [(s.module_path, s.decision, s.layout_source) for s in sites] == [
+        ("blocks.0.attn", "rewritten", "remembered by prepare")]
     assert_close64(got, oracle)
+
+
+def test_rewrite_of_a_prepared_model_is_the_whole_model_rewrite():
+    model = build(ViT, depth=1, n_cls=1)
+    x = image(1, 32, 32)
+    _gm, before = gridattn_fx.rewrite(model, (x,), **OPTS)
+    gridattn_fx.prepare(model, (x,))
+    gm, after = gridattn_fx.rewrite(model, (x,), **OPTS)
+    assert [(s.module_path, s.decision, s.layout_source) for s in after.sites] == [
+        (s.module_path, s.decision, "proven in this graph") for s in before.sites] == [
+        ("blocks.0.attn", "rewritten", "proven in this graph")]
+    with oracle_mode(model, (1, 16, 16), stride=2), torch.no_grad():
+        expected = model(x)
+    with torch.no_grad():
+        got = gm(x)
+    assert_close64(got[0] if isinstance(got, (tuple, list)) else got, expected)
 
 
 def test_resolution_change_same_token_count_gets_each_grid():

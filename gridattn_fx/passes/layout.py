@@ -627,5 +627,7 @@ def normalize_module_path(path: str) -> str:
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path)
+    # A module whose forward prepare() wrapped (an instance attribute) is reached through it.
+    path = re.sub(r"\.forward\.__self__(?=\.|$)", "", path)
     return path.lstrip(".")
 
