@@ -133,8 +133,10 @@ def test_resolution_change_same_token_count_gets_each_grid():
         with torch.no_grad():
             got = model(x)
         assert_close64(got, _oracle(ref, x, layout), msg=f"grid {layout}")
-    layouts = [str(s.q_layout) for s in _reports()]
-    assert layouts == ["1+16x16", "1+8x32"]  # two compiles, then both served from the cache
+    sites = _reports()
+    # Each grid compiled for itself (how often depends on Dynamo's automatic-dynamic state; the
+    # marked sizes keep every graph static), each rewritten with its own layout.
+    assert {(str(s.q_layout), s.decision) for s in sites} == {("1+16x16", "rewritten"), ("1+8x32", "rewritten")}
 
 
 def test_prepare_is_idempotent_and_undone():
