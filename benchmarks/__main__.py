@@ -7,7 +7,8 @@
 
 Analysis scripts quoted in RESULTS.md: ``python -m benchmarks.sam_block`` (one SAM global block's
 kernels and page faults), ``python -m benchmarks.attention_share`` (the share of a model's forward
-that a preset's attention sites take: the ceiling on what the preset can save).
+that a preset's attention sites take: the ceiling on what the preset can save),
+``python -m benchmarks.regional`` (regional vs whole-model compile; also ``--cases regional``).
 
 Writes ``<out>/results.csv``, ``<out>/table.md``, ``<out>/compile.md``, ``<out>/meta.json`` and PNG
 plots (with matplotlib) and prints the tables.
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 
-CASES = ("attn", "sam", "sd-unet", "segformer")
+CASES = ("attn", "sam", "sd-unet", "segformer", "regional")
 
 
 def _args(argv):
@@ -108,8 +109,12 @@ def main(argv=None) -> int:
     if "attn" in cases:
         rows += C.attention_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory)
     model_warmup = args.warmup if args.warmup is not None else 1
-    rows += C.model_cases([c for c in cases if c != "attn"], quick=args.quick, runs=model_runs, warmup=model_warmup,
-                          echo=print, memory=memory)
+    rows += C.model_cases([c for c in cases if c not in ("attn", "regional")], quick=args.quick, runs=model_runs,
+                          warmup=model_warmup, echo=print, memory=memory)
+    if "regional" in cases:  # benchmarks/regional.py: regional vs whole-model compile
+        from benchmarks import regional
+
+        rows += regional.regional_cases(quick=args.quick, runs=model_runs, warmup=model_warmup, echo=print)
     meta["load_average_end"] = common.load_average()
     meta["wall_s"] = round(time.time() - started, 1)
 

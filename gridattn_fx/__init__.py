@@ -4,13 +4,16 @@
     gm, report = gridattn_fx.rewrite(model, (images,), stride=2)
     print(gridattn_fx.last_report())
     calibration = gridattn_fx.calibrate(model.eval(), (images,), budget=0.01)   # per-site strides
+    gridattn_fx.prepare(model, (images,))   # layouts for regional compilation and graph breaks
 """
 
 from .api import capture, rewrite
 from .calibrate import Calibration, calibrate
 from .config import GridAttnConfig
+from .declarations import ImageTokens
 from .dynamo_backend import backend
 from .grid import TokenLayout, cluster, grid_mask, grouped_attention, masked_attention, recover
+from .prepare import prepare, prepared_layouts, unprepare
 from .report import Report, SiteReport, last_report, report_history
 
 __version__ = "0.1.0"
@@ -18,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Calibration",
     "GridAttnConfig",
+    "ImageTokens",
     "Report",
     "SiteReport",
     "TokenLayout",
@@ -29,7 +33,10 @@ __all__ = [
     "grouped_attention",
     "last_report",
     "masked_attention",
+    "prepare",
+    "prepared_layouts",
     "recover",
     "report_history",
     "rewrite",
+    "unprepare",
 ]

@@ -18,7 +18,10 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     import torch._dynamo
 
     # Static sizes, like the backend's first compile of a model: layouts are proven per resolution.
-    gm, _guards = torch._dynamo.export(model, assume_static_by_default=True)(*example_inputs)
+    # A model prepared by gridattn_fx.prepare has a forward pre-hook, which Dynamo would trace as a
+    # frame of its own: export its forward (the whole model, which needs no remembered layouts).
+    target = model.forward if "_gridattn_prepared" in model.__dict__ else model
+    gm, _guards = torch._dynamo.export(target, assume_static_by_default=True)(*example_inputs)
     return gm
 
 

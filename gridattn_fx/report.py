@@ -31,6 +31,9 @@ class SiteReport:
     flops_before: int | None
     flops_after: int | None
     regrouping: str = ""   # rewritten sites: where the cluster / recover went (passes/regroup_motion.py)
+    # Where the query's layout came from: "proven in this graph", "remembered by prepare",
+    # "declared" or "handed over across a split" (passes/layout.py: layout_source).
+    layout_source: str = ""
 
 
 _graph_numbers = itertools.count(1)
@@ -85,7 +88,8 @@ class Report:
                 f"{s.stride[0]}x{s.stride[1]}" if s.stride else "-",
                 _gflop(s.flops_before),
                 _gflop(s.flops_after),
-                s.reason + (f"; {s.regrouping}" if s.regrouping else ""),
+                s.reason + (f"; {s.regrouping}" if s.regrouping else "")
+                + (f"; layout {s.layout_source}" if s.layout_source else ""),
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]

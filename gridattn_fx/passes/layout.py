@@ -152,13 +152,19 @@ class LayoutAnalysis:
     ``attention_outputs`` maps each attention site's output node to (query node, its sequence
     axis): the output carries the query's token layout on the same axis. ``inherited`` gives facts
     for placeholders proven in an earlier piece of the same split graph (passes/split_handoff.py).
+    ``hints`` gives facts that prepare() remembered or the user declared for a node
+    (passes/layout_hints.py): a node the graph proves by itself keeps its proof when the two agree
+    and gets no fact when they differ; ``hint_conflicts`` names nodes whose hints disagreed.
     """
 
     def __init__(self, gm: fx.GraphModule, attention_outputs: dict[fx.Node, tuple[fx.Node, int]],
-                 inherited: dict[fx.Node, object] | None = None):
+                 inherited: dict[fx.Node, object] | None = None, hints: dict[fx.Node, object] | None = None,
+                 hint_conflicts: dict[fx.Node, str] | None = None):
         self.gm = gm
         self.attention_outputs = attention_outputs
         self.inherited = inherited or {}
+        self.hints = hints or {}
+        self.hint_conflicts = dict(hint_conflicts or {})
         self.written = _written_tensors(gm)
         self._run()
         # An in-place pointwise op keeps positions only if it adds nothing laid out differently
@@ -172,7 +178,7 @@ class LayoutAnalysis:
 
     def _run(self):
         self.facts: dict[fx.Node, object] = {}
-        self.lost: dict[fx.Node, str] = {}
+        self.lost: dict[fx.Node, str] = dict(self.hint_conflicts)
         self._inplace_pointwise = set()
         self._unsupported_sources = set()
         for node in self.gm.graph.nodes:
@@ -180,6 +186,8 @@ class LayoutAnalysis:
                 fact = self._transfer(node)
             except Exception:  # an op we mis-read must never become a wrong proof
                 fact = None
+            if node in self.hints:
+                fact = self._with_hint(node, fact)
             writer = self.written.get(node)
             if writer is not None:
                 if fact is not None:  # the write, not the op, is what loses this layout
@@ -193,6 +201,27 @@ class LayoutAnalysis:
                 name = op_name(node, self.gm)
                 why = _LOSS_HINTS.get(name, "")
                 self.lost[node] = f"{name or node.target} `{node.name}`" + (f" ({why})" if why else "")
+
+    def _with_hint(self, node: fx.Node, proven):
+        hint = self.hints[node]
+        if proven is None:
+            shape = _shape(node)
+            if shape is None or any(d >= len(shape) for d in hint.dims()):
+                self.lost[node] = f"{hint.origin} does not fit `{node.name}` of shape {shape}"
+                return None
+            if isinstance(hint, Tokens) and _hint(shape[hint.dim]) != _hint(hint.prefix + hint.image_tokens + hint.suffix):
+                self.lost[node] = (f"{hint.origin}: {hint.prefix}+{hint.height}x{hint.width}+{hint.suffix} tokens "
+                                   f"do not match `{node.name}`'s {shape[hint.dim]}")
+                return None
+            if isinstance(hint, Spatial) and (_hint(shape[hint.h_dim]), _hint(shape[hint.w_dim])) != (
+                    _hint(hint.height), _hint(hint.width)):
+                self.lost[node] = f"{hint.origin}: {hint.height}x{hint.width} does not match `{node.name}` {shape}"
+                return None
+            return hint
+        if _key(proven) == _key(hint):
+            return proven  # the graph proves it by itself: report it as proven here
+        self.lost[node] = f"{hint.origin} contradicts this graph's proof ({proven.origin}) at `{node.name}`"
+        return None
 
     # -- queries --------------------------------------------------------------------------------
     def layout(self, node: fx.Node, seq_dim: int) -> tuple[TokenLayout | None, str]:
@@ -630,6 +659,19 @@ def _trail_text(trail) -> str:
     return " > ".join(trail) if trail else "(source)"
 
 
+def layout_source(fact) -> str:
+    """Where a proven layout came from, for the report: proven in this graph, remembered by
+    prepare(), declared by the user, or handed over across a DDP split."""
+    if fact is None:
+        return ""
+    if "DDP bucket split" in fact.trail:
+        return "handed over across a split"
+    for source in ("remembered by prepare", "declared"):
+        if fact.origin.startswith(source):
+            return source
+    return "proven in this graph"
+
+
 def _shift(fact, by: int):
     return _remap(fact, {d: d + by for d in (*fact.dims(), *fact.batch)}) if by else fact
 
@@ -769,6 +811,17 @@ def _reshape(fact, in_shape, out_shape, name):
                             fact.image, fact.batch), name)
     if len(gh[0]) == 1 and len(gh[1]) == 1 and len(gw[0]) == 1 and len(gw[1]) == 1:
         return _step(replace(fact, h_dim=gh[1][0], w_dim=gw[1][0]), name)
+    if len(gh[0]) == 1 and len(gw[0]) == 1 and (len(gh[1]) > 1 or len(gw[1]) > 1):
+        # Patchify (Flux's _pack_latents, pixel-unshuffle spelled as view/permute): rows split into
+        # (H/p, p) are read as the rows of the H/p x W/q grid of p x q patches. Only the *outer*
+        # factor indexes patches (row r = outer * p + inner); the inner factors become per-token
+        # feature axes, which the fact does not track, so merging them into the feature axis keeps
+        # the fact and merging them back into rows or columns drops it (the group then has more
+        # than one input axis).
+        h_out, w_out = gh[1][0], gw[1][0]
+        height = out_shape[h_out] if len(gh[1]) > 1 else fact.height
+        width = out_shape[w_out] if len(gw[1]) > 1 else fact.width
+        return _step(replace(fact, h_dim=h_out, w_dim=w_out, height=height, width=width), name + " (patchify)")
     return None
 
 
@@ -907,5 +960,7 @@ def normalize_module_path(path: str) -> str:
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path)
+    # A module whose forward prepare() wrapped (an instance attribute) is reached through it.
+    path = re.sub(r"\.forward\.__self__(?=\.|$)", "", path)
     return path.lstrip(".")
 

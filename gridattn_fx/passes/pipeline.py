@@ -13,7 +13,8 @@ from ..patterns import AttentionSite, find_attention_sites
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .grid_rewrite import rewrite_site
 from ..patterns.values import value_of as _val
-from .layout import LayoutAnalysis, module_path
+from .layout import LayoutAnalysis, layout_source, module_path
+from .layout_hints import strip_layout_hints
 from .policy import decide
 from .regroup_motion import apply_motion, check_motion, plan_motion
 from .split_handoff import inherited_facts, leave_facts
@@ -119,9 +120,11 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     report = report if report is not None else Report(implementation=config.implementation, preset=config.preset)
     new_gm = copy_graph_module(gm)
     ensure_values(new_gm, example_inputs)
+    # prepare()'s markers come off first: everything below sees the graph it would see without them.
+    hints, hint_conflicts = strip_layout_hints(new_gm)
     sites = find_attention_sites(new_gm)
     layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},
-                             inherited_facts(new_gm))
+                             inherited_facts(new_gm), hints, hint_conflicts)
     leave_facts(new_gm, layouts.facts)  # before the rewrite: output names are still the original ones
     chosen = []
     for site in sites:
@@ -141,6 +144,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             stride=d.plan.stride if d.plan else None,
             flops_before=d.flops_before,
             flops_after=d.flops_after,
+            layout_source=layout_source(layouts.facts.get(site.query)) if d.q_layout else "",
         )
         report.sites.append(row)
         if d.rewrite:

@@ -123,6 +123,10 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     _E("diffusers:pixart", "diffusers", "diffusers PixArtTransformer2DModel (self + cross attention to captions)",
        "16x16 latents: 8x8 tokens, 2 layers, 120 caption tokens x 32", "PixArt-XL-2-1024: 128x128 latents, 64x64 tokens",
        _diffusers_entry("pixart")),
+    _E("diffusers:flux", "diffusers", "diffusers FluxTransformer2DModel (joint text+image attention, RoPE; "
+       "tokens packed by the pipeline, img_ids hold their rows/columns)",
+       "16x16 image tokens of 16 channels + 8 text tokens x 32, 1 double + 1 single block, 2 heads x 16",
+       "FLUX.1-dev: 64x64 image tokens (1024px), 512 text tokens x 4096, 19 + 38 blocks", _diffusers_entry("flux")),
     _E("diffusers:autoencoder-kl", "diffusers", "diffusers AutoencoderKL (single-head mid-block attention)",
        "32px, channels 32,64: mid attention at 16x16 in encoder and decoder",
        "SD-2.1 VAE: 768px, mid attention at 96x96", _diffusers_entry("autoencoder-kl")),

@@ -49,6 +49,26 @@ AUTOENCODER_KL_SMALL = dict(AUTOENCODER_KL, block_out_channels=(32, 64), layers_
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             sample_size=32)
 
+# black-forest-labs/FLUX.1-dev transformer config (1024px: 128x128 latents packed 2x2 into 64x64
+# tokens of 64 channels; T5 text 512 x 4096, CLIP pooled 768). The pipeline packs the latents
+# outside the model (``_pack_latents``): the model's ``hidden_states`` are tokens, ``img_ids`` hold
+# each token's (0, row, col).
+FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))
+FLUX_SMALL = dict(FLUX, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+FLUX_GRID = {True: (16, 16), False: (64, 64)}   # image tokens (latent size / 2)
+FLUX_TEXT_TOKENS = {True: 8, False: 512}
+
+
+def flux_ids(height: int, width: int) -> torch.Tensor:
+    """Flux's ``img_ids`` for a height x width token grid in raster order: rows (0, r, c)."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
 
 def set_attn_processor(model, attn_processor):
     """``None``/``"default"``: keep the library default (``AttnProcessor2_0``, SDPA);
@@ -100,6 +120,18 @@ def build(entry: str, *, small: bool = True, dtype: torch.dtype = torch.float32,
             inputs = (torch.randn(b, cfg["in_channels"], s, s),
                       torch.randn(b, PIXART_CAPTION_TOKENS, cfg["caption_channels"]),
                       torch.tensor([500] * b), added)
+        elif entry == "flux":
+            grid = overrides.pop("grid", FLUX_GRID[small])
+            text = overrides.pop("text_tokens", FLUX_TEXT_TOKENS[small])
+            cfg = dict(FLUX_SMALL if small else FLUX, **overrides)
+            model = d.FluxTransformer2DModel(**cfg)
+            h, w = grid
+            # Positional, in forward's order: hidden_states, encoder_hidden_states, pooled_projections,
+            # timestep, img_ids, txt_ids, guidance, joint_attention_kwargs, (controlnet x2), return_dict.
+            inputs = (torch.randn(b, h * w, cfg["in_channels"]), torch.randn(b, text, cfg["joint_attention_dim"]),
+                      torch.randn(b, cfg["pooled_projection_dim"]), torch.tensor([0.5] * b), flux_ids(h, w),
+                      torch.zeros(text, 3), torch.tensor([3.5] * b) if cfg["guidance_embeds"] else None,
+                      None, None, None, False)
         elif entry == "autoencoder-kl":
             cfg = dict(AUTOENCODER_KL_SMALL if small else AUTOENCODER_KL, **overrides)
             model = d.AutoencoderKL(**cfg)
