@@ -44,6 +44,9 @@ KEEP_OPS = ("ln", "linear", "gelu", "affine", "pos", "view_split", "transpose_rt
             # tokens (no prefix/suffix) -> (B, C, H, W) -> depthwise conv -> tokens: a new row-major
             # image whatever the order was (a no-op where the stream has other tokens)
             "conv_roundtrip")
+# Image tokens (no prefix/suffix) -> (B, C, h, w) -> 2x2 stride-2 conv -> tokens of an image of
+# half the size (SegFormer's reduced keys on the key/value side, a downsampling stage on the stream).
+REDUCE_OPS = ("sr_conv",)
 # Ops that move tokens: the generator tracks the new order; most leave no raster image.
 REORDER_OPS = ("roll", "gather", "index_select", "flip", "inplace_roll", "index_copy")
 INPLACE_OPS = ("inplace_roll", "index_copy")
@@ -53,7 +56,7 @@ EXOTIC_KEEP_OPS = ("batch_flip", "channel_flip", "cumsum")
 # Ops after which no position is one pixel any more: tokens mixed by a reshape of (B, C, L) as
 # (B, L, C), or every token twice.
 BREAK_OPS = ("mix_reshape", "dup_tokens")
-ALL_OPS = KEEP_OPS + EXOTIC_KEEP_OPS + REORDER_OPS + BREAK_OPS
+ALL_OPS = KEEP_OPS + REDUCE_OPS + EXOTIC_KEEP_OPS + REORDER_OPS + BREAK_OPS
 
 SDPA_FORMS = ("sdpa", "sdpa_scale", "sdpa_gqa", "sdpa_mqa", "sdpa_causal")
 MANUAL_FORMS = ("m_qscale", "m_scores_scale", "m_div_sqrt", "m_mT", "m_baddbmm", "m_bmm", "m_einsum",
@@ -152,13 +155,36 @@ def _random_block(rng: random.Random, first: bool, cross: bool) -> BlockSpec:
 
 def _random_op(rng: random.Random) -> tuple:
     u = rng.random()
-    group = KEEP_OPS if u < 0.7 else EXOTIC_KEEP_OPS if u < 0.78 else REORDER_OPS if u < 0.95 else BREAK_OPS
+    group = (KEEP_OPS if u < 0.66 else REDUCE_OPS if u < 0.7 else EXOTIC_KEEP_OPS if u < 0.78
+             else REORDER_OPS if u < 0.95 else BREAK_OPS)
     return (rng.choice(group), rng.randrange(1 << 16))
 
 
 # --- ground truth ------------------------------------------------------------------------------
 def _is_pixel(tok) -> bool:
+    """Image tokens are (r, c) of the input image or (r, c, level) of a reduced image."""
     return isinstance(tok[0], int)
+
+
+def _level(tok) -> int:
+    return tok[2] if len(tok) == 3 else 0
+
+
+def _raster(dims: tuple, level: int) -> list:
+    h, w = dims
+    return [(r, c) if level == 0 else (r, c, level) for r in range(h) for c in range(w)]
+
+
+def image_span(order, levels: dict) -> tuple | None:
+    """(start, level) of the contiguous run of positions that holds every pixel of one image once
+    (in any order: a model that slices them out, reshapes them to (B, C, h, w) and convolves makes
+    a new row-major image), with only non-image tokens around it; None if there is none."""
+    pos = [i for i, t in enumerate(order) if _is_pixel(t)]
+    if not pos or pos[-1] - pos[0] != len(pos) - 1:
+        return None
+    lv = _level(order[pos[0]])
+    run = order[pos[0]:pos[-1] + 1]
+    return (pos[0], lv) if sorted(run) == _raster(levels[lv], lv) else None
 
 
 @dataclass
@@ -209,14 +235,21 @@ class SiteTruth:
 
 
 def _short(order, n=12) -> str:
-    toks = ["%d,%d" % t if _is_pixel(t) else f"{t[0]}{t[1]}" for t in order[:n]]
+    toks = [",".join(map(str, t)) if _is_pixel(t) else f"{t[0]}{t[1]}" for t in order[:n]]
     return "[" + " ".join(toks) + (" ...]" if len(order) > n else "]")
 
 
-def classify_image(order, height, width):
+def classify_image(order, levels):
     """(prefix, suffix, description) when ``order`` is non-image tokens, a raster image, non-image
-    tokens; None otherwise."""
+    tokens; None otherwise. ``levels``: {level: (height, width)} of the images (or one (h, w))."""
+    if isinstance(levels, tuple):
+        levels = {0: levels}
     pos = [i for i, t in enumerate(order) if _is_pixel(t)]
+    lvs = {_level(order[i]) for i in pos}
+    if len(lvs) != 1:
+        return None
+    lv = lvs.pop()
+    height, width = levels[lv]
     n = height * width
     if len(pos) != n or (n and pos[-1] - pos[0] != n - 1):
         return None
@@ -231,11 +264,13 @@ def classify_image(order, height, width):
                 for a in range(outer):
                     for b in range(inner):
                         r, c = (a, b) if major == "row" else (b, a)
-                        cand.append((height - 1 - r if flip_r else r, width - 1 - c if flip_c else c))
+                        rc = (height - 1 - r if flip_r else r, width - 1 - c if flip_c else c)
+                        cand.append(rc if lv == 0 else rc + (lv,))
                 if cand == pixels:
                     p = pos[0] if n else len(order)
                     s = len(order) - p - n
-                    how = f"{major}-major" + (" mirrored" if flip_r or flip_c else "")
+                    how = f"{major}-major" + (" mirrored" if flip_r or flip_c else "") + (
+                        f", image reduced {lv}x" if lv else "")
                     return p, s, f"{p}+{height}x{width}+{s} ({how})"
     return None
 
@@ -271,9 +306,12 @@ def _tokenized_order(how: str, height: int, width: int) -> list:
 class TokenOp(nn.Module):
     """One op on the (B, L, C) token stream; ``order_after`` says where the tokens went."""
 
-    def __init__(self, name: str, param: int, order: list, extra_id: list, hw: tuple):
+    def __init__(self, name: str, param: int, order: list, extra_id: list, levels: dict):
         super().__init__()
-        self.name, self.hw = name, hw
+        self.name = name
+        span = image_span(order, levels)
+        self.start, level = span if span else (0, None)
+        self.hw = levels[level] if level is not None else None
         rng = random.Random(param)
         L = len(order)
         self.shift = 0
@@ -286,8 +324,14 @@ class TokenOp(nn.Module):
         elif name == "channel_slice":
             self.fc = nn.Linear(DIM, 2 * DIM)
         elif name == "conv_roundtrip":
-            self.active = L == hw[0] * hw[1]
+            self.active = level is not None
             self.conv = nn.Conv2d(DIM, DIM, 3, padding=1, groups=DIM)
+        elif name == "sr_conv":
+            self.active = level is not None and min(self.hw) >= 2
+            self.conv = nn.Conv2d(DIM, DIM, 2, 2)
+            if self.active:
+                self.level = max(levels) + 1
+                self.new_hw = levels[self.level] = (self.hw[0] // 2, self.hw[1] // 2)
         elif name in ("add_prefix", "add_suffix"):
             self.token = nn.Parameter(torch.randn(1, 1, DIM))
         elif name in ("roll", "inplace_roll"):
@@ -305,7 +349,11 @@ class TokenOp(nn.Module):
         if n == "mix_reshape":
             return [("m", i) for i in range(len(order))]
         if n == "conv_roundtrip" and self.active:
-            return [(r, c) for r in range(self.hw[0]) for c in range(self.hw[1])]
+            n_img = self.hw[0] * self.hw[1]
+            return order[:self.start] + _raster(self.hw, _level(order[self.start])) + order[self.start + n_img:]
+        if n == "sr_conv" and self.active:
+            n_img = self.hw[0] * self.hw[1]
+            return order[:self.start] + _raster(self.new_hw, self.level) + order[self.start + n_img:]
         if n == "dup_tokens":
             return list(order) + list(order)
         if n in ("roll", "inplace_roll"):
@@ -384,11 +432,13 @@ class TokenOp(nn.Module):
             return x.transpose(1, 2).reshape(B, L, C)
         if n == "dup_tokens":
             return torch.cat([x, x], dim=1)
-        if n == "conv_roundtrip":
+        if n in ("conv_roundtrip", "sr_conv"):
             if not self.active:
                 return x
-            y = self.conv(x.transpose(1, 2).reshape(B, C, *self.hw))
-            return y.flatten(2).transpose(1, 2)
+            p, n_img = self.start, self.hw[0] * self.hw[1]
+            img = x[:, p:p + n_img]
+            y = self.conv(img.transpose(1, 2).reshape(B, C, *self.hw)).flatten(2).transpose(1, 2)
+            return torch.cat([x[:, :p], y, x[:, p + n_img:]], dim=1) if n_img != L else y
         raise ValueError(n)
 
 
@@ -575,19 +625,20 @@ class FuzzModel(nn.Module):
                  + [("s", i) for i in range(spec.suffix)])
         path_ops = (("tokenize", spec.tokenizer),) + ((("cat", "prefix/suffix"),) if spec.prefix or spec.suffix else ())
         extra_id = [0]
+        levels = {0: (spec.height, spec.width)}  # image sizes by reduction level
         batch = spec.batch * (2 if any(b.cross for b in spec.blocks) else 1)
         for i, blk in enumerate(spec.blocks):
             stage = nn.Module()
             stage.ops = nn.ModuleList()
             for name, param in blk.ops:
-                op = TokenOp(name, param, order, extra_id, (spec.height, spec.width))
+                op = TokenOp(name, param, order, extra_id, levels)
                 stage.ops.append(op)
                 order = op.order_after
                 path_ops += ((name, param),)
             k_order = list(order)
             kv_ops = nn.ModuleList()
             for name, param in blk.kv_ops:
-                op = TokenOp(name, param, k_order, extra_id, (spec.height, spec.width))
+                op = TokenOp(name, param, k_order, extra_id, levels)
                 kv_ops.append(op)
                 k_order = op.order_after
             q_batch = batch // 2 if blk.cross else batch
@@ -595,8 +646,8 @@ class FuzzModel(nn.Module):
             kv_batch_flipped = sum(n == "batch_flip" for n, _ in blk.kv_ops) % 2 == 1 and q_batch > 1
             truth = SiteTruth(path=f"stages.{i}.attn", block=i, spec=blk, q_order=list(order),
                               k_order=k_order, cross=blk.cross or kv_batch_flipped,
-                              q_image=classify_image(order, spec.height, spec.width),
-                              k_image=classify_image(k_order, spec.height, spec.width),
+                              q_image=classify_image(order, levels),
+                              k_image=classify_image(k_order, levels),
                               ops_before=path_ops, kv_ops=tuple(blk.kv_ops), batch=q_batch)
             truth_mask = None
             if truth.is_image_self_attention:
