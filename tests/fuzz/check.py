@@ -78,8 +78,9 @@ class Result:
 
     def describe(self) -> str:
         lines = [f"fuzz case seed={self.spec.seed}",
-                 f"  rerun: python -m tests.fuzz --seed {self.spec.seed} --cases 1"
-                 + (" --compiled" if self.spec.compiled else ""),
+                 f"  rerun: python -m tests.fuzz --seed {self.spec.seed} --cases 1 -v"
+                 + (" --compiled" if self.spec.compiled else "")
+                 + "   (a generated spec; any spec: python -m tests.fuzz -v --spec \"<spec text>\")",
                  f"  spec: {self.spec.text()}"]
         for t in self.truths:
             lines.append(f"  {t.path}: form={t.spec.form} mask={t.spec.mask} heads={t.spec.heads} "
