@@ -1,0 +1,702 @@
+"""Seeded random models with a known ground-truth token layout at every attention site.
+
+A case is a :class:`Spec` (plain data; its ``repr`` is the reproducible spec text). ``build(spec)``
+makes the model and its inputs and, by simulating the token order through every op, the
+:class:`SiteTruth` of each attention module: which original token (prefix/suffix/extra, or image
+pixel ``(r, c)``) sits at each sequence position of its queries and keys. From that order alone
+the fuzzer decides whether a site is an image (any row-/column-major raster, possibly mirrored:
+mirroring maps grid groups one-to-one, so the grid mask is the same) and builds the oracle mask
+``log M`` with groups taken from the original pixel coordinates.
+
+Every attention module has ``self.oracle = None``; the checker sets it to an additive
+``(Lq, Lk)`` tensor and the module adds it to its own scores/mask (eager only). Like
+tests/models.py, this module must not import gridattn_fx.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from oracle import as_additive, mask_from_groups, stride_tuple
+
+DIM = 16
+
+# --- the vocabulary ------------------------------------------------------------------------------
+# Token orders right after the patch embedding (B, C, H, W) -> (B, L, C).
+TOKENIZERS = {
+    "nchw": "flatten(2).transpose(1, 2)",
+    "nchw_T": "transpose(2, 3).flatten(2).transpose(1, 2)   (column-major)",
+    "nhwc": "permute(0, 2, 3, 1).reshape(B, H*W, C)",
+    "nhwc_T": "permute(0, 3, 2, 1).reshape(B, W*H, C)   (column-major)",
+    "nhwc_flat": "permute(0, 2, 3, 1).flatten(1, 2)",
+    "mirror": "flip(3).flatten(2).transpose(1, 2)   (mirrored image: still a raster)",
+}
+# Per-token ops on (B, L, C) that keep every token where it is (the proof should go through).
+KEEP_OPS = ("ln", "linear", "gelu", "affine", "pos", "view_split", "transpose_rt", "channel_slice",
+            "append_slice", "drop_front", "add_prefix", "add_suffix",
+            # tokens (no prefix/suffix) -> (B, C, H, W) -> depthwise conv -> tokens: a new row-major
+            # image whatever the order was (a no-op where the stream has other tokens)
+            "conv_roundtrip")
+# Image tokens (no prefix/suffix) -> (B, C, h, w) -> 2x2 stride-2 conv -> tokens of an image of
+# half the size (SegFormer's reduced keys on the key/value side, a downsampling stage on the stream).
+REDUCE_OPS = ("sr_conv",)
+# Ops that move tokens: the generator tracks the new order; most leave no raster image.
+REORDER_OPS = ("roll", "gather", "index_select", "flip", "inplace_roll", "index_copy")
+INPLACE_OPS = ("inplace_roll", "index_copy")
+# Ops that keep every token in place but that the pass need not prove through (only soundness
+# is checked after them).
+EXOTIC_KEEP_OPS = ("batch_flip", "channel_flip", "cumsum")
+# Ops after which no position is one pixel any more: tokens mixed by a reshape of (B, C, L) as
+# (B, L, C), or every token twice.
+BREAK_OPS = ("mix_reshape", "dup_tokens")
+ALL_OPS = KEEP_OPS + REDUCE_OPS + EXOTIC_KEEP_OPS + REORDER_OPS + BREAK_OPS
+
+SDPA_FORMS = ("sdpa", "sdpa_scale", "sdpa_gqa", "sdpa_mqa", "sdpa_causal")
+MANUAL_FORMS = ("m_qscale", "m_scores_scale", "m_div_sqrt", "m_mT", "m_baddbmm", "m_bmm", "m_einsum",
+                "m_tensor_scale", "m_v_attnT", "m_mqa")
+MHA_FORMS = ("mha_batch_first", "mha_seq_first")
+FORMS = SDPA_FORMS + MANUAL_FORMS + MHA_FORMS
+MASK_SHAPES = ("LL", "11LL", "1HLL", "B11L", "B1LL", "1L", "H1L")
+STRIDES = (1, 2, (2, 3), 4)
+STRIDE_WEIGHTS = (1, 3, 2, 2)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    ops: tuple = ()            # token ops applied to the stream before this block: (name, param)
+    kv_ops: tuple = ()         # token ops applied to this attention's key/value input only
+    form: str = "sdpa"
+    heads: int = 2
+    mask: str = "none"         # "none" | "bool:<shape>" | "add:<shape>"
+    cross: bool = False        # q from the first half of the batch, k/v from the second (other images)
+
+
+@dataclass(frozen=True)
+class Spec:
+    seed: int
+    dtype: str = "float64"
+    batch: int = 1             # images per attention side (a cross-image model gets twice as many)
+    height: int = 4            # image size in tokens
+    width: int = 4
+    patch: int = 1
+    tokenizer: str = "nchw"
+    prefix: int = 0
+    suffix: int = 0
+    blocks: tuple = (BlockSpec(),)
+    stride: object = 2
+    move_regrouping: bool = True
+    implementation: str = "grouped"
+    compiled: bool = False     # also run through torch.compile(backend="gridattn")
+    outputs: str = "last"      # "last" | "all": also return every stage's tokens (other readers)
+
+    def text(self) -> str:
+        return repr(self)
+
+
+# --- random specs ------------------------------------------------------------------------------
+def random_spec(seed: int, compiled: bool = False) -> Spec:
+    rng = random.Random(seed)
+    stride = rng.choices(STRIDES, STRIDE_WEIGHTS)[0]
+    gh, gw = stride_tuple(stride)
+    # mostly images big enough for >= 2 tokens per group, sometimes smaller (1-token groups)
+    if rng.random() < 0.85:
+        height = rng.randint(max(2, 2 * gh), max(2, 2 * gh) + 4)
+        width = rng.randint(max(2, 2 * gw), max(2, 2 * gw) + 4)
+    else:
+        height, width = rng.randint(1, 4), rng.randint(2, 5)
+    if rng.random() < 0.3:
+        width = height  # square
+    depth = rng.choice((1, 1, 2, 2, 3))
+    cross_at = rng.randrange(depth) if rng.random() < 0.08 else None
+    blocks = []
+    for i in range(depth):
+        blocks.append(_random_block(rng, first=(i == 0), cross=(i == cross_at)))
+    return Spec(
+        seed=seed,
+        dtype=rng.choice(("float64", "float64", "float64", "float32")),
+        batch=rng.choice((1, 2)),
+        height=height,
+        width=width,
+        patch=rng.choice((1, 2)),
+        tokenizer=rng.choice(("nchw", "nchw", "nchw_T", "nhwc", "nhwc_T", "nhwc_flat", "mirror")),
+        prefix=rng.choice((0, 0, 1, 1, 2, 5)),
+        suffix=rng.choice((0, 0, 0, 1, 3)),
+        blocks=tuple(blocks),
+        stride=stride,
+        move_regrouping=rng.random() < 0.75,
+        implementation="grouped" if rng.random() < 0.85 else "masked",
+        compiled=compiled,
+        outputs="all" if rng.random() < 0.2 else "last",
+    )
+
+
+def _random_block(rng: random.Random, first: bool, cross: bool) -> BlockSpec:
+    n_ops = rng.choice((0, 1, 1, 2, 3)) if first else rng.choice((0, 0, 0, 1))
+    ops = tuple(_random_op(rng) for _ in range(n_ops))
+    kv_ops = tuple(_random_op(rng) for _ in range(rng.choice((0,) * 12 + (1, 2))))
+    form = rng.choice(FORMS)
+    heads = rng.choice((1, 2, 4)) if form.startswith("mha") else rng.choice((2, 4))
+    mask = "none"
+    if not form.startswith("mha") and rng.random() < 0.4:
+        mask = f"{rng.choice(('bool', 'add'))}:{rng.choice(MASK_SHAPES)}"
+    elif form.startswith("mha") and rng.random() < 0.3:
+        mask = "add:LL"
+    if form == "sdpa_causal":  # SDPA refuses attn_mask together with is_causal
+        mask = "none"
+    return BlockSpec(ops=ops, kv_ops=kv_ops, form=form, heads=heads, mask=mask, cross=cross)
+
+
+def _random_op(rng: random.Random) -> tuple:
+    u = rng.random()
+    group = (KEEP_OPS if u < 0.66 else REDUCE_OPS if u < 0.7 else EXOTIC_KEEP_OPS if u < 0.78
+             else REORDER_OPS if u < 0.95 else BREAK_OPS)
+    return (rng.choice(group), rng.randrange(1 << 16))
+
+
+# --- ground truth ------------------------------------------------------------------------------
+def _is_pixel(tok) -> bool:
+    """Image tokens are (r, c) of the input image or (r, c, level) of a reduced image."""
+    return isinstance(tok[0], int)
+
+
+def _level(tok) -> int:
+    return tok[2] if len(tok) == 3 else 0
+
+
+def _raster(dims: tuple, level: int) -> list:
+    h, w = dims
+    return [(r, c) if level == 0 else (r, c, level) for r in range(h) for c in range(w)]
+
+
+def image_span(order, levels: dict) -> tuple | None:
+    """(start, level) of the contiguous run of positions that holds every pixel of one image once
+    (in any order: a model that slices them out, reshapes them to (B, C, h, w) and convolves makes
+    a new row-major image), with only non-image tokens around it; None if there is none."""
+    pos = [i for i, t in enumerate(order) if _is_pixel(t)]
+    if not pos or pos[-1] - pos[0] != len(pos) - 1:
+        return None
+    lv = _level(order[pos[0]])
+    run = order[pos[0]:pos[-1] + 1]
+    return (pos[0], lv) if sorted(run) == _raster(levels[lv], lv) else None
+
+
+@dataclass
+class SiteTruth:
+    path: str                  # module path of the attention module (model.named_modules())
+    block: int
+    spec: BlockSpec
+    q_order: list              # original token at each query position
+    k_order: list
+    cross: bool
+    q_image: tuple | None      # (prefix, suffix, description) when the tokens are a raster image
+    k_image: tuple | None
+    ops_before: tuple          # every token op on the provenance path from the patch embedding
+    kv_ops: tuple              # ops on the key/value side only
+    batch: int                 # batch of the attention's queries
+
+    @property
+    def causal(self) -> bool:
+        return self.spec.form == "sdpa_causal"
+
+    @property
+    def is_image_self_attention(self) -> bool:
+        return self.q_image is not None and self.k_image is not None and not self.cross and not self.causal
+
+    def describe(self) -> str:
+        if self.cross:
+            return "cross-image (queries and keys from different images)"
+        if self.causal:
+            return "causal attention (is_causal=True)"
+        if self.q_image is None:
+            return f"queries not an image (token order {_short(self.q_order)})"
+        if self.k_image is None:
+            return f"keys not an image (token order {_short(self.k_order)})"
+        if self.q_image[2] == self.k_image[2]:
+            return self.q_image[2]
+        return f"q {self.q_image[2]}, k {self.k_image[2]}"
+
+    def log_mask(self, stride, dtype) -> torch.Tensor:
+        """log M for this site's true token order (groups from the original pixel coordinates)."""
+        assert self.is_image_self_attention
+        gh, gw = stride_tuple(stride)
+
+        def groups(order):
+            return [(t[0] % gh, t[1] % gw) if _is_pixel(t) else None for t in order]
+
+        m = mask_from_groups(groups(self.q_order), groups(self.k_order))
+        return torch.from_numpy(np.where(m, 0.0, -np.inf)).to(dtype)
+
+
+def _short(order, n=12) -> str:
+    toks = [",".join(map(str, t)) if _is_pixel(t) else f"{t[0]}{t[1]}" for t in order[:n]]
+    return "[" + " ".join(toks) + (" ...]" if len(order) > n else "]")
+
+
+def classify_image(order, levels):
+    """(prefix, suffix, description) when ``order`` is non-image tokens, a raster image, non-image
+    tokens; None otherwise. ``levels``: {level: (height, width)} of the images (or one (h, w))."""
+    if isinstance(levels, tuple):
+        levels = {0: levels}
+    pos = [i for i, t in enumerate(order) if _is_pixel(t)]
+    lvs = {_level(order[i]) for i in pos}
+    if len(lvs) != 1:
+        return None
+    lv = lvs.pop()
+    height, width = levels[lv]
+    n = height * width
+    if len(pos) != n or (n and pos[-1] - pos[0] != n - 1):
+        return None
+    pixels = [order[i] for i in pos]
+    if len(set(pixels)) != n:
+        return None
+    for major in ("row", "col"):
+        for flip_r in (False, True):
+            for flip_c in (False, True):
+                cand = []
+                outer, inner = (height, width) if major == "row" else (width, height)
+                for a in range(outer):
+                    for b in range(inner):
+                        r, c = (a, b) if major == "row" else (b, a)
+                        rc = (height - 1 - r if flip_r else r, width - 1 - c if flip_c else c)
+                        cand.append(rc if lv == 0 else rc + (lv,))
+                if cand == pixels:
+                    p = pos[0] if n else len(order)
+                    s = len(order) - p - n
+                    how = f"{major}-major" + (" mirrored" if flip_r or flip_c else "") + (
+                        f", image reduced {lv}x" if lv else "")
+                    return p, s, f"{p}+{height}x{width}+{s} ({how})"
+    return None
+
+
+# --- the model -------------------------------------------------------------------------------------
+def _tokenize(x: torch.Tensor, how: str) -> torch.Tensor:
+    B, C, H, W = x.shape
+    if how == "nchw":
+        return x.flatten(2).transpose(1, 2)
+    if how == "nchw_T":
+        return x.transpose(2, 3).flatten(2).transpose(1, 2)
+    if how == "nhwc":
+        return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    if how == "nhwc_T":
+        return x.permute(0, 3, 2, 1).reshape(B, W * H, C)
+    if how == "nhwc_flat":
+        return x.permute(0, 2, 3, 1).flatten(1, 2)
+    if how == "mirror":
+        return x.flip(3).flatten(2).transpose(1, 2)
+    raise ValueError(how)
+
+
+def _tokenized_order(how: str, height: int, width: int) -> list:
+    if how in ("nchw", "nhwc", "nhwc_flat"):
+        return [(r, c) for r in range(height) for c in range(width)]
+    if how in ("nchw_T", "nhwc_T"):
+        return [(r, c) for c in range(width) for r in range(height)]
+    if how == "mirror":
+        return [(r, width - 1 - c) for r in range(height) for c in range(width)]
+    raise ValueError(how)
+
+
+class TokenOp(nn.Module):
+    """One op on the (B, L, C) token stream; ``order_after`` says where the tokens went."""
+
+    def __init__(self, name: str, param: int, order: list, extra_id: list, levels: dict):
+        super().__init__()
+        self.name = name
+        span = image_span(order, levels)
+        self.start, level = span if span else (0, None)
+        self.hw = levels[level] if level is not None else None
+        rng = random.Random(param)
+        L = len(order)
+        self.shift = 0
+        if name == "ln":
+            self.norm = nn.LayerNorm(DIM)
+        elif name == "linear":
+            self.fc = nn.Linear(DIM, DIM)
+        elif name == "pos":
+            self.pos = nn.Parameter(torch.randn(1, L, DIM) * 0.5)
+        elif name == "channel_slice":
+            self.fc = nn.Linear(DIM, 2 * DIM)
+        elif name == "conv_roundtrip":
+            self.active = level is not None
+            self.conv = nn.Conv2d(DIM, DIM, 3, padding=1, groups=DIM)
+        elif name == "sr_conv":
+            self.active = level is not None and min(self.hw) >= 2
+            self.conv = nn.Conv2d(DIM, DIM, 2, 2)
+            if self.active:
+                self.level = max(levels) + 1
+                self.new_hw = levels[self.level] = (self.hw[0] // 2, self.hw[1] // 2)
+        elif name in ("add_prefix", "add_suffix"):
+            self.token = nn.Parameter(torch.randn(1, 1, DIM))
+        elif name in ("roll", "inplace_roll"):
+            choices = [s for s in {1, -1, 2, rng.randrange(1, max(2, L))} if L > 1 and s % L]
+            self.shift = rng.choice(choices) if choices else 1
+        elif name in ("gather", "index_select", "index_copy"):
+            perm = list(range(L))
+            while L > 1 and perm == list(range(L)):
+                rng.shuffle(perm)
+            self.register_buffer("perm", torch.tensor(perm, dtype=torch.long))
+        self.order_after = self._order(order, extra_id)
+
+    def _order(self, order, extra_id):
+        n = self.name
+        if n == "mix_reshape":
+            return [("m", i) for i in range(len(order))]
+        if n == "conv_roundtrip" and self.active:
+            n_img = self.hw[0] * self.hw[1]
+            return order[:self.start] + _raster(self.hw, _level(order[self.start])) + order[self.start + n_img:]
+        if n == "sr_conv" and self.active:
+            n_img = self.hw[0] * self.hw[1]
+            return order[:self.start] + _raster(self.new_hw, self.level) + order[self.start + n_img:]
+        if n == "dup_tokens":
+            return list(order) + list(order)
+        if n in ("roll", "inplace_roll"):
+            L = len(order)
+            return [order[(i - self.shift) % L] for i in range(L)]
+        if n in ("gather", "index_select"):
+            return [order[i] for i in self.perm.tolist()]
+        if n == "index_copy":
+            new = list(order)
+            for i, p in enumerate(self.perm.tolist()):
+                new[p] = order[i]
+            return new
+        if n == "flip":
+            return order[::-1]
+        if n == "drop_front":
+            k = 0
+            while k < len(order) and not _is_pixel(order[k]):
+                k += 1
+            self.drop = k
+            return order[k:]
+        if n in ("add_prefix", "add_suffix"):
+            extra_id[0] += 1
+            tok = ("e", extra_id[0])
+            return [tok] + order if n == "add_prefix" else order + [tok]
+        return list(order)
+
+    def forward(self, x):
+        n = self.name
+        B, L, C = x.shape
+        if n == "ln":
+            return self.norm(x)
+        if n in ("linear",):
+            return self.fc(x)
+        if n == "gelu":
+            return F.gelu(x)
+        if n == "affine":
+            return x * 0.5 + 0.25
+        if n == "pos":
+            return x + self.pos
+        if n == "view_split":
+            return x.view(B, L, 2, C // 2).flatten(2)
+        if n == "transpose_rt":
+            return (x.transpose(1, 2) * 1.5).transpose(1, 2)
+        if n == "channel_slice":
+            return self.fc(x)[..., :C]
+        if n == "append_slice":
+            return torch.cat([x, x[:, :2] * 0.5], dim=1)[:, :L]
+        if n == "drop_front":
+            return x[:, self.drop:]
+        if n == "add_prefix":
+            return torch.cat([self.token.expand(B, -1, -1), x], dim=1)
+        if n == "add_suffix":
+            return torch.cat([x, self.token.expand(B, -1, -1)], dim=1)
+        if n == "roll":
+            return torch.roll(x, self.shift, dims=1)
+        if n == "gather":
+            return x[:, self.perm]
+        if n == "index_select":
+            return torch.index_select(x, 1, self.perm)
+        if n == "flip":
+            return x.flip(1)
+        if n == "inplace_roll":
+            x = x * 1.0  # a fresh tensor of our own, then reorder it in place
+            x.copy_(torch.roll(x, self.shift, dims=1))
+            return x
+        if n == "index_copy":
+            x = x * 1.0
+            return x.index_copy_(1, self.perm, x.clone())
+        if n == "batch_flip":
+            return x.flip(0)
+        if n == "channel_flip":
+            return x.flip(-1)
+        if n == "cumsum":
+            return x.cumsum(1) / L
+        if n == "mix_reshape":  # (B, C, L) read as (B, L, C): every position mixes several tokens
+            return x.transpose(1, 2).reshape(B, L, C)
+        if n == "dup_tokens":
+            return torch.cat([x, x], dim=1)
+        if n in ("conv_roundtrip", "sr_conv"):
+            if not self.active:
+                return x
+            p, n_img = self.start, self.hw[0] * self.hw[1]
+            img = x[:, p:p + n_img]
+            y = self.conv(img.transpose(1, 2).reshape(B, C, *self.hw)).flatten(2).transpose(1, 2)
+            return torch.cat([x[:, :p], y, x[:, p + n_img:]], dim=1) if n_img != L else y
+        raise ValueError(n)
+
+
+class FuzzAttention(nn.Module):
+    def __init__(self, blk: BlockSpec, lq: int, lk: int, batch: int, truth_mask: torch.Tensor | None,
+                 gen: torch.Generator, kv_ops: nn.ModuleList):
+        super().__init__()
+        self.kv_ops = kv_ops
+        self.form, self.cross, self.heads = blk.form, blk.cross, blk.heads
+        self.d = DIM // blk.heads
+        self.kv_heads = (blk.heads // 2 if blk.form == "sdpa_gqa"
+                         else 1 if blk.form in ("sdpa_mqa", "m_mqa") else blk.heads)
+        self.norm = nn.LayerNorm(DIM)
+        self.oracle = None
+        if blk.form.startswith("mha"):
+            self.batch_first = blk.form == "mha_batch_first"
+            self.mha = nn.MultiheadAttention(DIM, blk.heads, batch_first=self.batch_first)
+        else:
+            self.q = nn.Linear(DIM, DIM)
+            self.kv = nn.Linear(DIM, 2 * self.kv_heads * self.d)
+            self.proj = nn.Linear(DIM, DIM)
+        if blk.form == "m_tensor_scale":  # Swin-V2 style learned per-head logit scale
+            self.logit_scale = nn.Parameter(torch.log(1 + 9 * torch.rand(blk.heads, 1, 1, generator=gen)))
+        self.mask_kind = blk.mask.split(":")[0]
+        self.register_buffer("mask", None if blk.mask == "none" else
+                             _make_mask(blk.mask, lq, lk, batch, blk.heads, truth_mask, gen))
+
+    # the oracle path: add log M (eager only)
+    def _o(self, scores):
+        return scores if self.oracle is None else scores + self.oracle.to(scores.dtype)
+
+    def _sdpa_mask(self):
+        if self.oracle is None:
+            return self.mask
+        m = as_additive(self.mask, self.oracle.dtype) if self.mask is not None else None
+        return self.oracle if m is None else m + self.oracle
+
+    def _mask_scores(self, s):
+        if self.mask is None:
+            return s
+        if self.mask_kind == "bool":
+            return s.masked_fill(~self.mask, float("-inf"))
+        return s + self.mask
+
+    def forward(self, x):
+        h = self.norm(x)
+        if self.cross:
+            x, _ = x.chunk(2, 0)
+            hq, hkv = h.chunk(2, 0)
+        else:
+            hq = hkv = h
+        for op in self.kv_ops:
+            hkv = op(hkv)
+        if self.form.startswith("mha"):
+            return x + self._mha(hq, hkv)
+        B, Lq, C = hq.shape
+        Lk = hkv.shape[1]
+        q = self.q(hq).view(B, Lq, self.heads, self.d).transpose(1, 2)
+        k, v = self.kv(hkv).view(B, Lk, 2, self.kv_heads, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        o = getattr(self, "_" + self.form)(q, k, v)
+        return x + self.proj(o.transpose(1, 2).reshape(B, Lq, C))
+
+    def _mha(self, hq, hkv):
+        mask = self.mask
+        if self.oracle is not None:
+            mask = self.oracle if mask is None else mask + self.oracle
+        if not self.batch_first:
+            hq, hkv = hq.transpose(0, 1), hkv.transpose(0, 1)
+        out, _ = self.mha(hq, hkv, hkv, need_weights=False, attn_mask=mask)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    # --- SDPA forms
+    def _sdpa(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._sdpa_mask())
+
+    def _sdpa_scale(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._sdpa_mask(), scale=0.3)
+
+    def _sdpa_gqa(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._sdpa_mask(), enable_gqa=True)
+
+    def _sdpa_causal(self, q, k, v):  # never a grid site: the oracle path is plain attention
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def _sdpa_mqa(self, q, k, v):  # k, v: (B, 1, L, d), broadcast over the query heads
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._sdpa_mask())
+
+    # --- manual chains, one spelling each
+    def _m_qscale(self, q, k, v):  # timm: scale q first
+        attn = (q * self.d ** -0.5) @ k.transpose(-2, -1)
+        return self._o(self._mask_scores(attn)).softmax(dim=-1) @ v
+
+    def _m_scores_scale(self, q, k, v):
+        attn = torch.matmul(q, k.transpose(-1, -2)) * self.d ** -0.5
+        return F.softmax(self._o(self._mask_scores(attn)), dim=-1) @ v
+
+    def _m_div_sqrt(self, q, k, v):
+        attn = (q @ k.transpose(-2, -1)) / math.sqrt(self.d)
+        return torch.softmax(self._o(self._mask_scores(attn)), -1) @ v
+
+    def _m_mT(self, q, k, v):
+        attn = q @ k.mT * 0.3
+        return torch.matmul(self._o(self._mask_scores(attn)).softmax(-1), v)
+
+    def _m_mqa(self, q, k, v):  # k, v with one head, broadcast by the matmuls
+        attn = (q @ k.transpose(-2, -1)) * self.d ** -0.5
+        return self._o(self._mask_scores(attn)).softmax(-1) @ v
+
+    def _fold(self, q, k, v):
+        B, H, Lq, D = q.shape
+        return B, H, Lq, D, q.reshape(B * H, Lq, D), k.reshape(B * H, -1, D), v.reshape(B * H, -1, D)
+
+    def _folded_bias(self, B, H, Lq, Lk, dtype):
+        """The mask as a (B*H, Lq, Lk) additive bias, as diffusers' prepare_attention_mask makes it."""
+        if self.mask is None:
+            return None
+        bias = as_additive(self.mask, dtype) if self.mask_kind == "bool" else self.mask
+        return bias.expand(B, H, Lq, Lk).reshape(B * H, Lq, Lk)
+
+    def _m_baddbmm(self, q, k, v):  # diffusers AttnProcessor: heads folded into the batch
+        B, H, Lq, D, q3, k3, v3 = self._fold(q, k, v)
+        Lk = k3.shape[1]
+        bias = self._folded_bias(B, H, Lq, Lk, q.dtype)
+        if bias is not None:
+            scores = torch.baddbmm(bias, q3, k3.transpose(-1, -2), beta=1, alpha=D ** -0.5)
+        else:
+            empty = torch.empty(B * H, Lq, Lk, dtype=q.dtype, device=q.device)
+            scores = torch.baddbmm(empty, q3, k3.transpose(-1, -2), beta=0, alpha=D ** -0.5)
+        probs = self._o(scores).softmax(dim=-1)
+        return torch.bmm(probs, v3).reshape(B, H, Lq, D)
+
+    def _m_bmm(self, q, k, v):
+        B, H, Lq, D, q3, k3, v3 = self._fold(q, k, v)
+        scores = torch.bmm(q3, k3.transpose(1, 2)) * D ** -0.5
+        bias = self._folded_bias(B, H, Lq, k3.shape[1], q.dtype)
+        if bias is not None:
+            scores = scores + bias
+        return torch.bmm(self._o(scores).softmax(-1), v3).reshape(B, H, Lq, D)
+
+    def _m_einsum(self, q, k, v):
+        attn = torch.einsum("bhid,bhjd->bhij", q, k) * self.d ** -0.5
+        return torch.einsum("bhij,bhjd->bhid", self._o(self._mask_scores(attn)).softmax(-1), v)
+
+    def _m_tensor_scale(self, q, k, v):  # Swin-V2 cosine attention with a learned logit scale
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * scale
+        return self._o(self._mask_scores(attn)).softmax(-1) @ v
+
+    def _m_v_attnT(self, q, k, v):  # CoAtNet/MaxxViT Attention2d: tensors are (B, H, d, L)
+        qt, kt, vt = q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1)
+        attn = (qt.transpose(-2, -1) @ kt) * self.d ** -0.5
+        attn = self._o(self._mask_scores(attn)).softmax(dim=-1)
+        return (vt @ attn.transpose(-2, -1)).transpose(-2, -1)
+
+
+def _make_mask(kind: str, lq, lk, batch, heads, truth_mask, gen):
+    """A mask of a broadcast shape. Bool masks hide few keys and never a whole row, also together
+    with the true grid mask (a fully hidden row would make both sides NaN: no teeth)."""
+    mtype, shape = kind.split(":")
+    dims = {"LL": (lq, lk), "11LL": (1, 1, lq, lk), "1HLL": (1, heads, lq, lk),
+            "B11L": (batch, 1, 1, lk), "B1LL": (batch, 1, lq, lk), "1L": (1, lk), "H1L": (heads, 1, lk)}[shape]
+    if mtype == "add":
+        return torch.randn(dims, generator=gen) * 0.7
+    keep = torch.rand(dims, generator=gen) > 0.15
+    full = keep.expand(*keep.shape[:-2], lq, lk) if keep.dim() > 1 else keep.expand(lq, lk)
+    allowed = torch.ones(lq, lk, dtype=torch.bool) if truth_mask is None else truth_mask
+    if bool(((full & allowed).sum(-1) == 0).any()):
+        keep = torch.ones(dims, dtype=torch.bool)
+    return keep
+
+
+class FuzzModel(nn.Module):
+    def __init__(self, spec: Spec, truths: list):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Conv2d(3, DIM, spec.patch, spec.patch)
+        self.prefix_tokens = nn.Parameter(torch.randn(1, spec.prefix, DIM)) if spec.prefix else None
+        self.suffix_tokens = nn.Parameter(torch.randn(1, spec.suffix, DIM)) if spec.suffix else None
+        self.stages = nn.ModuleList()
+        self.norm = nn.LayerNorm(DIM)
+        gen = torch.Generator().manual_seed(spec.seed)
+        order = ([("p", i) for i in range(spec.prefix)]
+                 + _tokenized_order(spec.tokenizer, spec.height, spec.width)
+                 + [("s", i) for i in range(spec.suffix)])
+        path_ops = (("tokenize", spec.tokenizer),) + ((("cat", "prefix/suffix"),) if spec.prefix or spec.suffix else ())
+        extra_id = [0]
+        levels = {0: (spec.height, spec.width)}  # image sizes by reduction level
+        batch = spec.batch * (2 if any(b.cross for b in spec.blocks) else 1)
+        for i, blk in enumerate(spec.blocks):
+            stage = nn.Module()
+            stage.ops = nn.ModuleList()
+            for name, param in blk.ops:
+                op = TokenOp(name, param, order, extra_id, levels)
+                stage.ops.append(op)
+                order = op.order_after
+                path_ops += ((name, param),)
+            k_order = list(order)
+            kv_ops = nn.ModuleList()
+            for name, param in blk.kv_ops:
+                op = TokenOp(name, param, k_order, extra_id, levels)
+                kv_ops.append(op)
+                k_order = op.order_after
+            q_batch = batch // 2 if blk.cross else batch
+            # keys of a batch-reordered copy: query image b meets key image B-1-b
+            kv_batch_flipped = sum(n == "batch_flip" for n, _ in blk.kv_ops) % 2 == 1 and q_batch > 1
+            truth = SiteTruth(path=f"stages.{i}.attn", block=i, spec=blk, q_order=list(order),
+                              k_order=k_order, cross=blk.cross or kv_batch_flipped,
+                              q_image=classify_image(order, levels),
+                              k_image=classify_image(k_order, levels),
+                              ops_before=path_ops, kv_ops=tuple(blk.kv_ops), batch=q_batch)
+            truth_mask = None
+            if truth.is_image_self_attention:
+                truth_mask = torch.isfinite(truth.log_mask(spec.stride, torch.float64))
+            stage.attn = FuzzAttention(blk, len(order), len(k_order), q_batch, truth_mask, gen, kv_ops)
+            self.stages.append(stage)
+            truths.append(truth)
+            batch = q_batch
+
+    def forward(self, img):
+        x = _tokenize(self.embed(img), self.spec.tokenizer)
+        B = x.shape[0]
+        parts = [x]
+        if self.prefix_tokens is not None:
+            parts.insert(0, self.prefix_tokens.expand(B, -1, -1))
+        if self.suffix_tokens is not None:
+            parts.append(self.suffix_tokens.expand(B, -1, -1))
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else x
+        outs = []
+        for stage in self.stages:
+            for op in stage.ops:
+                x = op(x)
+            x = stage.attn(x)
+            outs.append(x)
+        if self.spec.outputs == "all":
+            return tuple(outs[:-1]) + (self.norm(x),)
+        return self.norm(x)
+
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def build(spec: Spec):
+    """(model, inputs, truths): an eval-mode model in the spec's dtype, its input, one SiteTruth
+    per attention module (in module order)."""
+    torch.manual_seed(spec.seed)
+    truths: list[SiteTruth] = []
+    model = FuzzModel(spec, truths).to(DTYPES[spec.dtype]).eval()
+    batch = spec.batch * (2 if any(b.cross for b in spec.blocks) else 1)
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    img = torch.randn(batch, 3, spec.height * spec.patch, spec.width * spec.patch, generator=gen,
+                      dtype=torch.float64).to(DTYPES[spec.dtype])
+    return model, (img,), truths
+
+
+def set_oracle(model: nn.Module, truths, stride, sites) -> None:
+    """Switch the attention modules of ``sites`` (block indices) to their true-layout oracle;
+    every other module computes its plain attention."""
+    dtype = next(model.parameters()).dtype
+    for t in truths:
+        mod = model.get_submodule(t.path)
+        mod.oracle = t.log_mask(stride, dtype) if t.block in sites else None
