@@ -8,6 +8,7 @@ import torch.fx as fx
 from .config import GridAttnConfig
 from .dynamo_backend import apply_pass
 from .report import Report
+from .state_dict import adopt_model_state
 
 
 def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
@@ -27,6 +28,8 @@ def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None
     """Run the gridattn pass on a model (captured with Dynamo) or an existing GraphModule.
 
     Options are the same as the backend's; they override fields of ``config`` when both are given.
+    For an ``nn.Module``, the returned GraphModule has the module's state_dict keys and shares its
+    tensors: ``gm.load_state_dict(model.state_dict())`` works (gridattn_fx/state_dict.py).
     """
     example_inputs = tuple(example_inputs)
     config = config or GridAttnConfig()
@@ -39,4 +42,7 @@ def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None
     else:
         raise TypeError(f"rewrite() takes an nn.Module or fx.GraphModule, got {type(model_or_graph_module).__name__}")
     # The returned graph is fixed: shuffle distributing is baked in when the module is training now.
-    return apply_pass(gm, example_inputs, config, training=model_or_graph_module.training)
+    new_gm, report = apply_pass(gm, example_inputs, config, training=model_or_graph_module.training)
+    if not isinstance(model_or_graph_module, fx.GraphModule):
+        adopt_model_state(new_gm, model_or_graph_module)  # the model's state_dict keys (state_dict.py)
+    return new_gm, report

@@ -1,0 +1,75 @@
+"""The model's own state_dict keys on the GraphModule that ``rewrite()`` returns.
+
+Dynamo registers the parameters and buffers a graph reads under flat names
+(``L__self___blocks_0_attn_qkv_weight``), so the model's checkpoints would not load into the graph
+module. :func:`adopt_model_state` registers every parameter and buffer of the model under its
+original path (``blocks.0.attn.qkv.weight``, in empty container modules shaped like the model's
+tree, with the same persistence), points the graph's ``get_attr`` nodes at those paths, and drops
+the flat names. Afterwards ``gm.state_dict()`` has exactly the keys of ``model.state_dict()`` and
+``gm.load_state_dict(model.state_dict())`` works (strict). The tensors are the model's own (as in
+Dynamo's graph), so loading into one loads into the other.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+
+logger = logging.getLogger("gridattn_fx")
+
+# Dynamo's record of which model path each flat attribute name came from.
+_FLAT_TO_FQN = "dynamo_flat_name_to_original_fqn"
+
+
+def adopt_model_state(gm: fx.GraphModule, model: torch.nn.Module) -> bool:
+    """Give ``gm`` the state_dict keys of ``model`` (see the module docstring). Returns False, and
+    changes nothing, where that is impossible: a top-level name of the model clashes with a
+    GraphModule attribute (``graph``, ``code``, ...), or a flat name has no model path; the flat
+    names and ``gm.meta["dynamo_flat_name_to_original_fqn"]`` (the mapping) then stay."""
+    flat_to_fqn = dict(getattr(gm, "meta", {}).get(_FLAT_TO_FQN, {}))
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    state = dict(model.state_dict(keep_vars=True))
+    state.update(dict(model.named_parameters(remove_duplicate=False)))
+    # Every flat attribute the graph reads must be a model tensor we can point it to.
+    retarget = {}
+    for target in targets:
+        fqn = flat_to_fqn.get(target)
+        if fqn is None:
+            continue  # not one of the model's tensors (a constant the pass or Dynamo added): leave it
+        if fqn not in state or state[fqn] is not getattr(gm, target, None):
+            logger.info("gridattn: state_dict keys left as Dynamo's flat names (%s is not the model's %s)",
+                        target, fqn)
+            return False
+        retarget[target] = fqn
+    top_level = {key.split(".")[0] for key in state} | {name for name, _ in model.named_children()}
+    clashes = sorted(name for name in top_level if hasattr(gm, name) and name not in flat_to_fqn)
+    if clashes:
+        logger.info("gridattn: state_dict keys left as Dynamo's flat names (%s would clash with "
+                    "GraphModule attributes)", ", ".join(clashes))
+        return False
+
+    for target in retarget:
+        if hasattr(gm, target):
+            delattr(gm, target)
+    containers = {"": gm}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if path:
+            parent, _, name = path.rpartition(".")
+            containers[path] = torch.nn.Module()
+            containers[parent].add_module(name, containers[path])
+    for path, module in model.named_modules(remove_duplicate=False):
+        container = containers[path]
+        for name, param in module._parameters.items():
+            if param is not None:
+                container.register_parameter(name, param)
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                container.register_buffer(name, buf, persistent=name not in module._non_persistent_buffers_set)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in retarget:
+            node.target = retarget[node.target]
+    gm.graph.lint()
+    gm.recompile()
+    return True
