@@ -26,25 +26,31 @@ _FLAT_TO_FQN = "dynamo_flat_name_to_original_fqn"
 def adopt_model_state(gm: fx.GraphModule, model: torch.nn.Module) -> bool:
     """Give ``gm`` the state_dict keys of ``model`` (see the module docstring). Returns False, and
     changes nothing, where that is impossible: a top-level name of the model clashes with a
-    GraphModule attribute (``graph``, ``code``, ...), or a flat name has no model path; the flat
-    names and ``gm.meta["dynamo_flat_name_to_original_fqn"]`` (the mapping) then stay."""
+    GraphModule attribute (``graph``, ``code``, ...), or a tensor Dynamo attributes to the model is
+    not the model's; the flat names and ``gm.meta["dynamo_flat_name_to_original_fqn"]`` (flat name
+    -> model path) then stay."""
     flat_to_fqn = dict(getattr(gm, "meta", {}).get(_FLAT_TO_FQN, {}))
-    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    state = dict(model.state_dict(keep_vars=True))
-    state.update(dict(model.named_parameters(remove_duplicate=False)))
-    # Every flat attribute the graph reads must be a model tensor we can point it to.
+    # The model's tensors by identity (Dynamo's own mapping names one path per tensor, and not
+    # always the one a shared tensor is read through).
+    path_of = {}
+    for path, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        path_of.setdefault(id(tensor), path)
     retarget = {}
-    for target in targets:
-        fqn = flat_to_fqn.get(target)
-        if fqn is None:
-            continue  # not one of the model's tensors (a constant the pass or Dynamo added): leave it
-        if fqn not in state or state[fqn] is not getattr(gm, target, None):
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in retarget:
+            continue
+        tensor = _attr(gm, node.target)
+        if isinstance(tensor, torch.Tensor) and id(tensor) in path_of:
+            retarget[node.target] = path_of[id(tensor)]
+        elif node.target in flat_to_fqn:  # Dynamo says it is the model's, but it is another tensor
             logger.info("gridattn: state_dict keys left as Dynamo's flat names (%s is not the model's %s)",
-                        target, fqn)
+                        node.target, flat_to_fqn[node.target])
             return False
-        retarget[target] = fqn
-    top_level = {key.split(".")[0] for key in state} | {name for name, _ in model.named_children()}
-    clashes = sorted(name for name in top_level if hasattr(gm, name) and name not in flat_to_fqn)
+        # else: a constant that Dynamo or the pass added, not model state: left as it is
+    top_level = {path.split(".")[0] for path in path_of.values()} | {name for name, _ in model.named_children()}
+    top_level |= {key.split(".")[0] for key in model.state_dict()}
+    clashes = sorted(name for name in top_level if hasattr(gm, name) and name not in retarget)
     if clashes:
         logger.info("gridattn: state_dict keys left as Dynamo's flat names (%s would clash with "
                     "GraphModule attributes)", ", ".join(clashes))
@@ -73,3 +79,10 @@ def adopt_model_state(gm: fx.GraphModule, model: torch.nn.Module) -> bool:
     gm.graph.lint()
     gm.recompile()
     return True
+
+
+def _attr(module: torch.nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
