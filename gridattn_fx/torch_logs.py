@@ -9,7 +9,27 @@ import logging
 import torch._logging
 import torch.fx as fx
 
-from gridattn_fx_torch_logs import GRAPH_ARTIFACT, REPORT_ARTIFACT, register
+
+def _names_module():
+    """The top-level gridattn_fx_torch_logs module; from the source tree next to this package when
+    the installed metadata predates it (an editable install made before it existed)."""
+    try:
+        import gridattn_fx_torch_logs
+
+        return gridattn_fx_torch_logs
+    except ImportError:
+        import importlib.util
+        import os
+
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gridattn_fx_torch_logs.py")
+        spec = importlib.util.spec_from_file_location("gridattn_fx_torch_logs", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+_names = _names_module()
+GRAPH_ARTIFACT, REPORT_ARTIFACT, register = _names.GRAPH_ARTIFACT, _names.REPORT_ARTIFACT, _names.register
 
 # Also when the torch.backends entry point did not run (an environment where the package's
 # metadata is older than this module): TORCH_LOGS cannot use the names then, set_logs() can.
