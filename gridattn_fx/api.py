@@ -8,7 +8,7 @@ import torch.fx as fx
 from .config import GridAttnConfig
 from .dynamo_backend import apply_pass
 from .report import Report
-from .state_dict import adopt_model_state
+from .state_dict import with_model_state
 
 
 def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
@@ -44,5 +44,5 @@ def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None
     # The returned graph is fixed: shuffle distributing is baked in when the module is training now.
     new_gm, report = apply_pass(gm, example_inputs, config, training=model_or_graph_module.training)
     if not isinstance(model_or_graph_module, fx.GraphModule):
-        adopt_model_state(new_gm, model_or_graph_module)  # the model's state_dict keys (state_dict.py)
+        new_gm = with_model_state(new_gm, model_or_graph_module)  # the model's state_dict keys
     return new_gm, report
