@@ -68,10 +68,9 @@ def test_names_are_registered_with_torch_logging():
 
 
 def test_pyproject_declares_the_entry_point():
-    import tomllib
+    from test_packaging import _pyproject
 
-    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-        project = tomllib.load(f)
+    project = _pyproject()
     assert project["project"]["entry-points"]["torch.backends"] == {"gridattn_logs": ENTRY_POINT}
     assert "gridattn_fx_torch_logs" in project["tool"]["setuptools"]["py-modules"]
 

@@ -5,7 +5,6 @@ import ast
 import os
 import subprocess
 import sys
-import tomllib
 
 import pytest
 
@@ -13,6 +12,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pyproject():
+    """pyproject.toml as a dict (tomllib is Python >= 3.11; the package supports 3.10)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pip vendors a TOML reader
+        from pip._vendor import tomli as tomllib
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         return tomllib.load(f)
 
@@ -57,6 +61,7 @@ def test_test_extra_declares_what_the_tests_import():
     assert {req.split(">")[0].split("=")[0] for req in extra} == {"pytest", "numpy"}
     test_modules = {f[:-3] for _, _, files in os.walk(os.path.join(REPO, "tests")) for f in files if f.endswith(".py")}
     allowed = {"torch", "numpy", "pytest", "gridattn_fx", "gridattn_fx_torch_logs", "benchmarks",
+               "pip",  # its vendored TOML reader, on Python 3.10 only (_pyproject)
                "timm", "transformers", "diffusers", "segment_anything", "torchvision"} | test_modules
     for name, where in _imports(os.path.join(REPO, "tests")).items():
         assert name in sys.stdlib_module_names or name in allowed, (name, sorted(where))
