@@ -3,8 +3,11 @@
 Commands:
   demo    compile the built-in high-resolution ViT with inductor and with gridattn, show the
           rewrite report, and compare latency, outputs and attention FLOPs.
-  report  build a model-zoo model from its config, run the pass, print the site table with
-          totals and whole-model FLOPs before and after.
+  report  build a model-zoo model from its config (or call a module:callable that returns
+          (model, example_inputs)), run the pass, print the site table with totals and
+          whole-model FLOPs before and after. ``report --list`` lists the zoo.
+
+A bad model name or option ends in one line on stderr and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report",
-        help="the rewrite report of a model-zoo model (timm:..., transformers:..., diffusers:..., sam:vit_b)",
-        description="Build a zoo model from its config (random weights), run the gridattn pass, and "
-                    "print every site's decision with totals and FLOPs before and after.",
+        help="the rewrite report of a model-zoo model (timm:..., transformers:..., diffusers:..., sam:vit_b) "
+             "or of module:callable returning (model, example_inputs)",
+        description="Build a zoo model from its config (random weights), or call module:callable for "
+                    "(model, example_inputs), run the gridattn pass, and print every site's decision "
+                    "with totals and FLOPs before and after.",
     )
     add_report_arguments(report)
     return parser
@@ -63,9 +68,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return demo_from_args(args, echo=lambda line: print(line, flush=True))
     if args.command == "report":
-        from gridattn_fx.model_report import run_report
+        from gridattn_fx.model_report import ReportError, run_report
 
-        return run_report(args, echo=lambda line: print(line, flush=True))
+        try:
+            return run_report(args, echo=lambda line: print(line, flush=True))
+        except ReportError as err:
+            logging.getLogger("gridattn_fx").info("report failed", exc_info=True)  # -v: the traceback
+            print(f"{parser.prog} report: error: {err}", file=sys.stderr)
+            return 2
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects first
     return 2
 

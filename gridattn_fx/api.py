@@ -8,6 +8,7 @@ import torch.fx as fx
 from .config import GridAttnConfig
 from .dynamo_backend import apply_pass
 from .report import Report
+from .state_dict import with_model_state
 
 
 def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
@@ -41,6 +42,9 @@ def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None
     proven for. For inputs of other shapes call ``rewrite()`` again, or use
     ``torch.compile(backend="gridattn")``, which rewrites every shape it compiles. Only a
     GraphModule passed in and returned unchanged (the pass fell back) is left without the check.
+
+    For an ``nn.Module``, the returned GraphModule has the module's state_dict keys and shares its
+    tensors: ``gm.load_state_dict(model.state_dict())`` works (gridattn_fx/state_dict.py).
     """
     example_inputs = tuple(example_inputs)
     config = config or GridAttnConfig()
@@ -54,6 +58,8 @@ def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None
         raise TypeError(f"rewrite() takes an nn.Module or fx.GraphModule, got {type(model_or_graph_module).__name__}")
     # The returned graph is fixed: shuffle distributing is baked in when the module is training now.
     new_gm, report = apply_pass(gm, example_inputs, config, training=model_or_graph_module.training)
+    if not isinstance(model_or_graph_module, fx.GraphModule):
+        new_gm = with_model_state(new_gm, model_or_graph_module)  # the model's state_dict keys
     if new_gm is not model_or_graph_module:  # never edit the caller's own module
         insert_shape_check(new_gm)
     return new_gm, report

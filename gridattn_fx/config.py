@@ -143,18 +143,28 @@ class GridAttnConfig:
 
     @classmethod
     def from_options(cls, options: dict | None) -> tuple["GridAttnConfig", dict]:
-        """Split ``options`` into our config and the inductor options to pass through."""
+        """Split ``options`` into our config and the inductor options to pass through.
+
+        Inductor options are checked against the types ``torch._inductor.config`` declares.
+        ``"mode"`` expands to the inductor options of a torch.compile mode (torch.compile itself
+        refuses ``mode=`` together with ``options=``); explicit inductor options override it.
+        """
         ours, inductor = {}, {}
         known_inductor = _inductor_option_names()
-        for key, value in (options or {}).items():
+        options = dict(options or {})
+        mode = options.pop("mode", None)
+        if mode is not None:
+            inductor.update(_mode_options(mode))
+        for key, value in options.items():
             if key in cls.option_names():
                 ours[key] = value
             elif key in known_inductor:
+                _check_inductor_option(key, value)
                 inductor[key] = value
             else:
                 raise ValueError(
-                    f"unknown gridattn option {key!r}: expected one of {', '.join(cls.option_names())} "
-                    "or an inductor config option (torch._inductor.list_options())"
+                    f"unknown gridattn option {key!r}: expected one of {', '.join(cls.option_names())}, "
+                    "'mode', or an inductor config option (torch._inductor.list_options())"
                 )
         preset = ours.pop("preset", None)
         return cls.from_preset(preset, **ours), inductor
@@ -218,3 +228,69 @@ def _inductor_option_names() -> set[str]:
     import torch._inductor
 
     return set(torch._inductor.list_options())
+
+
+def _mode_options(mode) -> dict:
+    """The inductor options of a torch.compile ``mode`` ("max-autotune", ...)."""
+    from torch._inductor import list_mode_options
+
+    if not isinstance(mode, str):
+        raise TypeError(f"option 'mode' must be a torch.compile mode name (str), got {mode!r}")
+    try:
+        return dict(list_mode_options(mode))
+    except RuntimeError as err:  # inductor's message lists the modes
+        raise ValueError(f"option 'mode': {err}") from None
+
+
+def _check_inductor_option(key: str, value) -> None:
+    """Raise TypeError when ``value`` does not have the type torch._inductor.config declares for
+    ``key`` (inductor would otherwise take it and fail, or misbehave, deep inside compilation)."""
+    import torch._inductor.config as inductor_config
+
+    declared = inductor_config.get_type(key)
+    if declared is type(None):  # declared only by a None default: no type to check against
+        return
+    if not _has_type(value, declared):
+        default = inductor_config.get_config_copy()[key]
+        name = declared.__name__ if isinstance(declared, type) else str(declared).replace("typing.", "")
+        raise TypeError(f"inductor option {key!r} must be {name} (its default is {default!r}), got {value!r}")
+
+
+def _has_type(value, declared) -> bool:
+    """isinstance for the annotations inductor's config uses (classes, X | None, Literal, list[X],
+    tuple[...], dict[K, V], Callable); anything else is accepted unchecked."""
+    import collections.abc
+    import types
+    import typing
+
+    if declared is typing.Any:
+        return True
+    if declared is None or declared is type(None):
+        return value is None
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if origin is None:
+        if not isinstance(declared, type):
+            return True  # a forward reference or a type variable
+        if isinstance(value, bool) and declared is not bool:
+            return declared is object  # True is an int to Python, not to a config option
+        if declared is float:
+            return isinstance(value, (int, float))
+        return isinstance(value, declared)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is collections.abc.Callable:
+        return callable(value)
+    if origin in (list, set, frozenset):
+        return isinstance(value, origin) and all(_has_type(v, args[0]) for v in value) if args else isinstance(value, origin)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(v, args[0]) for v in value)
+        return not args or (len(value) == len(args) and all(_has_type(v, a) for v, a in zip(value, args)))
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(
+            _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items()))
+    return isinstance(value, origin) if isinstance(origin, type) else True

@@ -10,6 +10,7 @@ import torch.fx as fx
 from .config import GridAttnConfig
 from .passes.pipeline import is_dynamo_restart, run_pass
 from .report import SKIPPED, Report, record
+from .torch_logs import publish
 from .training_mode import compiled_module_training
 
 logger = logging.getLogger("gridattn_fx")
@@ -49,6 +50,7 @@ def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
         _fall_back(report, f"the rewrite pass failed ({type(err).__name__}: {err})")
         new_gm = gm
     record(report)
+    publish(new_gm, report)  # TORCH_LOGS / TORCH_TRACE (tlparse): the report and the rewritten graph
     return new_gm, report
 
 

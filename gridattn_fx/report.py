@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 from .grid import TokenLayout
+from .torch_logs import report_log
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -124,7 +125,9 @@ _history: list[Report] = []
 def record(report: Report) -> None:
     _history.append(report)
     del _history[:-_HISTORY_LIMIT]
-    logger.info("gridattn rewrite report:\n%s", report)
+    # A child of the gridattn_fx logger (same output as before), and the torch artifact
+    # "gridattn_report": TORCH_LOGS="gridattn_report" shows the reports alone (gridattn_fx/torch_logs.py).
+    report_log.info("gridattn rewrite report:\n%s", report)
 
 
 def last_report() -> Report | None:

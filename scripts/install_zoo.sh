@@ -5,36 +5,41 @@
 #
 #   bash scripts/install_zoo.sh            # install (already-installed pins are a no-op)
 #   GRIDATTN_SKIP_ZOO=1 bash .ci/run       # CI without the zoo (its tests then skip)
-set -euo pipefail
+#
+# scripts/install.sh runs it after installing torch and the package. Every failure ends with one
+# line "install_zoo: ..." that says what to do.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python}"
+fail() { echo "install_zoo: $*" >&2; exit 1; }
 
 if [ "${GRIDATTN_SKIP_ZOO:-0}" = "1" ]; then
     echo "install_zoo: GRIDATTN_SKIP_ZOO=1, not installing the model zoo"
     exit 0
 fi
 
-torch_version() { python -c "import torch; print(torch.__version__)" 2>/dev/null || echo "none"; }
+torch_version() { "$PY" -c "import torch; print(torch.__version__)" 2>/dev/null || echo "none"; }
 
 before="$(torch_version)"
 if [ "$before" = "none" ]; then
-    echo "install_zoo: torch is not installed; install it first (README: pip install torch==2.13.0)" >&2
-    exit 1
+    fail "torch is not installed; run 'bash scripts/install.sh' (it installs torch, the package and the zoo)"
 fi
 
-python -m pip install --no-deps -r scripts/zoo-requirements.txt
+"$PY" -m pip install --no-deps -r scripts/zoo-requirements.txt \
+    || fail "pip could not install scripts/zoo-requirements.txt (see above); check the package index is reachable and rerun"
 
 after="$(torch_version)"
 if [ "$before" != "$after" ]; then
-    echo "install_zoo: torch changed from $before to $after; this must never happen" >&2
-    exit 1
+    fail "torch changed from $before to $after, which must never happen; please report it, and reinstall torch $before"
 fi
 
 # pip check, less what is left out by design (torchvision: see above; the CLI-only requirements
 # typer/click/rich: see scripts/zoo-requirements.txt). Informational.
-python -m pip check 2>/dev/null | grep -v -i -E "requires (torchvision|typer|click|rich)," || true
+"$PY" -m pip check 2>/dev/null | grep -v -i -E "requires (torchvision|typer|click|rich)," || true
 
 # Smoke test: every library imports (timm and segment_anything through the zoo loader).
-python - <<'PY'
+"$PY" - <<'PY' || fail "a zoo library does not import (see the traceback above); rerun 'bash scripts/install.sh'"
 import importlib
 import importlib.metadata
 import torch

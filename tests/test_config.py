@@ -1,6 +1,7 @@
 """Configuration: GridAttnConfig, from_options, TokenLayout, and bad options everywhere."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -125,3 +126,56 @@ def test_token_layout():
     with pytest.raises(dataclasses.FrozenInstanceError):
         lay.height = 7
     assert hash(lay) == hash(TokenLayout(5, 6, 10, 3))
+
+
+# Inductor options passed through ``options``: checked against torch._inductor.config's types.
+BAD_INDUCTOR_OPTIONS = [
+    ({"max_autotune": "yes"}, "max_autotune"),                 # bool
+    ({"max_autotune": 1}, "max_autotune"),
+    ({"compile_threads": True}, "compile_threads"),            # int | None: a bool is not an int here
+    ({"compile_threads": 2.5}, "compile_threads"),
+    ({"memory_pool": "everything"}, "memory_pool"),            # a Literal
+    ({"cpp.cxx": "g++"}, "cpp.cxx"),                           # tuple[None, str]
+    ({"triton.cudagraphs": "on"}, "triton.cudagraphs"),        # nested option
+]
+
+
+@pytest.mark.parametrize("opts,key", BAD_INDUCTOR_OPTIONS, ids=[str(o[0]) for o in BAD_INDUCTOR_OPTIONS])
+def test_from_options_rejects_bad_inductor_option_types(opts, key):
+    with pytest.raises(TypeError, match=rf"inductor option '{re.escape(key)}' must be .*got"):
+        GridAttnConfig.from_options(opts)
+
+
+def test_from_options_accepts_inductor_options_of_the_declared_type():
+    good = {"max_autotune": True, "compile_threads": None, "memory_pool": "none",
+            "cpp.cxx": (None, "g++"), "coordinate_descent_tuning": False}
+    _, inductor_opts = GridAttnConfig.from_options({"stride": 2, **good})
+    assert inductor_opts == good
+    # every option's own default has its declared type
+    import torch._inductor.config as inductor_config
+
+    defaults = inductor_config.get_config_copy()
+    for key in ("max_autotune", "compile_threads", "memory_pool", "cpp.cxx", "triton.cudagraphs"):
+        GridAttnConfig.from_options({key: defaults[key]})
+
+
+def test_mode_expands_to_its_inductor_options():
+    from torch._inductor import list_mode_options
+
+    cfg, inductor_opts = GridAttnConfig.from_options({"stride": 4, "mode": "max-autotune-no-cudagraphs"})
+    assert _stride_pair(cfg.stride) == (4, 4)
+    assert inductor_opts == dict(list_mode_options("max-autotune-no-cudagraphs"))
+    assert inductor_opts["max_autotune"] is True
+    _, explicit = GridAttnConfig.from_options({"mode": "max-autotune", "max_autotune": False})
+    assert explicit["max_autotune"] is False          # explicit options win over the mode's
+    with pytest.raises(ValueError, match="mode"):
+        GridAttnConfig.from_options({"mode": "fastest"})
+    with pytest.raises(TypeError, match="mode"):
+        GridAttnConfig.from_options({"mode": 3})
+
+
+def test_torch_compile_rejects_bad_inductor_option_type():
+    m = build(ViT, depth=1)
+    c = torch.compile(m, backend="gridattn", options={"stride": 2, "max_autotune": "yes"})
+    with pytest.raises((TypeError, BackendCompilerFailed), match="max_autotune"):
+        c(image(1, 8, 8))

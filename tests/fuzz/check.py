@@ -24,18 +24,9 @@ from oracle import ATOL, RTOL, stride_tuple
 
 from . import generator as gen
 
-# Bugs filed in issue 12 that other branches are fixing. The lead deletes an entry once its fix is
-# merged: from then on a failure of that category fails the test suite.
-KNOWN_BUGS = {
-    "gqa": "issue 12 item 1: enable_gqa sites give wrong results with non-image tokens or regrouping "
-           "at the call, and 2 key/value heads for 4 query heads make the whole pass fall back",
-    "mqa-broadcast-skipped": "issue 12 item 2: MQA by broadcasting (k, v with 1 head) is skipped with "
-                             "prefix/suffix tokens or move_regrouping=False",
-    "cross-image": "issue 12 item 3: attention between two different images is rewritten",
-    "inplace-reorder": "issue 12 item 4: in-place reorders (copy_ of a roll, index_copy_) are not "
-                       "seen by the layout proof",
-    "unreported-form": "issue 12 item 6: tensor scales and v @ attn^T make the site invisible",
-}
+# Categories of filed, still-open bugs (key -> issue and item). Empty: the five categories the
+# fuzzer first found (issue 12 items 1, 2, 3, 4, 6) are fixed, and every case must pass.
+KNOWN_BUGS: dict[str, str] = {}
 
 # (atol, rtol): rewrite() keeps the model's dtype; inductor reorders float arithmetic.
 REWRITE_TOL = {"float64": (ATOL, RTOL), "float32": (2e-5, 1e-4)}

@@ -7,12 +7,13 @@ import torch
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx import zoo  # noqa: E402
+from zoo_required import missing_library  # noqa: E402
 from gridattn_fx.__main__ import main  # noqa: E402
 
 
 def _need(name):
     if not zoo.library_available(name):
-        pytest.skip(f"{zoo.entry(name).library} is not installed (scripts/install_zoo.sh)")
+        missing_library(zoo.entry(name).library)  # fails unless GRIDATTN_SKIP_ZOO=1 (tests/zoo_required.py)
 
 
 def test_sd_unet_preset_rewrites_down_and_mid_self_attention_only():

@@ -1,9 +1,10 @@
 """Model zoo: every builder builds and runs eagerly, and ``rewrite()`` runs on it and reports.
 
-Small configs with random weights; a library that is not installed skips its models with the
-reason. Run with ``-s`` to see each model's rewrite report. Decisions are asserted only where the
-pass already handles the model's attention form (plain SDPA ViTs); the other families' expected
-decisions belong to issues 3 and 4.
+Small configs with random weights; a library that is not installed fails its models with the
+install command (skips them under GRIDATTN_SKIP_ZOO=1, tests/zoo_required.py). Run with ``-s`` to
+see each model's rewrite report. Decisions are asserted only where the pass already handles the
+model's attention form (plain SDPA ViTs); the other families' expected decisions belong to issues
+3 and 4.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 import gridattn_fx
 from gridattn_fx import zoo
+from zoo_required import missing_library
 from gridattn_fx.grid import TokenLayout
 
 # (name, builder options): every registered model with its defaults, plus the attention-form
@@ -47,11 +49,12 @@ EXPECTED_ALL_REWRITTEN = {
 
 
 def _require_library(name):
-    """Skip when the entry's library is not installed. (Not ``pytest.importorskip``: importing timm
-    or segment_anything needs the zoo's torchvision stand-in, which ``zoo.build`` provides.)"""
+    """Fail (skip under GRIDATTN_SKIP_ZOO=1) when the entry's library is not installed. (Not
+    ``pytest.importorskip``: importing timm or segment_anything needs the zoo's torchvision
+    stand-in, which ``zoo.build`` provides.)"""
     library = zoo.entry(name).library
     if not zoo.library_available(name):
-        pytest.skip(f"{library} is not installed (scripts/install_zoo.sh installs it)")
+        missing_library(library)  # fails unless GRIDATTN_SKIP_ZOO=1 (tests/zoo_required.py)
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,6 +99,8 @@ def test_rewrite_runs_and_reports(case):
     assert report.failure is None, report.failure
     # Same output structure, shapes and dtypes as the eager model.
     assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in expected]
+    # The model's checkpoints load into the graph module: same state_dict keys (issue 14).
+    assert list(gm.state_dict()) == list(model.state_dict())
 
     layout = EXPECTED_ALL_REWRITTEN.get((name, tuple(sorted(opts.items()))))
     if layout is not None:
