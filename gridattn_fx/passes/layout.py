@@ -218,7 +218,7 @@ class LayoutAnalysis:
                 self.lost[node] = f"{hint.origin}: {hint.height}x{hint.width} does not match `{node.name}` {shape}"
                 return None
             return hint
-        if _key(proven) == _key(hint):
+        if _positions(proven) == _positions(hint):
             return proven  # the graph proves it by itself: report it as proven here
         self.lost[node] = f"{hint.origin} contradicts this graph's proof ({proven.origin}) at `{node.name}`"
         return None

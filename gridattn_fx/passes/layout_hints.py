@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..layout_hint import is_layout_hint, is_probe
-from .layout import Spatial, Tokens, _key, _resolve, module_path
+from .layout import Spatial, Tokens, _positions, _resolve, module_path
 
 DECLARED = "declared"
 REMEMBERED = "remembered by prepare"
@@ -47,7 +47,7 @@ def strip_layout_hints(gm: fx.GraphModule) -> tuple[dict[fx.Node, object], dict[
         source = node.args[0]
         if is_layout_hint(node.target) and source not in conflicts:
             fact = hint_fact(node)
-            if source in hints and _key(hints[source]) != _key(fact):
+            if source in hints and _positions(hints[source]) != _positions(fact):
                 del hints[source]
                 conflicts[source] = f"two layouts stated for `{source.name}` ({fact.origin} and another)"
             else:
