@@ -212,9 +212,11 @@ def replacement(site: AttentionSite, plan: GridPlan, implementation: str):
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, implementation: str) -> fx.Node:
     """Inline the grid form of ``site`` right before its output node and reroute its users; returns
     the node that now provides the site's value."""
+    sizes = plan_sizes(plan)
     result, new_nodes = inline(gm.graph, replacement(site, plan, implementation), site.inputs, site.output,
-                               site.output, site.form, plan_sizes(plan))
-    propagate_values(new_nodes, site.output)
+                               site.output, site.form, sizes)
+    if not sizes:  # symbolic fake values cost seconds of sympy per site, for the caches only
+        propagate_values(new_nodes, site.output)
     site.output.replace_all_uses_with(result)
     _erase_dead(gm.graph, site.nodes)
     return result
