@@ -68,6 +68,14 @@ def _warn_symbolic(report: Report) -> None:
         f"sizes static (torch._dynamo.mark_static) to rewrite them", RuntimeWarning, stacklevel=3)
 
 
+def _dynamo_control_flow(err: Exception) -> bool:
+    """Exceptions Dynamo raises through a backend to restart its analysis (e.g. to specialize a
+    float it had made symbolic): they are no failure, and falling back would run the graph dense."""
+    from torch._dynamo.exc import RestartAnalysis
+
+    return isinstance(err, RestartAnalysis)
+
+
 def _training(config: GridAttnConfig) -> bool:
     """Whether shuffle distributing applies to this graph: only if asked for and the module trains."""
     if config.distributing != "shuffle":
@@ -99,7 +107,7 @@ def backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mod
     try:
         return compile_fx(new_gm, example_inputs, config_patches=patches or None)
     except Exception as err:
-        if config.strict:
+        if config.strict or _dynamo_control_flow(err):
             raise
         _fall_back(report, f"inductor failed on the rewritten graph ({type(err).__name__}: {err})")
         return compile_fx(gm, example_inputs, config_patches=patches or None)
