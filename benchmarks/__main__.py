@@ -3,6 +3,7 @@
     python -m benchmarks                      # all cases at full size (tens of minutes on 2 cores)
     python -m benchmarks --quick              # small sizes, CI smoke test (< 5 minutes)
     python -m benchmarks --cases attn --sizes 64
+    python -m benchmarks --quick --cases dynamic  # symbolic-size rewrite vs static (dynamic=True/False)
     python -m benchmarks relpos [--tokens 64] # benchmarks/relpos_bias_cost.py
 
 Analysis scripts quoted in RESULTS.md: ``python -m benchmarks.sam_block`` (one SAM global block's
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 
-CASES = ("attn", "sam", "sd-unet", "segformer", "regional")
+CASES = ("attn", "sam", "sd-unet", "segformer", "regional", "dynamic")
 
 
 def _args(argv):
@@ -109,8 +110,10 @@ def main(argv=None) -> int:
     if "attn" in cases:
         rows += C.attention_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory)
     model_warmup = args.warmup if args.warmup is not None else 1
-    rows += C.model_cases([c for c in cases if c not in ("attn", "regional")], quick=args.quick, runs=model_runs,
-                          warmup=model_warmup, echo=print, memory=memory)
+    if "dynamic" in cases:
+        rows += C.dynamic_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory)
+    rows += C.model_cases([c for c in cases if c not in ("attn", "regional", "dynamic")], quick=args.quick,
+                          runs=model_runs, warmup=model_warmup, echo=print, memory=memory)
     if "regional" in cases:  # benchmarks/regional.py: regional vs whole-model compile
         from benchmarks import regional
 

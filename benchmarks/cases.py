@@ -61,13 +61,14 @@ class Config:
     reference: Optional[str] = None  # config whose output this one must match (max |diff|)
     flops: Optional[Callable[[], tuple[float, str]]] = None  # (GFLOP, note) override
     fn: Optional[Callable[[], Any]] = None
+    dynamic: bool = False            # compile with dynamic=True (symbolic sizes) instead of False
 
 
 def _compile(cfg: Config):
     if cfg.kind == "inductor" or cfg.kind == "flex":
-        return torch.compile(cfg.module, backend="inductor", dynamic=False)
+        return torch.compile(cfg.module, backend="inductor", dynamic=cfg.dynamic)
     if cfg.kind == "gridattn":
-        return torch.compile(cfg.module, backend="gridattn", options=cfg.options, dynamic=False)
+        return torch.compile(cfg.module, backend="gridattn", options=cfg.options, dynamic=cfg.dynamic)
     return cfg.module
 
 
@@ -222,6 +223,39 @@ def attention_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, me
                               reference="eager-grid s2"))
         echo(f"[attn-block {size}] width {heads * head_dim}, {n * n} tokens")
         rows += run_case("attn-block", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory)
+    return rows
+
+
+def dynamic_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, memory=True) -> list[Row]:
+    """Case 6: the symbolic-size rewrite against the static one at one resolution: the attention
+    block compiled with dynamic=True vs dynamic=False (gridattn stride 2; inductor both ways for
+    reference). The static rewrite moves its regrouping across the projections; the symbolic one
+    keeps it at the attention call (passes/regroup_motion.py), so the static at-site form is timed too."""
+    from .models import AttentionBlock
+
+    rows: list[Row] = []
+    for n in sizes:
+        torch.manual_seed(0)
+        block = AttentionBlock(heads, head_dim).eval()
+        x = torch.randn(1, block.channels(), n, n)
+        configs = [
+            Config("eager", "eager", block),
+            Config("inductor", "inductor", block),
+            Config("inductor dynamic", "inductor", block, dynamic=True, reference="inductor"),
+            Config("gridattn s2", "gridattn", block, grid_options(None, 2)),
+            Config("gridattn s2 at-site", "gridattn", block, grid_options(None, 2, move_regrouping=False),
+                   reference="gridattn s2"),
+            Config("gridattn s2 dynamic", "gridattn", block, grid_options(None, 2), dynamic=True,
+                   reference="gridattn s2"),
+        ]
+        echo(f"[dynamic {n}x{n}] width {heads * head_dim}, {n * n} tokens: dynamic=True vs dynamic=False")
+        case_rows = run_case("dynamic", f"{n}x{n}", configs, (x,), runs=runs, warmup=warmup, echo=echo,
+                             memory=memory)
+        by = {r.config: r for r in case_rows}
+        for static, dynamic in (("gridattn s2", "gridattn s2 dynamic"), ("gridattn s2 at-site", "gridattn s2 dynamic"),
+                                ("inductor", "inductor dynamic")):
+            echo(f"  {dynamic} / {static}: {by[dynamic].median_ms / by[static].median_ms:.3f} (median latency ratio)")
+        rows += case_rows
     return rows
 
 

@@ -9,6 +9,7 @@ import torch.fx as fx
 
 from .config import GridAttnConfig
 from .passes.pipeline import is_dynamo_restart, run_pass
+from .passes.policy import SYMBOLIC_UNSUPPORTED
 from .report import SKIPPED, Report, record
 from .torch_logs import publish
 from .training_mode import compiled_module_training
@@ -49,9 +50,27 @@ def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             raise
         _fall_back(report, f"the rewrite pass failed ({type(err).__name__}: {err})")
         new_gm = gm
+    _warn_symbolic(report)
     record(report)
     publish(new_gm, report)  # TORCH_LOGS / TORCH_TRACE (tlparse): the report and the rewritten graph
     return new_gm, report
+
+
+def _warn_symbolic(report: Report) -> None:
+    """One warning per graph naming the sites left dense only because their image sizes are
+    symbolic: unlike a process-wide once, every graph that loses sites this way says so."""
+    lost = [s for s in report.skipped if s.reason.startswith(SYMBOLIC_UNSUPPORTED)]
+    if not lost:
+        return
+    from torch._guards import CompileContext
+
+    graph = CompileContext.current_compile_id()
+    where = f"graph {graph}" if graph is not None else "this graph"
+    sites = ", ".join(s.module_path or s.node for s in lost)
+    warnings.warn(
+        f"gridattn: {len(lost)} attention site(s) of {where} keep dense attention because their image "
+        f"sizes are symbolic ({sites}: {lost[0].reason}); compile with dynamic=False or mark the image "
+        f"sizes static (torch._dynamo.mark_static) to rewrite them", RuntimeWarning, stacklevel=3)
 
 
 def _training(config: GridAttnConfig) -> bool:

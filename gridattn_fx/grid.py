@@ -90,9 +90,20 @@ def _storage_grid(layout: TokenLayout, stride: Stride) -> tuple[int, int, int, i
     return layout.height, layout.width, gh, gw
 
 
+def _ceil_div(n: int, d: int) -> int:
+    # Symbolic sizes (passes/grid_rewrite.py): `n % d == 0` is the guard the padding decision takes
+    # anyway, and `n // d` / `(n + d - 1) // d` stay expressions the ShapeEnv simplifies.
+    return n // d if n % d == 0 else (n + d - 1) // d
+
+
+def _padded(rows: int, cols: int, sr: int, sc: int) -> bool:
+    """Whether the storage grid needs zero-padding to a multiple of the stride."""
+    return rows % sr != 0 or cols % sc != 0
+
+
 def _blocks(rows: int, cols: int, sr: int, sc: int) -> tuple[int, int]:
     """How many stride blocks tile the (padded) storage grid: (block rows, block cols)."""
-    return -(-rows // sr), -(-cols // sc)
+    return _ceil_div(rows, sr), _ceil_div(cols, sc)
 
 
 def _permute_offsets(x, assignment):
@@ -108,7 +119,7 @@ def _cluster_rows_cols(x, rows: int, cols: int, sr: int, sc: int, assignment=Non
     a, b = _blocks(rows, cols, sr, sc)
     rows_p, cols_p = a * sr, b * sc
     x = x.unflatten(-2, (rows, cols))
-    if rows_p != rows or cols_p != cols:
+    if _padded(rows, cols, sr, sc):
         x = F.pad(x, (0, 0, 0, cols_p - cols, 0, rows_p - rows))
     x = x.unflatten(-3, (a, sr)).unflatten(-2, (b, sc))
     if assignment is not None:
@@ -123,7 +134,6 @@ def _cluster_rows_cols(x, rows: int, cols: int, sr: int, sc: int, assignment=Non
 
 def _recover_rows_cols(xg, rows: int, cols: int, sr: int, sc: int, assignment=None):
     a, b = _blocks(rows, cols, sr, sc)
-    rows_p, cols_p = a * sr, b * sc
     if assignment is not None:
         # (..., G, a*b, d) -> (..., a, b, G, d), undo the block shuffle, back to (..., a, sr, b, sc, d)
         x = _permute_offsets(xg.unflatten(-2, (a, b)).movedim(-4, -2), assignment.argsort(-1))
@@ -132,7 +142,7 @@ def _recover_rows_cols(xg, rows: int, cols: int, sr: int, sc: int, assignment=No
         x = xg.unflatten(-3, (sr, sc)).unflatten(-2, (a, b))
         x = x.movedim(-4, -2).movedim(-5, -4)
     x = x.flatten(-5, -4).flatten(-3, -2)
-    if rows_p != rows or cols_p != cols:
+    if _padded(rows, cols, sr, sc):
         x = x.narrow(-3, 0, rows).narrow(-2, 0, cols)
     return x.flatten(-3, -2)
 
@@ -390,10 +400,9 @@ class GridPlan:
     def _key_padding_bias(self, dtype, device, assignment=None):
         """Additive (G, 1, Lk_group) bias hiding the zero keys that padding added; None if none."""
         kl = self.k_layout
-        rows, cols, sr, sc = _storage_grid(kl, self.stride)
-        if rows % sr == 0 and cols % sc == 0:
+        if not _padded(*_storage_grid(kl, self.stride)):
             return None
-        ones = torch.ones(kl.image_tokens, 1, dtype=dtype, device=device)
+        ones = torch.ones((kl.image_tokens, 1), dtype=dtype, device=device)  # a size tuple traces symbolically
         valid = self._cluster(ones, kl, assignment).transpose(-1, -2)  # (G, 1, n): 1 real, 0 padding
         bias = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
         return self._shared_keys_bias(bias, kl.prefix, kl.suffix, dtype, device)
@@ -401,10 +410,10 @@ class GridPlan:
     def _shared_keys_bias(self, bias, prefix, suffix, dtype, device):
         pieces = []
         if prefix:
-            pieces.append(torch.zeros(self.groups, 1, prefix, dtype=dtype, device=device))
+            pieces.append(torch.zeros((self.groups, 1, prefix), dtype=dtype, device=device))
         pieces.append(bias)
         if suffix:
-            pieces.append(torch.zeros(self.groups, 1, suffix, dtype=dtype, device=device))
+            pieces.append(torch.zeros((self.groups, 1, suffix), dtype=dtype, device=device))
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else bias
 
     def _grouped_user_mask(self, mask, rows, qa=None, ka=None):

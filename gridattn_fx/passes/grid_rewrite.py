@@ -4,38 +4,142 @@ The replacement is the site's own factory (``site.build``) applied to its :class
 traced with ``torch.fx`` for that constant plan and inlined in place of the site. The graph thus
 holds plain torch ops (narrow / unflatten / movedim / flatten / SDPA / cat) that inductor can
 fuse and cache - the same code the eager tests check against the oracle.
+
+Symbolic image sizes (dynamic shapes): the plan's layouts then hold SymInts. The replacement is
+traced with each of them bound to a :class:`TracedSize`, the graph value that computes it (a
+``sym_size`` of a tensor that has it as a dimension, or a SymInt the graph already computes) paired
+with the SymInt itself: arithmetic on it is traced into the graph, while the shape decisions
+``grid.py`` takes on sizes (pad or not) are answered by the SymInt through the ShapeEnv, which
+installs a guard - during the backend call, so Dynamo recompiles when a later size decides
+differently. The graph thus holds exactly the padded or the unpadded form, valid for every size its
+guards accept.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 
+import torch
 import torch.fx as fx
+from dataclasses import replace as dc_replace
 
 from ..grid import GridPlan
 from ..patterns import AttentionSite
+from ..patterns.values import value_of as _val
 
 logger = logging.getLogger("gridattn_fx")
 
 
-def trace_function(fn, arity: int) -> fx.Graph:
-    """``fn`` (of ``arity`` tensors, constants baked in) as an fx graph of plain torch ops."""
+class TracedSize:
+    """A symbolic size while a replacement is traced: ``proxy`` is the graph value that computes it,
+    ``sym`` the SymInt it stands for. Arithmetic is traced (and mirrored on ``sym``); comparisons
+    and truth tests are decided by ``sym`` through the ShapeEnv, which guards on the answer."""
+
+    __slots__ = ("proxy", "sym")
+
+    def __init__(self, proxy, sym):
+        self.proxy, self.sym = proxy, sym
+
+    def _apply(self, fn, other, reflected=False):
+        if isinstance(other, TracedSize):
+            p, s = other.proxy, other.sym
+        elif isinstance(other, (int, torch.SymInt)) and not isinstance(other, bool):
+            p = s = other
+        else:
+            return NotImplemented
+        if reflected:
+            return TracedSize(fn(p, self.proxy), fn(s, self.sym))
+        return TracedSize(fn(self.proxy, p), fn(self.sym, s))
+
+    def _compare(self, fn, other):
+        s = other.sym if isinstance(other, TracedSize) else other
+        return bool(fn(self.sym, s))  # a guard on a SymInt; plain bool for an int
+
+    def __add__(self, o): return self._apply(operator.add, o)
+    def __radd__(self, o): return self._apply(operator.add, o, True)
+    def __sub__(self, o): return self._apply(operator.sub, o)
+    def __rsub__(self, o): return self._apply(operator.sub, o, True)
+    def __mul__(self, o): return self._apply(operator.mul, o)
+    def __rmul__(self, o): return self._apply(operator.mul, o, True)
+    def __floordiv__(self, o): return self._apply(operator.floordiv, o)
+    def __rfloordiv__(self, o): return self._apply(operator.floordiv, o, True)
+    def __mod__(self, o): return self._apply(operator.mod, o)
+    def __rmod__(self, o): return self._apply(operator.mod, o, True)
+    def __neg__(self): return TracedSize(-self.proxy, -self.sym)
+    def __eq__(self, o): return self._compare(operator.eq, o)
+    def __ne__(self, o): return self._compare(operator.ne, o)
+    def __lt__(self, o): return self._compare(operator.lt, o)
+    def __le__(self, o): return self._compare(operator.le, o)
+    def __gt__(self, o): return self._compare(operator.gt, o)
+    def __ge__(self, o): return self._compare(operator.ge, o)
+    def __bool__(self): return bool(self.sym != 0)
+    __hash__ = object.__hash__
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # A size inside a torch call's size list (torch.ones((n, 1))): call it on the graph value.
+        from torch.utils._pytree import tree_map
+
+        def unwrap(a):
+            return a.proxy if isinstance(a, TracedSize) else a
+        args, kwargs = tree_map(unwrap, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"TracedSize({self.sym})"
+
+
+class _SizeTracer(fx.Tracer):
+    """fx.Tracer that turns a :class:`TracedSize` argument into the node computing it."""
+
+    def create_arg(self, a):
+        if isinstance(a, TracedSize):
+            return a.proxy.node if isinstance(a.proxy, fx.Proxy) else a.proxy
+        return super().create_arg(a)
+
+
+def trace_function(fn, arity: int, sizes: tuple = ()) -> fx.Graph:
+    """``fn`` (of ``arity`` tensors, constants baked in) as an fx graph of plain torch ops.
+
+    ``sizes``: SymInts the function's plan depends on; each becomes one more placeholder after the
+    tensors, and ``fn`` is then called as ``fn(*tensors, *traced_sizes)`` (see :class:`TracedSize`).
+    """
     # fx.Tracer makes one placeholder per named parameter, so the wrapper needs a fixed arity.
-    names = ", ".join(f"arg{i}" for i in range(arity))
-    wrapper = eval(f"lambda {names}: fn({names})", {"fn": fn})  # noqa: S307 - names are ours
-    return fx.Tracer().trace(wrapper)
+    names = ", ".join(f"arg{i}" for i in range(arity + len(sizes)))
+    if not sizes:
+        wrapper = eval(f"lambda {names}: fn({names})", {"fn": fn})  # noqa: S307 - names are ours
+        return fx.Tracer().trace(wrapper)
+
+    def bound(*args):
+        traced = [TracedSize(p, s) for p, s in zip(args[arity:], sizes)]
+        return fn(*args[:arity], *traced)
+
+    wrapper = eval(f"lambda {names}: fn({names})", {"fn": bound})  # noqa: S307 - names are ours
+    return _SizeTracer().trace(wrapper)
 
 
-def inline(graph: fx.Graph, fn, inputs: list, before: fx.Node, like: fx.Node, tag: str) -> tuple[fx.Node, list[fx.Node]]:
+def inline(graph: fx.Graph, fn, inputs: list, before: fx.Node, like: fx.Node, tag: str,
+           sizes: tuple = ()) -> tuple[fx.Node, list[fx.Node]]:
     """Insert ``fn(*inputs)`` before ``before``; the new nodes take ``like``'s module path and the
-    ``gridattn`` tag. Returns the result node and the new nodes in order."""
-    sub = trace_function(fn, len(inputs))
+    ``gridattn`` tag. Returns the result node and the new nodes in order.
+
+    ``sizes``: SymInts ``fn`` takes after the tensors (:func:`trace_function`); the graph values
+    computing them are found or made (:func:`size_node`) right before ``before``.
+    """
+    sub = trace_function(fn, len(inputs), sizes)
     placeholders = [n for n in sub.nodes if n.op == "placeholder"]
-    val_map = dict(zip(placeholders, inputs))
+    size_nodes, made_nodes = [], []
+    for sym in sizes:
+        node, made = size_node(graph, sym, before)
+        size_nodes.append(node)
+        made_nodes += [made] if made is not None else []
+    val_map = dict(zip(placeholders, list(inputs) + size_nodes))
     with graph.inserting_before(before):
         result = graph.graph_copy(sub, val_map)
     stack = like.meta.get("nn_module_stack")
-    new_nodes = [new for old, new in val_map.items() if old.op != "placeholder" and isinstance(new, fx.Node)]
+    new_nodes = made_nodes + [new for old, new in val_map.items()
+                              if old.op != "placeholder" and isinstance(new, fx.Node)]
     for new in new_nodes:
         if stack is not None:
             new.meta["nn_module_stack"] = dict(stack)
@@ -43,12 +147,76 @@ def inline(graph: fx.Graph, fn, inputs: list, before: fx.Node, like: fx.Node, ta
     return result, new_nodes
 
 
+def plan_sizes(plan: GridPlan) -> tuple:
+    """The distinct symbolic sizes of a plan's layouts (one per expression), in a fixed order."""
+    found = {}
+    for layout in (plan.q_layout, plan.k_layout):
+        for size in (layout.prefix, layout.height, layout.width, layout.suffix):
+            if isinstance(size, torch.SymInt) and not size.node.is_constant():
+                found.setdefault(size.node.expr, size)
+    return tuple(found.values())
+
+
+def bind_sizes(plan: GridPlan, traced: dict) -> GridPlan:
+    """``plan`` with every symbolic layout size replaced by its :class:`TracedSize`."""
+    def swap(size):
+        return traced.get(size.node.expr, size) if isinstance(size, torch.SymInt) else size
+
+    def layout(lay):
+        return dc_replace(lay, prefix=swap(lay.prefix), height=swap(lay.height), width=swap(lay.width),
+                          suffix=swap(lay.suffix))
+    return dc_replace(plan, q_layout=layout(plan.q_layout), k_layout=layout(plan.k_layout))
+
+
+def size_node(graph: fx.Graph, sym: "torch.SymInt", before: fx.Node):
+    """A graph value computing ``sym``, available at ``before``: a node whose value is that SymInt,
+    else a new ``sym_size`` of the first tensor that has it as a dimension. Raises ``LookupError``
+    when no value before ``before`` carries it."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    expr = sym.node.expr
+    for node in graph.nodes:
+        if node is before:
+            break
+        value = _val(node)
+        if isinstance(value, torch.SymInt) and value.node.expr == expr:
+            return node, None
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                if isinstance(size, torch.SymInt) and (size.node.expr == expr or (
+                        size.node.hint == sym.node.hint and statically_known_true(size == sym))):
+                    with graph.inserting_before(before):
+                        made = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+                    made.meta["gridattn"] = "size"
+                    return made, made
+    raise LookupError(f"no value in the graph computes the symbolic size {sym}")
+    site.output.replace_all_uses_with(result)
+    _erase_dead(gm.graph, site.nodes)
+    return result
+
+
+def replacement(site: AttentionSite, plan: GridPlan, implementation: str):
+    """The function :func:`inline` traces for ``site``: its factory applied to ``plan``, or, when the
+    plan has symbolic sizes, to the plan bound to the traced sizes passed after the site's inputs."""
+    sizes = plan_sizes(plan)
+    if not sizes:
+        return site.build(plan, implementation)
+    arity = len(site.inputs)
+
+    def fn(*args):
+        traced = {sym.node.expr: t for sym, t in zip(sizes, args[arity:])}
+        return site.build(bind_sizes(plan, traced), implementation)(*args[:arity])
+    return fn
+
+
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, implementation: str) -> fx.Node:
     """Inline the grid form of ``site`` right before its output node and reroute its users; returns
     the node that now provides the site's value."""
-    result, new_nodes = inline(gm.graph, site.build(plan, implementation), site.inputs, site.output,
-                               site.output, site.form)
-    propagate_values(new_nodes, site.output)
+    sizes = plan_sizes(plan)
+    result, new_nodes = inline(gm.graph, replacement(site, plan, implementation), site.inputs, site.output,
+                               site.output, site.form, sizes)
+    if not sizes:  # symbolic fake values cost seconds of sympy per site, for the caches only
+        propagate_values(new_nodes, site.output)
     site.output.replace_all_uses_with(result)
     _erase_dead(gm.graph, site.nodes)
     return result
@@ -62,6 +230,19 @@ def call_on_values(node: fx.Node, value_of):
     return node.target(*args, **kwargs)
 
 
+def fake_evaluation(mode):
+    """Evaluate ops on the graph's fake tensors as Dynamo does: with the Python dispatcher, so that
+    composite ops (F.pad's constant_pad_nd) run their Python decompositions on symbolic sizes."""
+    from contextlib import ExitStack
+
+    from torch._dispatch.python import enable_python_dispatcher
+
+    stack = ExitStack()
+    stack.enter_context(mode)
+    stack.enter_context(enable_python_dispatcher())
+    return stack
+
+
 def propagate_values(nodes, like: fx.Node) -> None:
     """(Re)compute the fake values of ``nodes`` (in graph order) under the key the graph uses, as if
     Dynamo had traced them: inductor's caches (AOTAutogradCache) only accept method calls on nodes
@@ -71,7 +252,7 @@ def propagate_values(nodes, like: fx.Node) -> None:
     if mode is None:
         return
     try:
-        with mode:
+        with fake_evaluation(mode):
             for node in nodes:
                 node.meta[key] = call_on_values(node, lambda n: n.meta[key])
     except Exception:  # only caching is at stake: compile uncached rather than fail the rewrite

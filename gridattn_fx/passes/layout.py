@@ -21,12 +21,14 @@ two images of a batch split apart (feature matching) keep different identities. 
 tensor on the provenance path (``copy_``, ``index_copy_``, ``x[i] = y``; only in-place pointwise
 ops keep positions) breaks the proof for every alias of that tensor.
 
-Sizes are kept as the graph gives them (``int`` or ``torch.SymInt``): a layout with symbolic image
-sizes is reported as such, and the policy leaves the site alone rather than guess.
+Sizes are kept as the graph gives them (``int`` or ``torch.SymInt``); wherever a transfer function
+compares symbolic sizes it needs the equality proven through the ShapeEnv (:func:`_same_size`), never
+matched by the values the sizes were traced with.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections import deque
@@ -90,6 +92,28 @@ def _hint(size) -> int | None:
         hint = size.node.hint
         return int(hint) if hint is not None else None
     return None
+
+
+def _same_size(a, b) -> bool:
+    """Whether two sizes are provably equal: ints compare; a SymInt must equal the other for every
+    value the ShapeEnv allows (checked without installing a guard). Equal traced values (hints) alone
+    prove nothing: two unrelated symbols may happen to have been traced with the same value."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if _hint(a) is None or _hint(a) != _hint(b):
+        return False
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr:
+        return True
+    return _known(a == b)
+
+
+def _known(condition) -> bool:
+    """A size condition that holds for every size the ShapeEnv allows (no guard is installed)."""
+    if isinstance(condition, bool):
+        return condition
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(condition)
 
 
 def _static(size) -> int | None:
@@ -234,10 +258,13 @@ class LayoutAnalysis:
         if isinstance(fact, Tokens) and fact.dim == seq_dim and fact.lead:
             return None, f"image tokens merged with the batch axis ({fact.origin} via {_trail_text(fact.trail)})"
         if isinstance(fact, Tokens) and fact.dim == seq_dim:
-            sizes = [_static(s) for s in (fact.prefix, fact.height, fact.width, fact.suffix)]
+            # Symbolic sizes stay SymInts: the policy and the rewrite decide on them through the
+            # ShapeEnv (guards), never on the values they were traced with.
+            raw = (fact.prefix, fact.height, fact.width, fact.suffix)
+            sizes = [s if _static(s) is None else _static(s) for s in raw]
+            if any(not isinstance(s, (int, torch.SymInt)) for s in sizes):
+                return None, f"image size {fact.height}x{fact.width} is not an integer"
             evidence = f"{fact.origin} via {_trail_text(fact.trail)}"
-            if any(s is None for s in sizes):
-                return None, f"image size is symbolic ({fact.height}x{fact.width}, dynamic shapes); {evidence}"
             return TokenLayout(*sizes, transposed=fact.transposed), evidence
         if fact is not None:
             return None, f"no proven image layout on the sequence axis ({type(fact).__name__.lower()} axes {fact.dims()} instead)"
@@ -431,7 +458,7 @@ class LayoutAnalysis:
             shape = _shape(arg)
             shift = len(out_shape) - len(shape)
             moved = _shift(fact, shift)
-            if any(_hint(shape[d - shift]) != _hint(out_shape[d]) for d in moved.dims()):
+            if any(not _same_size(shape[d - shift], out_shape[d]) for d in moved.dims()):
                 return None  # the fact's axis is broadcast into something larger
             found.append(moved)
         if not found:
@@ -766,7 +793,14 @@ def _reshape_groups(in_shape, out_shape):
             else:
                 return None
         groups.append((gi, gj))
-    return groups if i == len(ins) and j == len(outs) else None
+    if i != len(ins) or j != len(outs):
+        return None
+    # The boundaries were found on traced values; with symbolic sizes each group must also be
+    # provably the same size on both sides, or the reshape may regroup differently at other sizes.
+    for gi, gj in groups:
+        if not _same_size(math.prod(in_shape[d] for d in gi), math.prod(out_shape[d] for d in gj)):
+            return None
+    return groups
 
 
 def _reshape(fact, in_shape, out_shape, name):
@@ -788,7 +822,7 @@ def _reshape(fact, in_shape, out_shape, name):
             return _step(replace(fact, dim=go[0]), name)
         if gi == [fact.dim] and len(go) == 2 and _hint(fact.prefix) == 0 and _hint(fact.suffix) == 0:
             rows, cols = (fact.width, fact.height) if fact.transposed else (fact.height, fact.width)
-            if [_hint(out_shape[d]) for d in go] == [_hint(rows), _hint(cols)]:
+            if _same_size(out_shape[go[0]], rows) and _same_size(out_shape[go[1]], cols):
                 h_dim, w_dim = (go[1], go[0]) if fact.transposed else (go[0], go[1])
                 return _step(Spatial(h_dim, w_dim, fact.height, fact.width, fact.origin, fact.trail,
                                      fact.image, fact.batch), name)
@@ -868,7 +902,7 @@ def _reshape_lead(fact, gi, go, out_shape, name):
 def _broadcast(fact, in_shape, out_shape, name):
     shift = len(out_shape) - len(in_shape)
     moved = _shift(fact, shift)
-    if any(_hint(in_shape[d - shift]) != _hint(out_shape[d]) for d in moved.dims()):
+    if any(not _same_size(in_shape[d - shift], out_shape[d]) for d in moved.dims()):
         return None
     return _step(moved, name)
 
@@ -922,6 +956,8 @@ def _is_full(item, length) -> bool:
 
 
 def _slice(fact, dim, sl: slice, length):
+    if any(isinstance(x, torch.SymInt) for x in (sl.start, sl.stop, sl.step, length)):
+        return _slice_symbolic(fact, dim, sl, length)
     n = _hint(length)
     start, stop, step = (_hint(x) if x is not None else None for x in (sl.start, sl.stop, sl.step))
     if any(x is None for x, raw in zip((start, stop, step), (sl.start, sl.stop, sl.step)) if raw is not None):
@@ -940,6 +976,25 @@ def _slice(fact, dim, sl: slice, length):
     if start <= first and stop >= end:
         return replace(fact, prefix=fact.prefix - start, suffix=fact.suffix - (n - stop))
     return None  # the slice keeps only non-image tokens, or cuts through the image
+
+
+def _slice_symbolic(fact, dim, sl: slice, length):
+    """:func:`_slice` when a bound or the axis length is symbolic: only provable effects count."""
+    if sl.step not in (None, 1):
+        return None
+    start = 0 if sl.start is None else sl.start
+    stop = length if sl.stop is None or (isinstance(sl.stop, int) and sl.stop >= 2 ** 62) else sl.stop
+    start = start + length if isinstance(start, int) and start < 0 else start
+    stop = stop + length if isinstance(stop, int) and stop < 0 else stop
+    if not (_known(start >= 0) and _known(start <= stop) and _known(stop <= length)):
+        return None
+    if _known(start == 0) and _known(stop == length):
+        return fact
+    if isinstance(fact, Spatial):
+        return replace(fact, height=stop - start) if dim == fact.h_dim else replace(fact, width=stop - start)
+    if _known(start <= fact.prefix) and _known(stop >= fact.prefix + fact.image_tokens):
+        return replace(fact, prefix=fact.prefix - start, suffix=fact.suffix - (length - stop))
+    return None
 
 
 def module_path(node: fx.Node) -> str:

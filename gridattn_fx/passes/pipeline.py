@@ -6,16 +6,18 @@ import logging
 import warnings
 from dataclasses import replace
 
+import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import GridAttnConfig
 from ..patterns import AttentionSite, find_attention_sites
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
-from .grid_rewrite import rewrite_site
+from .grid_rewrite import fake_evaluation, plan_sizes, rewrite_site
 from ..patterns.values import value_of as _val
-from .layout import LayoutAnalysis, layout_source, module_path
+from .layout import LayoutAnalysis, _hint, layout_source, module_path
 from .layout_hints import strip_layout_hints
-from .policy import decide
+from .policy import at_hints, decide
 from .regroup_motion import apply_motion, check_motion, plan_motion
 from .split_handoff import inherited_facts, leave_facts
 
@@ -55,9 +57,21 @@ def _check_replacement(site: AttentionSite, plan, implementation: str) -> None:
     mode = getattr(values[0], "fake_mode", None)
     if mode is None:
         return
-    with mode:
+    if plan_sizes(plan):
+        # Symbolic sizes: checked at the sizes the graph was traced with, on static fake tensors.
+        # (Symbolic fake evaluation of the regrouping costs seconds of sympy per site; the trace
+        # in rewrite_site takes the size decisions and their guards.)
+        mode = FakeTensorMode()
+        with mode:
+            values = [torch.empty([_hint(d) for d in v.shape], dtype=v.dtype, device=v.device)
+                      if isinstance(v, torch.Tensor) else v for v in values]
+        plan = replace(plan, q_layout=at_hints(plan.q_layout), k_layout=at_hints(plan.k_layout))
+    with fake_evaluation(mode):
         got = site.build(plan, implementation)(*values)
-    if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
+    # Symbolic sizes are compared at their traced values: a sanity check (the grouping is exact by
+    # construction), and the replacement's size expressions need not simplify to the original's.
+    if len(got.shape) != len(expected.shape) or got.dtype != expected.dtype or any(
+            _hint(a) != _hint(b) for a, b in zip(got.shape, expected.shape)):
         raise RuntimeError(
             f"grid rewrite of {site.output.name} would change its output from "
             f"{tuple(expected.shape)}/{expected.dtype} to {tuple(got.shape)}/{got.dtype}"

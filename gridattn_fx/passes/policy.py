@@ -10,7 +10,11 @@ import torch
 from ..config import GridAttnConfig
 from ..grid import GridPlan, TokenLayout, attention_flops
 from ..patterns import AttentionSite
-from .layout import LayoutAnalysis, _hint, _static
+from .layout import LayoutAnalysis, _hint, _same_size
+
+# Reasons of sites left dense only because their image sizes are symbolic start with this; the
+# backend warns about them (dynamo_backend.py) and the README says what to do.
+SYMBOLIC_UNSUPPORTED = "symbolic image size"
 
 
 @dataclass
@@ -26,13 +30,26 @@ class Decision:
 
 
 def _concrete(shape) -> tuple[int, ...] | None:
-    """A shape as ints: leading (batch/head) sizes may be symbolic and are read from their traced
-    hints - the regrouping never depends on them; the last two must be static."""
+    """A shape as ints, symbolic sizes read from the values they were traced with: for the cost
+    and for comparing ranks and broadcasting only. Whatever the regrouping depends on (the
+    sequence lengths against the layouts) is checked on the symbolic sizes themselves."""
     if shape is None:
         return None
-    tail = [_static(s) for s in shape[-2:]]
-    lead = [_hint(s) for s in shape[:-2]]
-    return None if None in tail or None in lead else tuple(lead + tail)
+    sizes = [_hint(s) for s in shape]
+    return None if None in sizes else tuple(sizes)
+
+
+def is_symbolic(layout: TokenLayout | None) -> bool:
+    return layout is not None and any(
+        isinstance(s, torch.SymInt) for s in (layout.prefix, layout.height, layout.width, layout.suffix))
+
+
+def at_hints(layout: TokenLayout | None) -> TokenLayout | None:
+    """A symbolic layout at the sizes it was traced with (for the report and the FLOPs)."""
+    if not is_symbolic(layout):
+        return layout
+    return replace(layout, prefix=_hint(layout.prefix), height=_hint(layout.height),
+                   width=_hint(layout.width), suffix=_hint(layout.suffix))
 
 
 def _cost(q_shape, k_shape, v_shape) -> tuple[int, int, int, int, int] | None:
@@ -90,9 +107,16 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     shapes = [_concrete(s) for s in (site.q_shape, site.k_shape, site.v_shape)]
     cost = _cost(*shapes)
     flops = attention_flops(*cost) if cost else None
+    symbolic = is_symbolic(q_layout) or is_symbolic(k_layout)
+    # The report shows the sizes this graph was traced with; the reason names the symbols.
+    shown_q, shown_k = at_hints(q_layout), at_hints(k_layout)
+    symbols = ""
+    if symbolic:
+        symbols = f"{q_layout}" + ("" if str(k_layout) == str(q_layout) else f" / {k_layout}") + \
+            f" (traced at {shown_q})"
 
     def skip(reason):
-        return Decision(False, reason, q_layout, k_layout, evidence, None, flops, flops)
+        return Decision(False, reason, shown_q, shown_k, evidence, None, flops, flops)
 
     (gh, gw), stride_from = config.stride_for(module_path)
     written = _scores_written(site, layouts)
@@ -120,11 +144,17 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     if not selected:
         return skip(why + config.credit("include" if why.startswith("not matched") else "exclude"))
     if cost is None:
-        return skip("symbolic sequence or feature sizes: cannot size the regrouping")
+        return skip("sequence or feature sizes without a known value: cannot size the regrouping")
     q_shape, k_shape, v_shape = shapes
-    if (q_shape[-2], k_shape[-2]) != (q_layout.length, k_layout.length):
-        return skip(f"sequence lengths {q_shape[-2]}/{k_shape[-2]} differ from the proven layouts "
-                    f"{q_layout}/{k_layout}")
+    if not (_same_size(site.q_shape[-2], q_layout.length) and _same_size(site.k_shape[-2], k_layout.length)):
+        return skip(f"sequence lengths {site.q_shape[-2]}/{site.k_shape[-2]} are not provably those of the "
+                    f"proven layouts {q_layout}/{k_layout}")
+    if symbolic and site.relpos is not None:
+        return skip(f"{SYMBOLIC_UNSUPPORTED} {symbols}: a decomposed rel-pos bias is rewritten only for "
+                    "static sizes")
+    if symbolic and config.distributing == "shuffle" and training:
+        return skip(f"{SYMBOLIC_UNSUPPORTED} {symbols}: shuffle distributing is rewritten only for "
+                    "static sizes")
     if q_layout.image_tokens < config.min_image_tokens:
         return skip(f"{q_layout.image_tokens} image tokens < min_image_tokens={config.min_image_tokens}"
                     + config.credit("min_image_tokens"))
@@ -165,7 +195,9 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         after = flops
     else:
         bh, _, _, d, dv = cost
-        after = 2 * bh * plan.grouped_pairs() * (d + dv)
-    kind = "image self-attention" if q_layout == k_layout else "image attention across two grids"
+        after = 2 * bh * replace(plan, q_layout=shown_q, k_layout=shown_k).grouped_pairs() * (d + dv)
+    kind = "image self-attention" if shown_q == shown_k else "image attention across two grids"
+    if symbolic:  # every size-dependent choice above and in the rewrite is guarded
+        distributing += f", symbolic sizes {symbols}"
     reason = f"{kind}, stride {gh}x{gw}" + stride_from + distributing
-    return Decision(True, reason, q_layout, k_layout, evidence, plan, flops, after)
+    return Decision(True, reason, shown_q, shown_k, evidence, plan, flops, after)

@@ -38,6 +38,7 @@ from ..patterns.ops import mutates as _mutates
 from ..patterns.ops import op_name
 from ..patterns.values import value_of as _val
 from .grid_rewrite import call_on_values, inline, propagate_values, rewrite_site
+from .policy import is_symbolic
 from .layout import _PERMUTES, _SPLITS, _VIEWS, _arg, _normalized_shape, _permutation
 
 # Ops that compute every element from the same element of their tensor operands (broadcast aside).
@@ -201,6 +202,9 @@ def _data_input(node: fx.Node, out_axis: int, gm) -> tuple[fx.Node, int] | None:
 
 def plan_motion(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan) -> tuple[Motion | None, str]:
     """Where the site's regrouping can go, or None and why it stays at the attention call."""
+    if is_symbolic(plan.q_layout) or is_symbolic(plan.k_layout):
+        # The walk reads static shapes only; the site's own rewrite handles symbolic sizes.
+        return None, "symbolic image size: the regrouping is moved only for static sizes"
     why = plan.pregrouped_unsupported
     if why:
         return None, why
