@@ -10,7 +10,7 @@ import torch.fx as fx
 from .config import GridAttnConfig
 from .passes.pipeline import is_dynamo_restart, run_pass
 from .passes.policy import SYMBOLIC_UNSUPPORTED
-from .report import SKIPPED, Report, record
+from .report import SKIPPED, Report, SiteReport, record
 from .torch_logs import publish
 from .training_mode import compiled_module_training
 
@@ -49,6 +49,7 @@ def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
         if config.strict or is_dynamo_restart(err):
             raise
         _fall_back(report, f"the rewrite pass failed ({type(err).__name__}: {err})")
+        _report_undecided_sites(gm, report)
         new_gm = gm
     _warn_symbolic(report)
     record(report)
@@ -71,6 +72,28 @@ def _warn_symbolic(report: Report) -> None:
         f"gridattn: {len(lost)} attention site(s) of {where} keep dense attention because their image "
         f"sizes are symbolic ({sites}: {lost[0].reason}); compile with dynamic=False or mark the image "
         f"sizes static (torch._dynamo.mark_static) to rewrite them", RuntimeWarning, stacklevel=3)
+
+
+def _report_undecided_sites(gm: fx.GraphModule, report: Report) -> None:
+    """A pass that failed part-way has rows only for the sites it decided before failing; every
+    attention site still gets one (DESIGN.md section 2), saying the failure left it dense."""
+    try:
+        from .passes.layout import module_path
+        from .patterns import find_attention_sites
+
+        sites = find_attention_sites(gm)
+    except Exception:  # finding them is what failed: the report's failure line says so
+        logger.debug("could not list the sites of a graph whose pass failed", exc_info=True)
+        return
+    seen = {row.node for row in report.sites}
+    for site in sites:
+        if site.output.name not in seen:
+            report.sites.append(SiteReport(
+                node=site.output.name, module_path=module_path(site.output), form=site.form,
+                q_shape=tuple(site.q_shape or ()), k_shape=tuple(site.k_shape or ()), q_layout=None,
+                k_layout=None, evidence="", decision=SKIPPED,
+                reason="pass failed before this site was decided, graph left unmodified",
+                stride=None, flops_before=None, flops_after=None))
 
 
 def _training(config: GridAttnConfig) -> bool:

@@ -328,6 +328,32 @@ def test_the_fallback_warning_is_given_for_every_graph_that_falls_back(monkeypat
     assert len(_gridattn_warnings(caught, "injected pass failure")) == 2, [str(w.message) for w in caught]
 
 
+def test_a_pass_that_fails_part_way_still_reports_every_site(monkeypatch):
+    """A failure while deciding the second of two sites: both sites get a row, the first with its
+    decision undone, the second saying the failure left it dense; the output is the model's."""
+    from gridattn_fx.passes import policy
+
+    decided = []
+
+    def fail_on_second(site, *args, **kwargs):
+        decided.append(site)
+        if len(decided) == 2:
+            raise RuntimeError("injected failure in the policy")
+        return policy.decide(site, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decide", fail_on_second)
+    model, x = _vit(), image(2, 8, 12)  # two blocks, one site each
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm, report = gridattn_fx.rewrite(model, (x,), **OPTS)
+    assert report.failure and "injected failure" in report.failure
+    assert len(report.sites) == len(model.blocks) >= 2, str(report)
+    assert all(s.decision == "skipped" for s in report.sites)
+    assert "before this site was decided" in report.sites[-1].reason, str(report)
+    with torch.no_grad():
+        assert_equal_exact(gm(x), model(x))
+
+
 def test_a_dynamo_restart_in_the_pass_propagates(monkeypatch):
     from torch._dynamo.exc import TensorifyScalarRestartAnalysis
 
