@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import DIM, HEADS, Attention, Mlp, attend, build, image
+from models import DIM, HEADS, Attention, CrossAttention, Mlp, attend, build, image
 from oracle import assert_close64, assert_differs, assert_equal_exact, layout_tuple, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
@@ -57,25 +57,6 @@ def tokens(x):
     return x.flatten(2).transpose(1, 2)
 
 
-class CrossAttn(nn.Module):
-    """q from one token tensor, k/v from another (LoFTR / HF EfficientLoFTR cross_attention)."""
-
-    def __init__(self, dim=DIM, heads=HEADS):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, dim * 2)
-        self.proj = nn.Linear(dim, dim)
-        self.oracle = None
-
-    def forward(self, x, ctx):
-        B, N, C = x.shape
-        q = self.q(x).reshape(B, N, self.heads, C // self.heads).transpose(1, 2)
-        k, v = self.kv(ctx).reshape(B, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        o = attend(self, q, k, v)
-        return self.proj(o.transpose(1, 2).reshape(B, N, C))
-
-
 # ---------------------------------------------------------------------------------------------
 # item 3: image identity
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +69,7 @@ class FeatureMatcher(nn.Module):
         self.split = split
         self.backbone = nn.Conv2d(3, dim, 2, 2)
         self.self_attn = Attention(dim)
-        self.cross_attn = CrossAttn(dim)
+        self.cross_attn = CrossAttention(dim)
 
     def forward(self, img_a, img_b):
         feats = self.backbone(torch.cat([img_a, img_b]))
@@ -121,7 +102,7 @@ class TwoInputsOneConv(nn.Module):
     def __init__(self, dim=DIM):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, 2, 2)
-        self.cross_attn = CrossAttn(dim)
+        self.cross_attn = CrossAttention(dim)
 
     def forward(self, img_a, img_b):
         a, b = tokens(self.patch_embed(img_a)), tokens(self.patch_embed(img_b))
@@ -146,7 +127,7 @@ class ConvProjections(nn.Module):
         self.patch_embed = nn.Conv2d(3, dim, 2, 2)
         self.conv_q = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
         self.conv_kv = nn.Conv2d(dim, dim, 3, 2, 1, groups=dim)
-        self.attn = CrossAttn(dim)
+        self.attn = CrossAttention(dim)
 
     def forward(self, img):
         x = self.patch_embed(img)
@@ -172,7 +153,7 @@ class SwappedBatchKeys(nn.Module):
     def __init__(self, dim=DIM):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, 2, 2)
-        self.cross_attn = CrossAttn(dim)
+        self.cross_attn = CrossAttention(dim)
 
     def forward(self, img):
         x = tokens(self.patch_embed(img))
@@ -196,7 +177,7 @@ class BatchedPairs(nn.Module):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, 2, 2)
         self.self_attn = Attention(dim)
-        self.cross_attn = CrossAttn(dim)
+        self.cross_attn = CrossAttention(dim)
 
     def forward(self, img_a, img_b):
         a, b = tokens(self.patch_embed(img_a)), tokens(self.patch_embed(img_b))
@@ -421,7 +402,7 @@ class Subsample(nn.Module):
     def __init__(self, dim=DIM):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, 2, 2)
-        self.sub_attn = CrossAttn(dim)
+        self.sub_attn = CrossAttention(dim)
         self.attn = Attention(dim)
 
     def forward(self, img):

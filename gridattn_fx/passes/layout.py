@@ -267,7 +267,11 @@ class LayoutAnalysis:
             evidence = f"{fact.origin} via {_trail_text(fact.trail)}"
             return TokenLayout(*sizes, transposed=fact.transposed), evidence
         if fact is not None:
-            return None, f"no proven image layout on the sequence axis ({type(fact).__name__.lower()} axes {fact.dims()} instead)"
+            # e.g. window partitioning: the window grid is enumerated along the batch axis (a
+            # 1-image batch drops out of the reshape), the sequence holds one window's tokens
+            return None, (f"no proven image layout on the sequence axis: the image runs along "
+                          f"{type(fact).__name__.lower()} axes {fact.dims()} instead (e.g. windows or "
+                          "patches enumerated outside the attention's sequence)")
         return None, "no proven image layout: " + self._why_not(node)
 
     def _why_not(self, node: fx.Node) -> str:
