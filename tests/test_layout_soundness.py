@@ -45,6 +45,16 @@ def expect_rewritten(report, path, q_layout, k_layout=None):
     return s
 
 
+def assert_matches_oracle(gm, model, inputs, q_layout, k_layout=None, only=None, differs=True):
+    """The rewritten ``gm`` equals the model run with the oracle mask at the sites ``only`` names
+    (default: every attention module) and, with ``differs``, the grid changed the result."""
+    with oracle_mode(model, q_layout, k_layout, only=only):
+        ref = model(*inputs)
+    assert_close64(gm(*inputs), ref)
+    if differs:
+        assert_differs(ref, model(*inputs))
+
+
 def expect_skipped(report, path, *words):
     s = site(report, path)
     assert s.decision == "skipped", f"{path} was rewritten\n{report}"
@@ -92,10 +102,7 @@ def test_cross_attention_between_two_images_of_a_batch_is_skipped(split):
     gm, report = rewrite(model, (a, b))
     expect_rewritten(report, "self_attn", (0, 6, 10))
     expect_skipped(report, "cross_attn", "cross-attention between two different images")
-    with oracle_mode(model, (0, 6, 10), only=["self_attn"]):
-        ref = model(a, b)
-    assert_close64(gm(a, b), ref)
-    assert_differs(ref, model(a, b))
+    assert_matches_oracle(gm, model, (a, b), (0, 6, 10), only=["self_attn"])
 
 
 class TwoInputsOneConv(nn.Module):
@@ -140,10 +147,7 @@ def test_conv_projections_of_one_image_are_the_same_image():
     gm, report = rewrite(model, (x,))
     s = expect_rewritten(report, "attn", (0, 8, 12), (0, 4, 6))
     assert "across two grids" in s.reason
-    with oracle_mode(model, (0, 8, 12), (0, 4, 6)):
-        ref = model(x)
-    assert_close64(gm(x), ref)
-    assert_differs(ref, model(x))
+    assert_matches_oracle(gm, model, (x,), (0, 8, 12), (0, 4, 6))
 
 
 class SwappedBatchKeys(nn.Module):
@@ -193,10 +197,7 @@ def test_batched_self_and_cross_attention():
     gm, report = rewrite(model, (a, b))
     expect_rewritten(report, "self_attn", (0, 6, 10))
     expect_skipped(report, "cross_attn", "different images")
-    with oracle_mode(model, (0, 6, 10), only=["self_attn"]):
-        ref = model(a, b)
-    assert_close64(gm(a, b), ref)
-    assert_differs(ref, model(a, b))
+    assert_matches_oracle(gm, model, (a, b), (0, 6, 10), only=["self_attn"])
 
 
 class HeadsInBatch(nn.Module):
@@ -228,10 +229,7 @@ def test_heads_folded_into_the_batch_alike_are_one_image():
     x = image(2, 12, 20)
     gm, report = rewrite(model, (x,))
     expect_rewritten(report, "", (0, 6, 10))
-    with oracle_mode(model, (0, 6, 10)):
-        ref = model(x)
-    assert_close64(gm(x), ref)
-    assert_differs(ref, model(x))
+    assert_matches_oracle(gm, model, (x,), (0, 6, 10))
 
 
 def test_heads_folded_into_the_batch_differently_are_skipped():
@@ -299,10 +297,7 @@ def test_in_place_pointwise_keeps_the_proof(kind):
     x = image(2, 12, 20)
     gm, report = rewrite(model, (x,))
     expect_rewritten(report, "attn", (0, 6, 10))
-    with oracle_mode(model, (0, 6, 10)):
-        ref = model(x)
-    assert_close64(gm(x), ref)
-    assert_differs(ref, model(x))
+    assert_matches_oracle(gm, model, (x,), (0, 6, 10))
 
 
 class InPlaceMixedLayouts(nn.Module):
@@ -354,10 +349,7 @@ def test_batchnorm1d_over_flattened_tokens_keeps_the_proof():
     x = image(2, 12, 20)
     gm, report = rewrite(model, (x,))
     expect_rewritten(report, "attn", (0, 6, 10))
-    with oracle_mode(model, (0, 6, 10)):
-        ref = model(x)
-    assert_close64(gm(x), ref)
-    assert_differs(ref, model(x))
+    assert_matches_oracle(gm, model, (x,), (0, 6, 10))
 
 
 def test_batchnorm1d_in_training_mode_keeps_the_proof():
@@ -493,9 +485,7 @@ def test_batched_cross_attention_with_single_images_is_skipped():
     gm, report = rewrite(model, (a, b))
     expect_rewritten(report, "self_attn", (0, 6, 10))
     expect_skipped(report, "cross_attn", "different images")
-    with oracle_mode(model, (0, 6, 10), only=["self_attn"]):
-        ref = model(a, b)
-    assert_close64(gm(a, b), ref)
+    assert_matches_oracle(gm, model, (a, b), (0, 6, 10), only=["self_attn"], differs=False)
 
 
 class LostInsideFlatTokens(nn.Module):
