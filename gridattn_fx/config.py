@@ -120,7 +120,7 @@ class GridAttnConfig:
         path ends with (after a dot); None when no key names it."""
         if module_path in self.site_strides:
             return module_path
-        hits = [key for key in self.site_strides if module_path.endswith("." + key)]
+        hits = [key for key in self.site_strides if site_stride_names(key, module_path)]
         return max(hits, key=len) if hits else None
 
     @classmethod
@@ -205,6 +205,12 @@ class GridAttnConfig:
 
 _DEFAULTS = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
              for f in fields(GridAttnConfig)}
+
+
+def site_stride_names(key: str, module_path: str) -> bool:
+    """Whether a ``site_strides`` key names the site at ``module_path``: the exact path, or a
+    suffix after a dot (a wrapper adds a prefix to the paths calibrate() saw)."""
+    return module_path == key or module_path.endswith("." + key)
 
 
 def _site_strides(value) -> dict[str, Stride]:

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..config import GridAttnConfig
+from ..config import GridAttnConfig, site_stride_names
 from ..patterns import AttentionSite, find_attention_sites
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .grid_rewrite import fake_evaluation, plan_sizes, rewrite_site
@@ -195,8 +195,7 @@ def _check_site_strides(report: Report, config: GridAttnConfig) -> None:
     """Name the ``site_strides`` keys that choose no site of this graph (a wrong or stale path
     would otherwise rewrite nothing without a word)."""
     paths = [row.module_path for row in report.sites]
-    unmatched = [key for key in config.site_strides
-                 if not any(path == key or path.endswith("." + key) for path in paths)]
+    unmatched = [key for key in config.site_strides if not any(site_stride_names(key, p) for p in paths)]
     if not unmatched:
         return
     report.unmatched_site_strides.extend(unmatched)
