@@ -107,9 +107,6 @@ def trace_function(fn, arity: int, sizes: tuple = ()) -> fx.Graph:
     """
     # fx.Tracer makes one placeholder per named parameter, so the wrapper needs a fixed arity.
     names = ", ".join(f"arg{i}" for i in range(arity + len(sizes)))
-    if not sizes:
-        wrapper = eval(f"lambda {names}: fn({names})", {"fn": fn})  # noqa: S307 - names are ours
-        return fx.Tracer().trace(wrapper)
 
     def bound(*args):
         traced = [TracedSize(p, s) for p, s in zip(args[arity:], sizes)]
