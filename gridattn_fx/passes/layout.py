@@ -950,8 +950,13 @@ def _index(fact, shape, index, selector: str = ""):
 
 
 def _is_full(item, length) -> bool:
+    """Whether ``item`` keeps a whole axis: provably so when a bound or the length is symbolic
+    (matching traced values would let a batch selection keep its image identity)."""
     if not isinstance(item, slice):
         return False
+    if any(isinstance(x, torch.SymInt) for x in (item.start, item.stop, item.step, length)):
+        return (item.step in (None, 1) and (item.start is None or _known(item.start == 0))
+                and (item.stop is None or _known(item.stop >= length)))
     n = _hint(length)
     bounds = [_hint(x) if x is not None else None for x in (item.start, item.stop, item.step)]
     if n is None or any(b is None and raw is not None for b, raw in zip(bounds, (item.start, item.stop, item.step))):
