@@ -128,6 +128,21 @@ def test_token_layout():
     assert hash(lay) == hash(TokenLayout(5, 6, 10, 3))
 
 
+def test_token_layout_any_rank():
+    """The 2-D constructor is the rank-2 case of ``image_shape=`` / ``order=``."""
+    assert TokenLayout(1, 4, 6, 0, True) == TokenLayout(1, image_shape=(4, 6), order=(1, 0))
+    assert TokenLayout(1, 4, 6) == TokenLayout(1, image_shape=(4, 6))
+    video = TokenLayout(3, image_shape=(2, 4, 6), suffix=1)
+    assert (video.rank, video.frames, video.height, video.width) == (3, 2, 4, 6)
+    assert video.image_tokens == 48 and video.length == 52 and video.sizes == (3, 2, 4, 6, 1)
+    assert str(video) == "3+2x4x6+1" and not video.transposed
+    assert video.map_sizes(lambda s: 2 * s) == TokenLayout(6, image_shape=(4, 8, 12), suffix=2)
+    with pytest.raises(ValueError, match="order"):
+        TokenLayout(0, image_shape=(2, 4, 6), order=(0, 1))
+    with pytest.raises(TypeError):
+        TokenLayout(0, 4, 6, image_shape=(4, 6))
+
+
 # Inductor options passed through ``options``: checked against torch._inductor.config's types.
 BAD_INDUCTOR_OPTIONS = [
     ({"max_autotune": "yes"}, "max_autotune"),                 # bool

@@ -148,7 +148,7 @@ def plan_sizes(plan: GridPlan) -> tuple:
     """The distinct symbolic sizes of a plan's layouts (one per expression), in a fixed order."""
     found = {}
     for layout in (plan.q_layout, plan.k_layout):
-        for size in (layout.prefix, layout.height, layout.width, layout.suffix):
+        for size in layout.sizes:
             if isinstance(size, torch.SymInt) and not size.node.is_constant():
                 found.setdefault(size.node.expr, size)
     return tuple(found.values())
@@ -159,10 +159,7 @@ def bind_sizes(plan: GridPlan, traced: dict) -> GridPlan:
     def swap(size):
         return traced.get(size.node.expr, size) if isinstance(size, torch.SymInt) else size
 
-    def layout(lay):
-        return dc_replace(lay, prefix=swap(lay.prefix), height=swap(lay.height), width=swap(lay.width),
-                          suffix=swap(lay.suffix))
-    return dc_replace(plan, q_layout=layout(plan.q_layout), k_layout=layout(plan.k_layout))
+    return dc_replace(plan, q_layout=plan.q_layout.map_sizes(swap), k_layout=plan.k_layout.map_sizes(swap))
 
 
 def size_node(graph: fx.Graph, sym: "torch.SymInt", before: fx.Node):

@@ -41,15 +41,14 @@ def _concrete(shape) -> tuple[int, ...] | None:
 
 def is_symbolic(layout: TokenLayout | None) -> bool:
     return layout is not None and any(
-        isinstance(s, torch.SymInt) for s in (layout.prefix, layout.height, layout.width, layout.suffix))
+        isinstance(s, torch.SymInt) for s in layout.sizes)
 
 
 def at_hints(layout: TokenLayout | None) -> TokenLayout | None:
     """A symbolic layout at the sizes it was traced with (for the report and the FLOPs)."""
     if not is_symbolic(layout):
         return layout
-    return replace(layout, prefix=_hint(layout.prefix), height=_hint(layout.height),
-                   width=_hint(layout.width), suffix=_hint(layout.suffix))
+    return layout.map_sizes(_hint)
 
 
 def _cost(q_shape, k_shape, v_shape) -> tuple[int, int, int, int, int] | None:
