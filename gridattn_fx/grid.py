@@ -170,6 +170,27 @@ def _blocks(rows: int, cols: int, sr: int, sc: int) -> tuple[int, int]:
     return _ceil_div(rows, sr), _ceil_div(cols, sc)
 
 
+def _split_axis(x, dim: int, sizes: tuple):
+    """``x.unflatten(dim, sizes)`` for a negative ``dim``.
+
+    With symbolic sizes (passes/grid_rewrite.py) the split is spelled as a strided view instead: a
+    reshape's symbolic shape rule derives every inner size by floor division (``H*H // H``,
+    ``H // (H // 2)``), which sympy leaves unsimplified, and those divisions then sit in every index
+    of the generated kernels (they made the dynamic-shape rewrite 1.6x slower than the static one).
+    Splitting one axis is always a view, so the strides below are exact for any layout of ``x``.
+    """
+    if all(isinstance(s, int) for s in sizes):
+        return x.unflatten(dim, sizes)
+    strides, step = [], x.stride(dim)
+    for size in reversed(sizes):
+        strides.insert(0, step)
+        step = step * size
+    after = x.shape[dim + 1:] if dim < -1 else ()
+    after_strides = x.stride()[dim + 1:] if dim < -1 else ()
+    return x.as_strided(x.shape[:dim] + tuple(sizes) + after, x.stride()[:dim] + tuple(strides) + after_strides,
+                        x.storage_offset())
+
+
 def _permute_offsets(x, assignment):
     """(..., a, b, G, d): inside every block (a, b), put the token at offset ``assignment[a, b, g]``
     at position g. One index_select over the flattened blocks, whatever the leading rank."""
@@ -182,10 +203,10 @@ def _cluster_rows_cols(x, rows: int, cols: int, sr: int, sc: int, assignment=Non
     """(..., rows*cols, d) -> (..., sr*sc, n, d), zero-padding rows/cols up to multiples of the stride."""
     a, b = _blocks(rows, cols, sr, sc)
     rows_p, cols_p = a * sr, b * sc
-    x = x.unflatten(-2, (rows, cols))
+    x = _split_axis(x, -2, (rows, cols))
     if _padded(rows, cols, sr, sc):
         x = F.pad(x, (0, 0, 0, cols_p - cols, 0, rows_p - rows))
-    x = x.unflatten(-3, (a, sr)).unflatten(-2, (b, sc))
+    x = _split_axis(_split_axis(x, -3, (a, sr)), -2, (b, sc))
     if assignment is not None:
         # (..., a, sr, b, sc, d) -> (..., a, b, sr*sc, d), shuffle every block's offsets, then the
         # (now permuted) offset axis leads as in the straightforward case.
@@ -203,7 +224,7 @@ def _recover_rows_cols(xg, rows: int, cols: int, sr: int, sc: int, assignment=No
         x = _permute_offsets(xg.unflatten(-2, (a, b)).movedim(-4, -2), assignment.argsort(-1))
         x = x.unflatten(-2, (sr, sc)).movedim(-3, -4)
     else:
-        x = xg.unflatten(-3, (sr, sc)).unflatten(-2, (a, b))
+        x = _split_axis(_split_axis(xg, -3, (sr, sc)), -2, (a, b))
         x = x.movedim(-4, -2).movedim(-5, -4)
     x = x.flatten(-5, -4).flatten(-3, -2)
     if _padded(rows, cols, sr, sc):
