@@ -39,6 +39,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..grid import TokenLayout
+from ..patterns.op_rules import (CATS, CHANNEL_NORMS, FEATURE_OPS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS, MAYBE_ALIASING,
+                                  PERMUTES, RESHAPES, SPLITS, VIEWING, arg, permutation, resolve, source_rank,
+                                  split_dim)
 from ..patterns.ops import mutates, op_name, written_args
 from ..patterns.values import shape_of as _shape
 from ..patterns.values import value_of as _val
@@ -124,48 +127,16 @@ def _static(size) -> int | None:
     return None
 
 
-def _resolve(arg):
-    """Arguments as values: nodes that compute sizes become their SymInt / int values."""
-    if isinstance(arg, fx.Node):
-        return _val(arg)
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_resolve(a) for a in arg)
-    return arg
+_resolve = resolve  # layout_hints.py reads marker arguments with it
 
 
-_SOURCES = {
-    "conv2d", "conv_transpose2d", "convolution", "_convolution", "max_pool2d", "avg_pool2d",
-    "adaptive_avg_pool2d", "adaptive_max_pool2d", "interpolate", "upsample", "upsample_nearest2d",
-    "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "pixel_shuffle",
-    "pixel_unshuffle", "_adaptive_avg_pool2d",
-}
-# Sources of a 3-D (video) grid: recognised only to say why such a site is not proven (yet).
-_VIDEO_SOURCES = {
-    "conv3d", "conv_transpose3d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
-    "upsample_nearest3d", "upsample_trilinear3d",
-}
-_POINTWISE = {
-    "add", "sub", "mul", "div", "truediv", "floordiv", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
-    "reciprocal", "sigmoid", "tanh", "relu", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "leaky_relu",
-    "elu", "softplus", "erf", "square", "clamp", "clamp_min", "clamp_max", "dropout", "contiguous", "clone",
-    "to", "type", "type_as", "float", "half", "double", "bfloat16", "detach", "where", "masked_fill",
-    "_to_copy", "alias", "lift_fresh_copy", "radd", "rmul", "rsub", "iadd", "imul", "isub", "itruediv",
-    "sin", "cos", "lerp", "addcmul", "feature_dropout",
-}
-_VIEWS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "_unsafe_view"}
-_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
-_CHANNEL_NORMS = {"group_norm", "batch_norm", "instance_norm", "_native_batch_norm_legit_no_training"}
-_LAST_DIM = {"linear", "layer_norm", "rms_norm"}
-_CATS = {"cat", "concat", "concatenate"}
+# What each op does to token axes is the catalogue's (patterns/op_rules.py); what a loss means here:
 _LOSS_HINTS = {
-    **{v: "a reshape that splits or merges the image axes, e.g. into windows" for v in _VIEWS},
+    **{v: "a reshape that splits or merges the image axes, e.g. into windows" for v in RESHAPES},
     "getitem": "indexing that drops or reorders image tokens",
     "cat": "concatenation of two image layouts",
     "pad": "padding of the image axes, e.g. to a multiple of the window size",
 }
-# Reductions over feature axes with keepdim=True (hand-written norms): token positions stay put.
-_KEEPDIM_REDUCTIONS = {"mean", "sum", "amax", "amin"}  # all (x, dim, keepdim)
-_SPLITS = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 
 
 # --- the analysis -----------------------------------------------------------------------------
@@ -344,29 +315,30 @@ class LayoutAnalysis:
         if name is None:
             return None
         out = _val(node)
-        if name in _SOURCES or name in _VIDEO_SOURCES:
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and name in _SOURCES:
+        rank = source_rank(name, out.dim()) if isinstance(out, torch.Tensor) else None
+        if rank is not None:
+            if rank == 2:
                 image = self._source_image(node)
                 return Spatial(2, 3, out.shape[2], out.shape[3], origin=self._source_text(node, name, out),
                                image=image, batch=(0,))
-            if isinstance(out, torch.Tensor) and out.dim() == 5:
+            if rank == 3:
                 self._unsupported_sources.add(node)
                 self.lost[node] = (f"{name} `{node.name}` (a 3-D conv/pool output: video T x H x W layouts "
                                    "are not supported yet)")
             return None
         inp = node.args[0] if node.args else None
         fact = self.facts.get(inp) if isinstance(inp, fx.Node) else None
-        if name in _CATS:
+        if name in CATS:
             return self._cat(node)
         if name == "stack":
             return self._stack(node)
-        if name in _POINTWISE:
+        if name in KEEPS_POSITIONS:
             return self._pointwise(node, name)
         if name == "getattr" and node.args[1] in ("mT", "T") and fact is not None:
             ndim = len(_shape(inp))
             perm = list(range(ndim))[::-1] if node.args[1] == "T" else list(range(ndim - 2)) + [ndim - 1, ndim - 2]
             return _permute(fact, perm, node.args[1])
-        if name in _KEEPDIM_REDUCTIONS and fact is not None:
+        if name in KEEPDIM_REDUCTIONS and fact is not None:
             dims = _resolve(_arg(node, 1, "dim"))
             dims = [dims] if isinstance(dims, int) else list(dims or [])
             keepdim = _arg(node, 2, "keepdim", False)
@@ -379,15 +351,15 @@ class LayoutAnalysis:
             return _step(fact, name) if ok else None
         if fact is None:
             return None
-        if name in _VIEWS or (name == "flatten" and node.op == "call_module"):
+        if name in RESHAPES or (name == "flatten" and node.op == "call_module"):
             return _reshape(fact, _shape(inp), tuple(out.shape), name)
-        if name in _PERMUTES:
-            return _permute(fact, _permutation(node, name, len(_shape(inp))), name)
-        if name in _LAST_DIM:
+        if name in PERMUTES:
+            return _permute(fact, permutation(node, name, len(_shape(inp))), name)
+        if name in FEATURE_OPS:
             n_last = len(_normalized_shape(node, self.gm)) if name != "linear" else 1
             ndim = len(_shape(inp))
             return _step(fact, name) if all(d < ndim - n_last for d in (*fact.dims(), *fact.batch)) else None
-        if name in _CHANNEL_NORMS:
+        if name in CHANNEL_NORMS:
             return self._channel_norm(node, name, fact)
         if name == "getitem":
             return _index(fact, _shape(inp), _resolve(node.args[1]), node.name)
@@ -397,7 +369,7 @@ class LayoutAnalysis:
             dim, index = _resolve(_arg(node, 1, "dim")), _resolve(_arg(node, 2, "index"))
             idx = [slice(None)] * (dim % len(_shape(inp))) + [index]
             return _index(fact, _shape(inp), tuple(idx), node.name)
-        if name in _SPLITS:
+        if name in SPLITS:
             return self._split(node, name, fact, _shape(inp))
         if name == "repeat_interleave":  # along a batch-like axis (SAM repeats images per prompt)
             dim = _resolve(_arg(node, 2, "dim"))
@@ -537,7 +509,7 @@ class LayoutAnalysis:
         pieces = _val(node)
         if not isinstance(pieces, (tuple, list)):
             return None
-        dim = _resolve(_arg(node, 1 if name == "unbind" else 2, "dim", 0)) % len(shape)
+        dim = _resolve(split_dim(node, name)) % len(shape)
         results, offset = [], 0
         for piece in pieces:
             if name == "unbind":
@@ -552,17 +524,6 @@ class LayoutAnalysis:
 
 
 # --- mutation ---------------------------------------------------------------------------------
-
-# Ops whose output shares storage with their first argument (views) ...
-_VIEWING = _VIEWS | _PERMUTES | _SPLITS | {
-    "getitem", "narrow", "slice", "select", "expand", "expand_as", "broadcast_to", "detach", "alias",
-    "as_strided", "diagonal", "unfold", "view_as_real", "view_as_complex", "real", "imag", "getattr",
-}
-# ... or may return the argument itself (a no-op cast, contiguous on a contiguous tensor, dropout
-# in eval mode): an alias unless the graph's values show a fresh storage.
-_MAYBE_ALIASING = {"contiguous", "to", "type", "type_as", "float", "half", "double", "bfloat16", "dropout",
-                   "feature_dropout"}
-
 
 def _storage(node):
     value = _val(node)
@@ -593,14 +554,14 @@ def _alias_classes(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
         if node.op not in ("call_function", "call_method", "call_module") or not node.args:
             continue
         first = node.args[0]
-        if isinstance(first, (list, tuple)) and op_name(node, gm) in _CATS:
+        if isinstance(first, (list, tuple)) and op_name(node, gm) in CATS:
             continue
         if not isinstance(first, fx.Node):
             continue
         name, storage, source = op_name(node, gm), _storage(node), _storage(first)
         same = storage is not None and storage == source
         unknown = storage is None or source is None
-        if name in _VIEWING or mutates(node) or same or (name in _MAYBE_ALIASING and unknown):
+        if name in VIEWING or mutates(node) or same or (name in MAYBE_ALIASING and unknown):
             union(node, first)
         for dest in (written_args(node) if mutates(node) else ()):
             union(node, dest)
@@ -617,7 +578,7 @@ def _written_tensors(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
             continue
         name = op_name(node, gm)
         dests = written_args(node)
-        if name in _POINTWISE and dests == [node.args[0]] and "out" not in node.kwargs:
+        if name in KEEPS_POSITIONS and dests == [node.args[0]] and "out" not in node.kwargs:
             continue
         for dest in dests:
             writers.setdefault(dest, node)
@@ -719,10 +680,7 @@ def _remap(fact, mapping: dict):
     return replace(fact, dim=new[fact.dim], batch=batch)
 
 
-def _arg(node, index, name, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+_arg = arg
 
 
 def _normalized_shape(node, gm):
@@ -730,36 +688,6 @@ def _normalized_shape(node, gm):
         return tuple(gm.get_submodule(node.target).normalized_shape)
     shape = _resolve(_arg(node, 1, "normalized_shape"))
     return (shape,) if isinstance(shape, int) else tuple(shape)
-
-
-def _permutation(node, name, ndim) -> list[int]:
-    """``perm`` with output axis i = input axis perm[i]."""
-    args = [_resolve(a) for a in node.args[1:]]
-    if name == "permute":
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-        if not dims:
-            dims = _resolve(node.kwargs.get("dims"))
-        return [d % ndim for d in dims]
-    perm = list(range(ndim))
-    if name == "t":
-        return perm[::-1]
-    if name in ("transpose", "swapaxes", "swapdims"):
-        a = args[0] if args else _resolve(node.kwargs.get("dim0"))
-        b = args[1] if len(args) > 1 else _resolve(node.kwargs.get("dim1"))
-        a, b = a % ndim, b % ndim
-        perm[a], perm[b] = perm[b], perm[a]
-        return perm
-    # movedim / moveaxis
-    src = args[0] if args else _resolve(node.kwargs.get("source"))
-    dst = args[1] if len(args) > 1 else _resolve(node.kwargs.get("destination"))
-    src = [s % ndim for s in (src if isinstance(src, (list, tuple)) else [src])]
-    dst = [d % ndim for d in (dst if isinstance(dst, (list, tuple)) else [dst])]
-    rest = [d for d in range(ndim) if d not in src]
-    out = [None] * ndim
-    for s, d in zip(src, dst):
-        out[d] = s
-    it = iter(rest)
-    return [o if o is not None else next(it) for o in out]
 
 
 def _permute(fact, perm, name):
