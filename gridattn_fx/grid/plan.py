@@ -1,0 +1,422 @@
+"""The plan of one rewritten site and the two implementations it runs (grouped / masked)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .groupings import GRID, Grouping, cluster_layout, draw_assignment, grouping_named, layout_padded, recover_layout
+from .layout import Stride, TokenLayout, _ceil_div, format_stride, normalize_stride
+from .reference import _additive, grid_mask
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """Everything static about one rewritten site: layouts, stride, grouping, ranks and SDPA flags.
+
+    ``stride`` is normalised to the layouts' rank (:func:`normalize_stride`): ``(Gh, Gw)`` for an
+    image, ``(Gt, Gh, Gw)`` for a video; ``grouping`` says which tokens share a group (grid by
+    default; gridattn_fx/grid/groupings.py).
+
+    ``ndim`` is the rank of q; ``mask_ndim`` the rank of the attn_mask (None: no mask);
+    ``mask_rows`` / ``mask_cols`` say whether the mask spans the query / key axis or broadcasts (size 1);
+    ``mask_bool`` whether it is a boolean keep-mask rather than an additive bias.
+    """
+
+    q_layout: TokenLayout
+    k_layout: TokenLayout
+    stride: Stride
+    ndim: int
+    mask_ndim: int | None = None
+    mask_rows: bool = True
+    mask_cols: bool = True
+    mask_bool: bool = False
+    dropout_p: float = 0.0
+    scale: float | None = None
+    enable_gqa: bool = False
+    # A decomposed relative-position bias (SAM): the mask argument is the pair (rel_h, rel_w) of
+    # shapes (N, qh, qw, kh) and (N, qh, qw, kw), meaning bias[n, (i, j), (k, l)] = rel_h[n, i, j, k]
+    # + rel_w[n, i, j, l]; ``relpos_heads`` > 0 splits N into (batch, heads) for a 4-D mask.
+    relpos: bool = False
+    relpos_heads: int = 0
+    # Shuffle distributing: every call draws a fresh assignment (training only; the pass decides).
+    shuffle: bool = False
+    # q, k, v arrive with their image tokens already in group-major order (:func:`cluster_axis`,
+    # moved above the projections by passes/regroup_motion.py) and the output leaves in that order.
+    pregrouped: bool = False
+    grouping: Grouping = GRID
+
+    def __post_init__(self):
+        if self.q_layout.rank != self.k_layout.rank:
+            raise ValueError(f"query and key images differ in rank: {self.q_layout} / {self.k_layout}")
+        object.__setattr__(self, "stride", normalize_stride(self.stride, self.q_layout.rank))
+        object.__setattr__(self, "grouping", grouping_named(self.grouping))
+        why = self.shuffle_unsupported if self.shuffle else None
+        if why:
+            raise ValueError(why)
+        why = self.pregrouped_unsupported if self.pregrouped else None
+        if why:
+            raise ValueError(why)
+
+    @property
+    def groups(self) -> int:
+        return math.prod(self.stride)
+
+    @property
+    def shares_grid(self) -> bool | None:
+        """Whether q and k tokens sit on one image grid (then they share one shuffle assignment);
+        None when they do but are stored in different orders (shuffle is not supported there)."""
+        ql, kl = self.q_layout, self.k_layout
+        if ql.image_shape != kl.image_shape:
+            return False
+        return True if ql.order == kl.order else None
+
+    @property
+    def shuffle_unsupported(self) -> str | None:
+        """Why this site cannot use shuffle distributing, or None if it can."""
+        if self.grouping.shuffle_unsupported:
+            return self.grouping.shuffle_unsupported
+        if self.relpos:
+            return "shuffle is not implemented for a decomposed rel-pos bias"
+        if self.shares_grid is None:
+            return "shuffle is not implemented for query and key grids not stored in the same order"
+        return None
+
+    @property
+    def pregrouped_unsupported(self) -> str | None:
+        """Why this site's regrouping cannot be a plain token reorder outside it, or None if it can."""
+        has = [what for what, flag in (("a mask", self.mask_ndim is not None), ("a rel-pos bias", self.relpos),
+                                        ("dropout", self.dropout_p), ("shuffle distributing", self.shuffle)) if flag]
+        if has:
+            return f"the site has {' and '.join(has)}"
+        if self.ndim != 4:
+            return f"q has rank {self.ndim}, not (batch, heads, tokens, features)"
+        for layout in (self.q_layout, self.k_layout):
+            if layout.prefix or layout.suffix:
+                return f"layout {layout} has non-image tokens, which every group shares"
+            if layout.order != tuple(range(layout.rank)):
+                return f"layout {layout} is stored " + ("column-major" if layout.rank == 2 else "out of order")
+            if layout_padded(layout, self.stride):
+                return (f"image {format_stride(layout.image_shape)} is not a multiple of the stride "
+                        f"{format_stride(self.stride)}")
+        return None
+
+    def draw(self, device=None):
+        """A fresh (query, key) pair of shuffle assignments for this site."""
+        qa = draw_assignment(self.q_layout, self.stride, device)
+        return qa, (qa if self.shares_grid else draw_assignment(self.k_layout, self.stride, device))
+
+    def _assignments(self, assignment, device):
+        if not self.shuffle:
+            if assignment is not None:
+                raise ValueError("an assignment was given to a plan without shuffle distributing")
+            return None, None
+        return self.draw(device) if assignment is None else assignment
+
+    @staticmethod
+    def for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p=0.0, scale=None, enable_gqa=False,
+                    grouping="grid"):
+        """The plan for concrete tensors (eager use)."""
+        if q.shape[-2] != q_layout.length or k.shape[-2] != k_layout.length:
+            raise ValueError(
+                f"layouts {q_layout} / {k_layout} do not match sequence lengths {q.shape[-2]} / {k.shape[-2]}"
+            )
+        m = attn_mask
+        return GridPlan(
+            q_layout, k_layout, normalize_stride(stride), q.dim(),
+            None if m is None else m.dim(),
+            True if m is None else (m.dim() >= 2 and m.shape[-2] != 1),
+            True if m is None else m.shape[-1] != 1,
+            m is not None and m.dtype == torch.bool,
+            float(dropout_p), scale, bool(enable_gqa), grouping=grouping_named(grouping),
+        )
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _sdpa(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p, scale=self.scale, enable_gqa=self.enable_gqa
+        )
+
+    @staticmethod
+    def _parts(x, layout: TokenLayout, axis: int = -2):
+        """(prefix, image, suffix) slices along ``axis``; None for empty parts."""
+        n = layout.image_tokens
+        pre = x.narrow(axis, 0, layout.prefix) if layout.prefix else None
+        img = x.narrow(axis, layout.prefix, n)
+        suf = x.narrow(axis, layout.prefix + n, layout.suffix) if layout.suffix else None
+        return pre, img, suf
+
+    def _cluster(self, x, layout: TokenLayout, assignment=None):
+        return cluster_layout(x, layout, self.stride, self.grouping, assignment)
+
+    def _per_group(self, x, rank: int):
+        """(..., 1, m, n) of rank ``rank + 1`` -> (..., G, m, n): the same tokens for every group (a view)."""
+        return None if x is None else x.expand(*([-1] * (rank - 2)), self.groups, -1, -1)
+
+    def _shared_keys(self, x, pre, suf):
+        """Prepend / append the non-image keys to every group: (..., G, n, d) -> (..., G, P+n+S, d)."""
+        shared = [None if p is None else self._per_group(p.unsqueeze(-3), self.ndim) for p in (pre, suf)]
+        return _join(shared[0], x, shared[1], -2)
+
+    def _key_padding_bias(self, dtype, device, assignment=None):
+        """Additive (G, 1, Lk_group) bias hiding the zero keys that padding added; None if none."""
+        kl = self.k_layout
+        if not layout_padded(kl, self.stride):
+            return None
+        ones = torch.ones((kl.image_tokens, 1), dtype=dtype, device=device)  # a size tuple traces symbolically
+        valid = self._cluster(ones, kl, assignment).transpose(-1, -2)  # (G, 1, n): 1 real, 0 padding
+        bias = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
+        return self._shared_keys_bias(bias, kl.prefix, kl.suffix, dtype, device)
+
+    def _shared_keys_bias(self, bias, prefix, suffix, dtype, device):
+        zeros = [torch.zeros((self.groups, 1, n), dtype=dtype, device=device) if n else None
+                 for n in (prefix, suffix)]
+        return _join(zeros[0], bias, zeros[1], -1)
+
+    def _grouped_user_mask(self, mask, rows, qa=None, ka=None):
+        """User mask rows of the image queries -> (..., G, nq, Lk_group), restricted to each group's keys.
+
+        ``rows`` is the image-query part of the mask, (..., nq_total, Lk) or (..., 1, Lk);
+        ``qa`` / ``ka`` the shuffle assignments of the query / key grid, if any.
+        """
+        rows = self._cluster(rows, self.q_layout, qa) if self.mask_rows else rows.unsqueeze(-3)
+        if not self.mask_cols:  # (..., G or 1, nq, 1): broadcasts over keys as it is
+            return rows
+        pre, img, suf = self._parts(rows, self.k_layout, axis=-1)
+        # Cluster the key axis too, then keep only the diagonal: group g's queries see group g's keys.
+        img = self._cluster(img.transpose(-1, -2), self.k_layout, ka)  # (..., Gq, G, nk, nq)
+        if self.mask_rows:
+            img = torch.diagonal(img, dim1=-4, dim2=-3).movedim(-1, -3)  # (..., G, nk, nq)
+        else:
+            img = img.squeeze(-4)
+        rank = self.mask_ndim
+        return _join(self._per_group(pre, rank), img.transpose(-1, -2), self._per_group(suf, rank), -1)
+
+    # -- the two implementations ----------------------------------------------------------------
+    def grouped(self, q, k, v, attn_mask=None, assignment=None):
+        """Grid attention by regrouping: attention runs inside each of the G groups.
+
+        With shuffle distributing, ``assignment`` is the (query, key) pair of assignments to use;
+        None draws a fresh one (what the rewritten graph does on every call).
+        """
+        if self.pregrouped:
+            return self._attend_pregrouped(q, k, v)
+        ql, kl = self.q_layout, self.k_layout
+        qa, ka = self._assignments(assignment, q.device)
+        q_pre, q_img, q_suf = self._parts(q, ql)
+        k_pre, k_img, k_suf = self._parts(k, kl)
+        v_pre, v_img, v_suf = self._parts(v, kl)
+        qg = self._cluster(q_img, ql, qa)
+        kg = self._shared_keys(self._cluster(k_img, kl, ka), k_pre, k_suf)
+        vg = self._shared_keys(self._cluster(v_img, kl, ka), v_pre, v_suf)
+
+        if self.relpos:
+            return self._grouped_relpos_attention(qg, kg, vg, attn_mask)
+        mask = None if attn_mask is None else _additive(attn_mask, self.mask_bool, q.dtype)
+        if mask is not None and self.mask_ndim < self.ndim:
+            mask = mask[(None,) * (self.ndim - self.mask_ndim)]
+        mask_ndim = self.ndim if mask is not None else None
+        plan = self if mask_ndim == self.mask_ndim else replace(self, mask_ndim=mask_ndim)
+
+        # Ranks are tracked here, not read from tensors: this code is also traced symbolically.
+        group_mask, mask_rank = None, 0
+        if mask is not None:
+            m_pre, m_img, m_suf = plan._parts(mask, ql) if plan.mask_rows else (mask, mask, mask)
+            group_mask, mask_rank = plan._grouped_user_mask(mask, m_img, qa, ka), self.ndim + 1
+        pad = plan._key_padding_bias(q.dtype, q.device, ka)  # (G, 1, Lk_group)
+        if pad is not None:
+            group_mask = pad if group_mask is None else group_mask + pad
+            mask_rank = max(mask_rank, 3)
+
+        out_img = self._attend_groups(qg, kg, vg, group_mask, mask_rank, qa)
+
+        if not (ql.prefix or ql.suffix):
+            return out_img
+        # Non-image queries attend to every key, as in the original site.
+        q_rest = torch.cat([p for p in (q_pre, q_suf) if p is not None], dim=-2)
+        rest_mask = None
+        if mask is not None:
+            if plan.mask_rows:
+                rest_mask = torch.cat([p for p in (m_pre, m_suf) if p is not None], dim=-2)
+            else:
+                rest_mask = mask
+        out_rest = self._sdpa(q_rest, k, v, rest_mask)
+        return _join(out_rest.narrow(-2, 0, ql.prefix) if ql.prefix else None, out_img,
+                     out_rest.narrow(-2, ql.prefix, ql.suffix) if ql.suffix else None, -2)
+
+    def _attend_groups(self, qg, kg, vg, group_mask, mask_rank: int, qa=None):
+        """SDPA inside every group, then Grid Recovering of the image queries' outputs.
+
+        ``qg`` / ``kg`` / ``vg`` are (..., heads, G, n, d); their batch and head axes may differ as
+        SDPA allows: broadcast (MQA written as k/v with one head) or, with ``enable_gqa``, fewer
+        key/value heads than query heads. Either way every query head meets the key/value head the
+        original site paired it with.
+        """
+        if self.enable_gqa and self.ndim >= 3:
+            out = self._attend_groups_gqa(qg, kg, vg, group_mask, mask_rank)
+        elif self.ndim >= 4:
+            # Fold the group axis into the head axis so SDPA sees 4-D inputs (its fast CPU/GPU kernels).
+            # Folding merges heads with groups, so broadcast batch/head axes are expanded first (a view
+            # with nothing to expand where q, k and v agree already, the usual case).
+            qg, kg, vg = self._broadcast_lead(qg, kg, vg)
+            if group_mask is not None:
+                if mask_rank < self.ndim + 1:
+                    group_mask = group_mask[(None,) * (self.ndim + 1 - mask_rank)]
+                heads = qg.size(-4)
+                group_mask = group_mask.expand(
+                    *([-1] * (self.ndim - 3)), heads, self.groups, -1, -1
+                ).flatten(-4, -3)
+            out = self._sdpa(qg.flatten(-4, -3), kg.flatten(-4, -3), vg.flatten(-4, -3), group_mask)
+            out = out.unflatten(-3, (-1, self.groups))
+        else:
+            out = self._sdpa(qg, kg, vg, group_mask)
+        return recover_layout(out, self.q_layout, self.stride, self.grouping, qa)
+
+    def _broadcast_lead(self, qg, kg, vg):
+        """q, k, v (..., G, n, d) with their leading (batch, head) axes expanded to the common
+        broadcast sizes, exactly as SDPA broadcasts them (sizes read at run time, as batch sizes are)."""
+        corner = [x.narrow(-1, 0, 1).narrow(-2, 0, 1) for x in (qg, kg, vg)]
+        lead = torch.broadcast_tensors(*corner)[0]
+        sizes = [lead.size(i) for i in range(self.ndim - 2)]
+        return [x.expand(*sizes, -1, -1, -1) for x in (qg, kg, vg)]
+
+    def _attend_groups_gqa(self, qg, kg, vg, group_mask, mask_rank: int):
+        """SDPA with ``enable_gqa`` inside every group: (..., H, G, n, d) in, (..., Hq, G, n, dv) out.
+
+        SDPA pairs query head ``h`` with key/value head ``h // (Hq / Hkv)`` along axis -3. Folding
+        the groups *behind* the heads (index ``h * G + g``) would break that pairing; folded *in
+        front* (index ``g * H + h``) it holds: ``(g * Hq + h) // (Hq / Hkv) == g * Hkv + h // (Hq / Hkv)``.
+        A 3-D site (heads, tokens, d) keeps the group axis as a batch axis in front of the heads.
+        """
+        fold_heads = self.ndim >= 4
+
+        def fold(x):  # (..., H, G, n, d) -> (..., G*H, n, d), or (G, H, n, d) for a 3-D site
+            x = x.movedim(-3, -4)
+            return x.flatten(-4, -3) if fold_heads else x
+
+        if group_mask is not None:
+            if mask_rank < self.ndim + 1:
+                group_mask = group_mask[(None,) * (self.ndim + 1 - mask_rank)]
+            if fold_heads:  # the mask's head axis is the query heads' (SDPA broadcasts it to Hq)
+                group_mask = group_mask.expand(*([-1] * (self.ndim - 3)), qg.size(-4), self.groups, -1, -1)
+            group_mask = fold(group_mask)
+        out = self._sdpa(fold(qg), fold(kg), fold(vg), group_mask)
+        if fold_heads:
+            out = out.unflatten(-3, (self.groups, -1))
+        return out.movedim(-4, -3)
+
+    def _attend_pregrouped(self, q, k, v):
+        """SDPA inside every group of group-major (B, h, G*n, d) inputs; the output stays group-major.
+
+        The group axis folds into the batch: when q/k/v are the usual transposed views of
+        (B, L, h, d) projection outputs, every step here is a view, and so is the way back."""
+        g = self.groups
+
+        def fold(x):  # (B, h, G*n, d) -> (B*G, h, n, d)
+            return x.unflatten(-2, (g, -1)).movedim(-3, -4).flatten(0, 1)
+
+        out = self._sdpa(fold(q), fold(k), fold(v), None)
+        return out.unflatten(0, (-1, g)).movedim(1, 2).flatten(2, 3)
+
+    # -- decomposed relative-position bias ------------------------------------------------------
+    def _own_offsets(self, x, size: int, first: bool):
+        """Keep, for every group, only the key rows (``first``) or columns its own offset owns.
+
+        ``x`` is (..., G, nq, size) indexed by a key row/column; returns (..., G, nq, ceil(size/g)).
+        """
+        gh, gw = self.stride
+        step = gh if first else gw
+        n = _ceil_div(size, step)
+        if n * step != size:
+            x = F.pad(x, (0, n * step - size))
+        x = x.unflatten(-1, self.grouping.split(n, step))
+        if not self.grouping.group_inner:  # (g, n) -> (n, g): the group offset last
+            x = x.transpose(-1, -2)
+        x = x.unflatten(-4, (gh, gw))  # (..., gh, gw, nq, n, step)
+        x = torch.diagonal(x, dim1=-5 if first else -4, dim2=-1)
+        # the matched offset axis went last; put it back in front of the group's other offset
+        x = x.movedim(-1, -4) if first else x.movedim(-1, -3)  # (..., gh, gw, nq, n)
+        return x.flatten(-4, -3)
+
+    def _relpos_lead(self, bias):
+        return bias.unflatten(0, (-1, self.relpos_heads)) if self.relpos_heads else bias
+
+    def grouped_relpos_bias(self, rel_h, rel_w):
+        """The decomposed bias restricted to each group: (N, G, nq, nk) without ever forming L x L."""
+        ql, kl = self.q_layout, self.k_layout
+        rh = self._cluster(rel_h.flatten(-3, -2), ql)  # (N, G, nq, kh)
+        rw = self._cluster(rel_w.flatten(-3, -2), ql)  # (N, G, nq, kw)
+        rh = self._own_offsets(rh, kl.height, first=True)
+        rw = self._own_offsets(rw, kl.width, first=False)
+        return self._relpos_lead((rh.unsqueeze(-1) + rw.unsqueeze(-2)).flatten(-2, -1))
+
+    def dense_relpos_bias(self, rel_h, rel_w):
+        bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-4, -3).flatten(-2, -1)
+        return self._relpos_lead(bias)
+
+    def _grouped_relpos_attention(self, qg, kg, vg, rel):
+        group_mask = self.grouped_relpos_bias(*rel)
+        pad = self._key_padding_bias(qg.dtype, qg.device)
+        if pad is not None:
+            group_mask = group_mask + pad
+        return self._attend_groups(qg, kg, vg, group_mask, self.mask_ndim + 1)
+
+    def masked(self, q, k, v, attn_mask=None, assignment=None):
+        """The oracle form: dense SDPA with ``attn_mask = B + log M`` (M for ``assignment`` when shuffling)."""
+        if self.pregrouped:
+            raise ValueError("a pregrouped plan has only the grouped implementation")
+        assignment = self._assignments(assignment, q.device)
+        keep = grid_mask(self.q_layout, self.k_layout, self.stride, q.device,
+                         None if assignment[0] is None else assignment, self.grouping)
+        log_m = torch.where(keep, 0.0, float("-inf")).to(q.dtype)
+        if self.relpos:
+            attn_mask = self.dense_relpos_bias(*attn_mask)
+        mask = log_m if attn_mask is None else _additive(attn_mask, self.mask_bool, q.dtype) + log_m
+        return self._sdpa(q, k, v, mask)
+
+    # -- cost -----------------------------------------------------------------------------------
+    def grouped_pairs(self) -> int:
+        """Query/key pairs the grouped form scores per (batch, head)."""
+        ql, kl = self.q_layout, self.k_layout
+        nq = math.prod(-(-n // g) for n, g in zip(ql.image_shape, self.stride))
+        nk = math.prod(-(-n // g) for n, g in zip(kl.image_shape, self.stride))
+        return self.groups * nq * (kl.prefix + nk + kl.suffix) + (ql.prefix + ql.suffix) * kl.length
+
+
+def _join(pre, mid, suf, dim: int):
+    """``mid`` with the prefix / suffix pieces (None: absent) concatenated around it along ``dim``."""
+    pieces = [p for p in (pre, mid, suf) if p is not None]
+    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else mid
+
+
+def grouped_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
+                      stride=2, enable_gqa=False, assignment=None, grouping="grid"):
+    """Eager grid attention, regrouped form (exactly :func:`masked_attention`, G times cheaper).
+
+    ``assignment``: a (query, key) pair of shuffle assignments (:meth:`GridPlan.draw`); None for
+    straightforward distributing. ``grouping``: "grid" (the paper's) or "window" (contiguous tiles).
+    """
+    plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa,
+                                grouping)
+    if assignment is not None:
+        plan = replace(plan, shuffle=True)
+    return plan.grouped(q, k, v, attn_mask, assignment)
+
+
+def masked_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
+                     stride=2, enable_gqa=False, assignment=None, grouping="grid"):
+    """Eager grid attention, dense masked form: ``SDPA(q, k, v, attn_mask = B + log M)`` (the masked
+    reference, gridattn_fx/grid/reference.py, for the plan's grouping)."""
+    plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa,
+                                grouping)
+    if assignment is not None:
+        plan = replace(plan, shuffle=True)
+    return plan.masked(q, k, v, attn_mask, assignment)
+
+
+def attention_flops(batch_heads: int, lq: int, lk: int, d: int, dv: int) -> int:
+    """FLOPs of ``softmax(QK^T)V`` (2 per multiply-add, both products)."""
+    return 2 * batch_heads * lq * lk * (d + dv)
