@@ -66,13 +66,13 @@ FAMILIES: dict[str, Family] = {
             "sam", SamLike, "samlike.pt", "train_log_samlike.json", "model_kwargs",
             "SAM-like: 6 blocks (windowed 8x8 except global blocks 2 and 5 over 64x64 tokens), decomposed rel-pos",
             pre_phase=(1000, 32, 16), lowres_steps=150, lowres_batch=8, steps=40, batch=2, model_config={"num_heads": 2},
-            options={"preset": "sam"}, heldout_n=32, finetune_steps=30, finetune_batch=2, calibration_samples=8,
+            options={"preset": "sam"}, heldout_n=16, finetune_steps=6, finetune_batch=2, calibration_samples=4,
         ),
         Family(
             "segformer", SegFormerLike, "segformerlike.pt", "train_log_segformerlike.json", "model_kwargs",
             "SegFormer-like: 3 stages (64x64, 32x32, 16x16 tokens; keys 8x8 via sr conv), Mix-FFN, MLP decoder",
             lowres_steps=800, lowres_batch=16, steps=300, batch=8,
-            options={"preset": "segformer"}, heldout_n=96, finetune_steps=150, finetune_batch=8,
+            options={"preset": "segformer"}, heldout_n=48, finetune_steps=30, finetune_batch=4, calibration_samples=8,
         ),
     )
 }
