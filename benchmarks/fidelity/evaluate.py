@@ -1,8 +1,11 @@
-"""Quality cost of grid attention on a trained dense-prediction ViT: ``python -m benchmarks.fidelity.evaluate``.
+"""Quality cost of grid attention on trained dense-prediction models: ``python -m benchmarks.fidelity.evaluate``.
 
-Loads the committed ``segvit.pt`` (trained by ``python -m benchmarks.fidelity.train``), builds the
+For every family of ``families.py`` in turn (``--family`` to choose; segvit first), loads its
+committed weights (trained by ``python -m benchmarks.fidelity.train --family NAME``), builds the
 fixed held-out set (its own seed, never used in training) and compares, side by side in one
-process:
+process (described here for segvit; the other families use their preset's options with the stride,
+their own held-out size and fine-tuning budget, and run the grid configurations through
+``gridattn_fx.rewrite`` instead of torch.compile, see ``Family.engine``):
 
 * stride 1 -- the unmodified model (eager), the reference;
 * stride 2 and 4 -- the same weights, training-free, through the real backend:
@@ -19,9 +22,11 @@ process:
 
 For each: mIoU, mIoU drop relative to the stride-1 model (``100 * (base - x) / base``), and how far
 the output moved from the stride-1 model's (relative L2 error of the logits, fraction of pixels
-whose argmax agrees). ``--no-finetune`` / ``--no-control`` skip the fine-tuning parts. Prints a
-table, writes ``results.json`` and ``results.csv`` next to this file (``--out-dir`` to change), and
-ends with one ``fidelity: ...`` summary line.
+whose argmax agrees), with the 95% bootstrap interval of the drop over the held-out images; then
+``gridattn_fx.calibrate`` with the mIoU drop as metric under a 0.5% budget (``--no-calibrate``).
+``--no-finetune`` / ``--no-control`` skip the fine-tuning parts. Prints a table per family, writes
+``results.json`` / ``results.csv`` (segvit) and ``results_<family>.json`` / ``.csv`` next to this
+file (``--out-dir`` to change), and ends with one ``fidelity: ...`` summary line per family.
 
 The helpers (:func:`load_model`, :func:`heldout`, :func:`miou`, :func:`predict`,
 :func:`evaluate_logits`, :func:`compile_grid`) are importable by other scripts.
