@@ -103,3 +103,18 @@ def test_stride_one_is_the_untouched_model(family):
     assert not report.rewritten, str(report)
     with torch.no_grad():
         assert_equal_exact(gm(x), model(x))
+
+
+@pytest.mark.parametrize("family", ["sam", "segformer"])
+def test_committed_family_weights_load_and_are_small(family):
+    import os
+
+    from benchmarks.fidelity.evaluate import HERE, load_family
+    from benchmarks.fidelity.families import FAMILIES
+
+    spec = FAMILIES[family]
+    assert os.path.getsize(os.path.join(HERE, spec.weights)) <= 5 * 1024 * 1024
+    model = load_family(spec)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))  # the low-resolution path (interpolated positions)
+    assert out.shape == (1, 4, 64, 64) and torch.isfinite(out).all()
