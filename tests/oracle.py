@@ -1,10 +1,13 @@
-"""Independent Grid-Attention oracle (DESIGN.md section 1).
+"""Independent Grid-Attention oracle (docs/design.md section 1; issue 13 for N-D and window grouping).
 
 Deliberately does NOT import gridattn_fx: the grid mask is rebuilt here with plain Python loops
 from the definition, so a bug in gridattn_fx.grid cannot hide itself by also living in the oracle.
 
-A layout is given as a tuple ``(prefix, height, width[, suffix[, transposed]])`` or any object with
-``prefix/height/width/suffix/transposed`` attributes (e.g. a gridattn_fx.TokenLayout, only read).
+A layout is given as a tuple ``(prefix, height, width[, suffix[, transposed]])``, a tuple
+``(prefix, image_shape[, suffix[, order]])`` (N-D, e.g. ``(1, (2, 4, 4))`` for a video), or any
+object with ``prefix/image_shape/suffix/order`` or ``prefix/height/width/suffix/transposed``
+attributes (e.g. a gridattn_fx.TokenLayout, only read). A grouping is ``"grid"`` (the paper's) or
+``"window"`` (contiguous tiles); see :func:`token_groups`.
 """
 
 from __future__ import annotations
@@ -24,60 +27,126 @@ RTOL = 1e-9
 
 
 def layout_tuple(layout) -> tuple[int, int, int, int, bool]:
+    """A 2-D layout as ``(prefix, height, width, suffix, transposed)`` (kept for older tests)."""
+    p, shape, s, order = layout_nd(layout)
+    if len(shape) != 2:
+        raise ValueError(f"layout_tuple: a {len(shape)}-D layout has no 2-D tuple form")
+    return p, shape[0], shape[1], s, order == (1, 0)
+
+
+def layout_nd(layout) -> tuple[int, tuple[int, ...], int, tuple[int, ...]]:
+    """Any layout as ``(prefix, image_shape, suffix, order)``.
+
+    Accepted: a tuple ``(prefix, height, width[, suffix[, transposed]])``; a tuple
+    ``(prefix, image_shape[, suffix[, order]])`` whose second entry is a shape (``(T, H, W)``);
+    an object with ``prefix/image_shape/suffix/order`` (a TokenLayout) or with
+    ``prefix/height/width/suffix/transposed``. ``order`` is the storage order of the logical axes,
+    outermost first (identity: row-major, time slowest).
+    """
     if isinstance(layout, (tuple, list)):
         t = tuple(layout)
+        if len(t) >= 2 and isinstance(t[1], (tuple, list)):
+            p, shape = int(t[0]), tuple(int(n) for n in t[1])
+            s = int(t[2]) if len(t) > 2 else 0
+            order = tuple(t[3]) if len(t) > 3 else tuple(range(len(shape)))
+            return p, shape, s, order
         if len(t) == 3:
             t = t + (0,)
         if len(t) == 4:
             t = t + (False,)
         p, h, w, s, tr = t
-        return int(p), int(h), int(w), int(s), bool(tr)
-    return (int(layout.prefix), int(layout.height), int(layout.width), int(layout.suffix),
-            bool(getattr(layout, "transposed", False)))
+        return int(p), (int(h), int(w)), int(s), ((1, 0) if tr else (0, 1))
+    if hasattr(layout, "image_shape"):
+        shape = tuple(int(n) for n in layout.image_shape)
+        order = tuple(getattr(layout, "order", None) or range(len(shape)))
+        return int(layout.prefix), shape, int(layout.suffix), tuple(int(o) for o in order)
+    tr = bool(getattr(layout, "transposed", False))
+    return (int(layout.prefix), (int(layout.height), int(layout.width)), int(layout.suffix),
+            (1, 0) if tr else (0, 1))
 
 
-def stride_tuple(stride) -> tuple[int, int]:
+def stride_tuple(stride, rank: int = 2) -> tuple[int, ...]:
+    """The stride per image axis of a rank-``rank`` layout (issue 13's normalisation): on an image,
+    an int G is (G, G), a pair is (Gh, Gw), a triple (Gt, Gh, Gw) applies its (Gh, Gw); on a video,
+    G is (1, G, G) (temporal stride 1), a pair (Gh, Gw) is (1, Gh, Gw), a triple is taken as is."""
     if isinstance(stride, int):
-        return (stride, stride)
-    gh, gw = stride
-    return (int(gh), int(gw))
+        stride = (stride, stride)
+    stride = tuple(int(g) for g in stride)
+    if rank == 2:
+        return stride[-2:]
+    if rank == 3:
+        return stride if len(stride) == 3 else (1, *stride)
+    raise ValueError(f"no stride rule for a rank-{rank} image")
 
 
-def token_groups(layout, stride) -> list:
-    """Group of every token along the sequence; None for prefix/suffix (non-image) tokens."""
-    p, h, w, s, transposed = layout_tuple(layout)
-    gh, gw = stride_tuple(stride)
+def _coords(layout):
+    """(prefix, suffix, [(logical coords, storage coords) of every image token, in sequence order],
+    image shape, order)."""
+    p, shape, s, order = layout_nd(layout)
+    storage_shape = [shape[o] for o in order]
+    tokens = []
+    for t in range(math.prod(shape)):
+        storage = []
+        for n in reversed(storage_shape):  # row-major over the storage axes
+            t, x = divmod(t, n)
+            storage.append(x)
+        storage = tuple(reversed(storage))
+        logical = [0] * len(shape)
+        for i, o in enumerate(order):
+            logical[o] = storage[i]
+        tokens.append((tuple(logical), storage))
+    return p, s, tokens, shape, order
+
+
+def token_groups(layout, stride, grouping: str = "grid") -> list:
+    """Group of every token along the sequence; None for prefix/suffix (non-image) tokens.
+
+    grid: ``(x_0 % g_0, x_1 % g_1, ...)`` over the logical axes (t, r, c); window (contiguous
+    tiles): ``x_i // ceil(n_i / g_i)`` per axis.
+    """
+    p, s, tokens, shape, _ = _coords(layout)
+    g = stride_tuple(stride, len(shape))
     groups: list = [None] * p
-    for t in range(h * w):
-        if transposed:  # column-major: walk down a column first
-            c, r = divmod(t, h)
+    for logical, _ in tokens:
+        if grouping == "grid":
+            groups.append(tuple(x % gi for x, gi in zip(logical, g)))
+        elif grouping == "window":
+            groups.append(tuple(x // -(-n // gi) for x, n, gi in zip(logical, shape, g)))
         else:
-            r, c = divmod(t, w)
-        groups.append((r % gh, c % gw))
+            raise ValueError(f"unknown grouping {grouping!r}")
     groups += [None] * s
     return groups
 
 
 def shuffled_token_groups(layout, stride, assignment) -> list:
-    """Groups under shuffle distributing, from DESIGN.md section 1 and the documented encoding of
-    ``gridattn_fx.grid.draw_assignment``: ``assignment[a, b, g]`` is the offset, counted in storage
-    order, of the token of block ``(a, b)`` that joins group ``g``. Storage order is row-major, or
-    for a column-major image: blocks and offsets enumerated column-first, and group ``g`` then names
-    the group ``(g % Gh, g // Gh)``.
+    """Groups under shuffle distributing, from docs/design.md section 1 and the documented encoding
+    of ``gridattn_fx.grid.draw_assignment``: ``assignment[*block, g]`` is the offset, counted in
+    storage order, of the token of ``block`` that joins group ``g``. Storage order: the image axes
+    in the layout's ``order`` (row-major: as they are; column-major 2-D: columns outermost), blocks
+    and offsets enumerated row-major over them, and group ``g``, unravelled over the storage-order
+    strides, names the group whose logical offsets are those, put back in logical axis order (2-D
+    column-major: ``(g % Gh, g // Gh)``).
     """
-    p, h, w, s, transposed = layout_tuple(layout)
-    gh, gw = stride_tuple(stride)
+    p, s, tokens, shape, order = _coords(layout)
+    g = stride_tuple(stride, len(shape))
+    g_storage = [g[o] for o in order]
     a_np = np.asarray(assignment)
     groups: list = [None] * p
-    for t in range(h * w):
-        if transposed:
-            c, r = divmod(t, h)
-            block, offset = (c // gw, r // gh), (c % gw) * gh + (r % gh)
-        else:
-            r, c = divmod(t, w)
-            block, offset = (r // gh, c // gw), (r % gh) * gw + (c % gw)
-        g = int(np.nonzero(a_np[block] == offset)[0][0])
-        groups.append((g % gh, g // gh) if transposed else divmod(g, gw))
+    for _, storage in tokens:
+        block = tuple(x // gi for x, gi in zip(storage, g_storage))
+        offset = 0
+        for x, gi in zip(storage, g_storage):
+            offset = offset * gi + x % gi
+        gid = int(np.nonzero(a_np[block] == offset)[0][0])
+        offs = []
+        for gi in reversed(g_storage):
+            gid, o = divmod(gid, gi)
+            offs.append(o)
+        offs = tuple(reversed(offs))
+        logical = [0] * len(shape)
+        for i, o in enumerate(order):
+            logical[o] = offs[i]
+        groups.append(tuple(logical))
     groups += [None] * s
     return groups
 
@@ -91,17 +160,21 @@ def mask_from_groups(gq, gk) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _grid_mask_cached(q, k, stride) -> np.ndarray:
-    return mask_from_groups(token_groups(q, stride), token_groups(k, stride))
+def _grid_mask_cached(q, k, stride, grouping) -> np.ndarray:
+    return mask_from_groups(token_groups(q, stride, grouping), token_groups(k, stride, grouping))
 
 
-def grid_mask_np(q_layout, k_layout, stride) -> np.ndarray:
-    """M[i, j] = i not image, or j not image, or group(i) == group(j)."""
-    return _grid_mask_cached(layout_tuple(q_layout), layout_tuple(k_layout), stride_tuple(stride)).copy()
+def _key(stride):
+    return stride if isinstance(stride, int) else tuple(int(g) for g in stride)
 
 
-def log_grid_mask(q_layout, k_layout, stride, dtype=torch.float64, device=None) -> torch.Tensor:
-    m = grid_mask_np(q_layout, k_layout, stride)
+def grid_mask_np(q_layout, k_layout, stride, grouping: str = "grid") -> np.ndarray:
+    """M[i, j] = i not image, or j not image, or group(i) == group(j) (each side on its own grid)."""
+    return _grid_mask_cached(layout_nd(q_layout), layout_nd(k_layout), _key(stride), grouping).copy()
+
+
+def log_grid_mask(q_layout, k_layout, stride, dtype=torch.float64, device=None, grouping: str = "grid"):
+    m = grid_mask_np(q_layout, k_layout, stride, grouping)
     return torch.from_numpy(np.where(m, 0.0, -np.inf)).to(dtype=dtype, device=device)
 
 
@@ -112,11 +185,14 @@ def as_additive(attn_mask, dtype) -> torch.Tensor | None:
         ~attn_mask, -math.inf)
 
 
-def oracle_mask(attn_mask, q_layout, k_layout, stride, dtype, device=None, assignment=None) -> torch.Tensor:
-    """B + log M (B converted from bool to 0/-inf first); M for a shuffle ``assignment`` pair if given."""
+def oracle_mask(attn_mask, q_layout, k_layout, stride, dtype, device=None, assignment=None,
+                grouping: str = "grid") -> torch.Tensor:
+    """B + log M (B converted from bool to 0/-inf first); M for a shuffle ``assignment`` pair if
+    given (grid grouping only: shuffle is undefined for window grouping)."""
     if assignment is None:
-        logm = log_grid_mask(q_layout, k_layout, stride, dtype=dtype, device=device)
+        logm = log_grid_mask(q_layout, k_layout, stride, dtype=dtype, device=device, grouping=grouping)
     else:
+        assert grouping == "grid", "shuffle distributing is defined for grid grouping only"
         m = mask_from_groups(shuffled_token_groups(q_layout, stride, assignment[0].cpu()),
                              shuffled_token_groups(k_layout, stride, assignment[1].cpu()))
         logm = torch.from_numpy(np.where(m, 0.0, -np.inf)).to(dtype=dtype, device=device)
@@ -124,9 +200,10 @@ def oracle_mask(attn_mask, q_layout, k_layout, stride, dtype, device=None, assig
     return logm if b is None else b + logm
 
 
-def oracle_sdpa(q, k, v, attn_mask=None, scale=None, *, q_layout, k_layout, stride, assignment=None):
+def oracle_sdpa(q, k, v, attn_mask=None, scale=None, *, q_layout, k_layout, stride, assignment=None,
+                grouping: str = "grid"):
     """The reference semantics: SDPA(Q, K, V, attn_mask = B + log M)."""
-    mask = oracle_mask(attn_mask, q_layout, k_layout, stride, q.dtype, q.device, assignment)
+    mask = oracle_mask(attn_mask, q_layout, k_layout, stride, q.dtype, q.device, assignment, grouping)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -183,17 +260,21 @@ def assert_differs(a, b, min_diff=1e-6):
 
 
 @contextlib.contextmanager
-def oracle_mode(model, q_layout, k_layout=None, stride=2, only=None, assignment=None):
+def oracle_mode(model, q_layout, k_layout=None, stride=2, only=None, assignment=None, grouping="grid"):
     """Make (some of) the model's attention modules compute the oracle. Eager use only.
 
     ``only``: iterable of module paths (as in model.named_modules()) to switch; default all modules
-    that have an ``oracle`` attribute. ``assignment``: a shuffle (query, key) assignment pair.
+    that have an ``oracle`` attribute. ``assignment``: a shuffle (query, key) assignment pair;
+    ``grouping``: "grid" or "window" (read by the modules of tests/models.py that take a 4th entry).
     """
     k_layout = q_layout if k_layout is None else k_layout
     switched = []
     for name, mod in model.named_modules():
         if hasattr(mod, "oracle") and (only is None or name in set(only)):
-            mod.oracle = (q_layout, k_layout, stride) + ((assignment,) if assignment is not None else ())
+            extra = (assignment,) if assignment is not None else ()
+            if grouping != "grid":
+                extra = (assignment, grouping)
+            mod.oracle = (q_layout, k_layout, stride) + extra
             switched.append(mod)
     assert switched, "no attention module switched to the oracle"
     try:

@@ -1,0 +1,119 @@
+"""Token layouts and strides: what a sequence axis holds, and how a stride is spelt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Stride = tuple[int, int]
+
+
+@dataclass(frozen=True, init=False)
+class TokenLayout:
+    """A sequence axis: ``prefix`` non-image tokens, an N-D image, ``suffix`` non-image tokens.
+
+    ``image_shape`` holds the image's logical sizes, slowest axis first: ``(H, W)`` for an image,
+    ``(T, H, W)`` for a video. ``order`` says how those axes are laid out in the sequence, outermost
+    first: the identity is row-major (time slowest); ``(1, 0)`` is a column-major 2-D image (token
+    index ``c * H + r``). A 2-D layout is still built as ``TokenLayout(prefix, height, width, suffix,
+    transposed)``; any rank is built with the keywords ``image_shape=`` and ``order=``.
+    """
+
+    prefix: int
+    image_shape: tuple
+    suffix: int
+    order: tuple
+
+    def __init__(self, prefix, height=None, width=None, suffix=0, transposed=False, *,
+                 image_shape=None, order=None):
+        if image_shape is None:
+            if height is None or width is None:
+                raise TypeError("TokenLayout needs (prefix, height, width) or image_shape=")
+            image_shape = (height, width)
+            if order is None:
+                order = (1, 0) if transposed else (0, 1)
+        elif height is not None or width is not None or transposed:
+            raise TypeError("TokenLayout takes either (height, width, transposed) or image_shape=/order=, not both")
+        image_shape = tuple(image_shape)
+        order = tuple(range(len(image_shape))) if order is None else tuple(order)
+        if sorted(order) != list(range(len(image_shape))):
+            raise ValueError(f"TokenLayout.order must be a permutation of the image axes, got {order!r}")
+        object.__setattr__(self, "prefix", prefix)
+        object.__setattr__(self, "image_shape", image_shape)
+        object.__setattr__(self, "suffix", suffix)
+        object.__setattr__(self, "order", order)
+
+    @property
+    def rank(self) -> int:
+        return len(self.image_shape)
+
+    @property
+    def height(self):
+        return self.image_shape[-2]
+
+    @property
+    def width(self):
+        return self.image_shape[-1]
+
+    @property
+    def frames(self):
+        """Leading (time) size of a video layout; 1 for an image."""
+        return self.image_shape[0] if self.rank == 3 else 1
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the two spatial axes are stored column-major (width outside height)."""
+        return self.order.index(self.rank - 1) < self.order.index(self.rank - 2)
+
+    @property
+    def image_tokens(self) -> int:
+        n = 1
+        for size in self.image_shape:
+            n = n * size
+        return n
+
+    @property
+    def length(self) -> int:
+        return self.prefix + self.image_tokens + self.suffix
+
+    @property
+    def sizes(self) -> tuple:
+        """Every size of the layout: prefix, the image sizes, suffix."""
+        return (self.prefix, *self.image_shape, self.suffix)
+
+    def map_sizes(self, fn) -> "TokenLayout":
+        """The same layout with ``fn`` applied to every size (symbolic sizes -> hints or traced values)."""
+        return TokenLayout(fn(self.prefix), image_shape=tuple(fn(s) for s in self.image_shape),
+                           suffix=fn(self.suffix), order=self.order)
+
+    def __str__(self) -> str:
+        row_major = self.order == tuple(range(self.rank))
+        text = "x".join(str(s) for s in self.image_shape)
+        if not row_major:
+            text += "(col-major)" if self.rank == 2 else f"(order {self.order})"
+        if self.prefix:
+            text = f"{self.prefix}+{text}"
+        if self.suffix:
+            text = f"{text}+{self.suffix}"
+        return text
+
+    def __repr__(self) -> str:
+        return (f"TokenLayout(prefix={self.prefix!r}, image_shape={self.image_shape!r}, "
+                f"suffix={self.suffix!r}, order={self.order!r})")
+
+
+def normalize_stride(stride) -> Stride:
+    if isinstance(stride, int) and not isinstance(stride, bool):
+        return (stride, stride)
+    if (
+        isinstance(stride, (tuple, list))
+        and len(stride) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in stride)
+    ):
+        return (int(stride[0]), int(stride[1]))
+    raise TypeError(f"stride must be an int or a pair of ints (Gh, Gw), got {stride!r}")
+
+
+def _ceil_div(n: int, d: int) -> int:
+    # Symbolic sizes (passes/grid_rewrite.py): `n % d == 0` is the guard the padding decision takes
+    # anyway, and `n // d` / `(n + d - 1) // d` stay expressions the ShapeEnv simplifies.
+    return n // d if n % d == 0 else (n + d - 1) // d
