@@ -9,22 +9,26 @@ never on ``tensor.shape`` read at run time; batch and head sizes flow through ``
 
 Reference semantics (docs/design.md section 1): a rewritten site computes
 ``SDPA(q, k, v, attn_mask = B + log M)`` where ``M`` (see :func:`grid_mask`) keeps a query/key pair
-iff one of them is not an image token or both fall into the same group ``(r % Gh, c % Gw)``.
+iff one of them is not an image token or both fall into the same group: ``(r % Gh, c % Gw)``
+under grid grouping (``(t % Gt, r % Gh, c % Gw)`` on a video), per-axis contiguous tiles under
+window grouping (gridattn_fx/grid/groupings.py).
 
 Shuffle distributing (training) replaces the fixed offset -> group map by a random permutation per
-``Gh x Gw`` block. It is one gather on top of the same regrouping: inside every block, the token
+``Gh x Gw`` block (``Gt x Gh x Gw`` on a video). It is one gather on top of the same regrouping: inside every block, the token
 that goes to group ``g`` is the one at offset ``assignment[block, g]`` (see :func:`draw_assignment`).
 
-The package: ``layout`` (token layouts, strides), ``groupings`` (regrouping a token axis),
-``reference`` (the grid mask), ``plan`` (one site's plan, grouped and masked forms).
+The package: ``layout`` (token layouts, strides), ``groupings`` (which group a token joins and
+how to regroup a token axis: grid and window grouping), ``reference`` (the mask ``M``), ``plan``
+(one site's plan, its grouped and masked forms).
 """
 
-from .groupings import (_blocks, _cluster_rows_cols, _padded, _permute_offsets, _recover_rows_cols,
-                        _storage_grid, _swap_group_axes, assignment_shape, cluster, cluster_axis,
-                        draw_assignment, recover, recover_axis)
-from .layout import Stride, TokenLayout, _ceil_div, normalize_stride
+from .groupings import (GRID, GROUPINGS, WINDOW, Grouping, GridGrouping, WindowGrouping, _cluster_storage,
+                        _permute_offsets, _recover_storage, assignment_shape, cluster, cluster_axis,
+                        cluster_image_axis, cluster_layout, draw_assignment, group_ids, grouping_named,
+                        layout_padded, recover, recover_axis, recover_image_axis, recover_layout)
+from .layout import Stride, TokenLayout, _ceil_div, format_stride, normalize_stride
 from .plan import GridPlan, attention_flops, grouped_attention, masked_attention
-from .reference import _additive, _group_ids, grid_mask
+from .reference import _additive, grid_mask
 
 __all__ = [
     "TokenLayout",
@@ -38,4 +42,19 @@ __all__ = [
     "draw_assignment",
     "cluster_axis",
     "recover_axis",
+    "assignment_shape",
+    "attention_flops",
+    "format_stride",
+    "Grouping",
+    "GridGrouping",
+    "WindowGrouping",
+    "GRID",
+    "WINDOW",
+    "GROUPINGS",
+    "grouping_named",
+    "cluster_layout",
+    "recover_layout",
+    "cluster_image_axis",
+    "recover_image_axis",
+    "group_ids",
 ]

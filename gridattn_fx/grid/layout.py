@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-Stride = tuple[int, int]
+# (Gh, Gw) for an image, (Gt, Gh, Gw) for a video: one step per image axis, slowest first.
+Stride = tuple[int, ...]
 
 
 @dataclass(frozen=True, init=False)
@@ -101,19 +102,43 @@ class TokenLayout:
                 f"suffix={self.suffix!r}, order={self.order!r})")
 
 
-def normalize_stride(stride) -> Stride:
-    if isinstance(stride, int) and not isinstance(stride, bool):
-        return (stride, stride)
-    if (
-        isinstance(stride, (tuple, list))
-        and len(stride) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) for s in stride)
-    ):
-        return (int(stride[0]), int(stride[1]))
-    raise TypeError(f"stride must be an int or a pair of ints (Gh, Gw), got {stride!r}")
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def normalize_stride(stride, rank: int | None = None) -> Stride:
+    """A stride as a tuple of ints, one per image axis of a rank-``rank`` layout.
+
+    Without ``rank`` (a config value): an int ``G`` is ``(G, G)``; a pair ``(Gh, Gw)`` and a triple
+    ``(Gt, Gh, Gw)`` are kept as given. With ``rank`` (issue 13's rule, docs/design.md section 1):
+    on an image (rank 2) ``G`` is ``(G, G)``, a pair is ``(Gh, Gw)`` and a triple applies its
+    ``(Gh, Gw)`` (the caller warns); on a video (rank 3) ``G`` is ``(1, G, G)`` (temporal stride 1:
+    every group spans all frames), a pair ``(Gh, Gw)`` is ``(1, Gh, Gw)``, a triple is as given.
+    """
+    if _is_int(stride):
+        spatial = (stride, stride)
+    elif isinstance(stride, (tuple, list)) and len(stride) in (2, 3) and all(_is_int(s) for s in stride):
+        spatial = tuple(int(s) for s in stride)
+    else:
+        raise TypeError(f"stride must be an int, a pair (Gh, Gw) or a triple (Gt, Gh, Gw) of ints, got {stride!r}")
+    if rank is None:
+        return spatial
+    if rank < 2:
+        raise ValueError(f"a stride needs an image of rank >= 2, got rank {rank}")
+    if len(spatial) == rank:
+        return spatial
+    if len(spatial) > rank:
+        return spatial[-rank:]
+    return (1,) * (rank - len(spatial)) + spatial
+
+
+def format_stride(stride) -> str:
+    """``2x2`` / ``1x2x2``: how the report and the reasons spell a stride."""
+    return "x".join(str(g) for g in stride)
 
 
 def _ceil_div(n: int, d: int) -> int:
+    """ceil(n / d), written for sizes that may be symbolic."""
     # Symbolic sizes (passes/grid_rewrite.py): `n % d == 0` is the guard the padding decision takes
     # anyway, and `n // d` / `(n + d - 1) // d` stay expressions the ShapeEnv simplifies.
     return n // d if n % d == 0 else (n + d - 1) // d

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from .groupings import _padded, _storage_grid, cluster, draw_assignment, recover
-from .layout import Stride, TokenLayout, normalize_stride
+from .groupings import GRID, Grouping, cluster_layout, draw_assignment, grouping_named, layout_padded, recover_layout
+from .layout import Stride, TokenLayout, _ceil_div, format_stride, normalize_stride
 from .reference import _additive, grid_mask
 
 
 @dataclass(frozen=True)
 class GridPlan:
-    """Everything static about one rewritten site: layouts, stride, ranks and SDPA flags.
+    """Everything static about one rewritten site: layouts, stride, grouping, ranks and SDPA flags.
+
+    ``stride`` is normalised to the layouts' rank (:func:`normalize_stride`): ``(Gh, Gw)`` for an
+    image, ``(Gt, Gh, Gw)`` for a video; ``grouping`` says which tokens share a group (grid by
+    default; gridattn_fx/grid/groupings.py).
 
     ``ndim`` is the rank of q; ``mask_ndim`` the rank of the attn_mask (None: no mask);
     ``mask_rows`` / ``mask_cols`` say whether the mask spans the query / key axis or broadcasts (size 1);
@@ -42,8 +47,13 @@ class GridPlan:
     # q, k, v arrive with their image tokens already in group-major order (:func:`cluster_axis`,
     # moved above the projections by passes/regroup_motion.py) and the output leaves in that order.
     pregrouped: bool = False
+    grouping: Grouping = GRID
 
     def __post_init__(self):
+        if self.q_layout.rank != self.k_layout.rank:
+            raise ValueError(f"query and key images differ in rank: {self.q_layout} / {self.k_layout}")
+        object.__setattr__(self, "stride", normalize_stride(self.stride, self.q_layout.rank))
+        object.__setattr__(self, "grouping", grouping_named(self.grouping))
         why = self.shuffle_unsupported if self.shuffle else None
         if why:
             raise ValueError(why)
@@ -53,20 +63,22 @@ class GridPlan:
 
     @property
     def groups(self) -> int:
-        return self.stride[0] * self.stride[1]
+        return math.prod(self.stride)
 
     @property
     def shares_grid(self) -> bool | None:
         """Whether q and k tokens sit on one image grid (then they share one shuffle assignment);
         None when they do but are stored in different orders (shuffle is not supported there)."""
         ql, kl = self.q_layout, self.k_layout
-        if (ql.height, ql.width) != (kl.height, kl.width):
+        if ql.image_shape != kl.image_shape:
             return False
-        return True if ql.transposed == kl.transposed else None
+        return True if ql.order == kl.order else None
 
     @property
     def shuffle_unsupported(self) -> str | None:
         """Why this site cannot use shuffle distributing, or None if it can."""
+        if self.grouping.shuffle_unsupported:
+            return self.grouping.shuffle_unsupported
         if self.relpos:
             return "shuffle is not implemented for a decomposed rel-pos bias"
         if self.shares_grid is None:
@@ -82,14 +94,14 @@ class GridPlan:
             return f"the site has {' and '.join(has)}"
         if self.ndim != 4:
             return f"q has rank {self.ndim}, not (batch, heads, tokens, features)"
-        gh, gw = self.stride
         for layout in (self.q_layout, self.k_layout):
             if layout.prefix or layout.suffix:
                 return f"layout {layout} has non-image tokens, which every group shares"
-            if layout.transposed:
-                return f"layout {layout} is stored column-major"
-            if layout.height % gh or layout.width % gw:
-                return f"image {layout.height}x{layout.width} is not a multiple of the stride {gh}x{gw}"
+            if layout.order != tuple(range(layout.rank)):
+                return f"layout {layout} is stored " + ("column-major" if layout.rank == 2 else "out of order")
+            if layout_padded(layout, self.stride):
+                return (f"image {format_stride(layout.image_shape)} is not a multiple of the stride "
+                        f"{format_stride(self.stride)}")
         return None
 
     def draw(self, device=None):
@@ -105,7 +117,8 @@ class GridPlan:
         return self.draw(device) if assignment is None else assignment
 
     @staticmethod
-    def for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p=0.0, scale=None, enable_gqa=False):
+    def for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p=0.0, scale=None, enable_gqa=False,
+                    grouping="grid"):
         """The plan for concrete tensors (eager use)."""
         if q.shape[-2] != q_layout.length or k.shape[-2] != k_layout.length:
             raise ValueError(
@@ -118,7 +131,7 @@ class GridPlan:
             True if m is None else (m.dim() >= 2 and m.shape[-2] != 1),
             True if m is None else m.shape[-1] != 1,
             m is not None and m.dtype == torch.bool,
-            float(dropout_p), scale, bool(enable_gqa),
+            float(dropout_p), scale, bool(enable_gqa), grouping=grouping_named(grouping),
         )
 
     # -- pieces -------------------------------------------------------------------------------
@@ -137,7 +150,7 @@ class GridPlan:
         return pre, img, suf
 
     def _cluster(self, x, layout: TokenLayout, assignment=None):
-        return cluster(x, layout.height, layout.width, self.stride, layout.transposed, assignment)
+        return cluster_layout(x, layout, self.stride, self.grouping, assignment)
 
     def _shared_keys(self, x, pre, suf):
         """Prepend / append the non-image keys to every group: (..., G, n, d) -> (..., G, P+n+S, d)."""
@@ -155,7 +168,7 @@ class GridPlan:
     def _key_padding_bias(self, dtype, device, assignment=None):
         """Additive (G, 1, Lk_group) bias hiding the zero keys that padding added; None if none."""
         kl = self.k_layout
-        if not _padded(*_storage_grid(kl, self.stride)):
+        if not layout_padded(kl, self.stride):
             return None
         ones = torch.ones((kl.image_tokens, 1), dtype=dtype, device=device)  # a size tuple traces symbolically
         valid = self._cluster(ones, kl, assignment).transpose(-1, -2)  # (G, 1, n): 1 real, 0 padding
@@ -280,8 +293,7 @@ class GridPlan:
             out = out.unflatten(-3, (-1, self.groups))
         else:
             out = self._sdpa(qg, kg, vg, group_mask)
-        ql = self.q_layout
-        return recover(out, ql.height, ql.width, self.stride, ql.transposed, qa)
+        return recover_layout(out, self.q_layout, self.stride, self.grouping, qa)
 
     def _broadcast_lead(self, qg, kg, vg):
         """q, k, v (..., G, n, d) with their leading (batch, head) axes expanded to the common
@@ -337,10 +349,13 @@ class GridPlan:
         """
         gh, gw = self.stride
         step = gh if first else gw
-        padded = -(-size // step) * step
-        if padded != size:
-            x = F.pad(x, (0, padded - size))
-        x = x.unflatten(-1, (padded // step, step)).unflatten(-4, (gh, gw))  # (..., gh, gw, nq, n, step)
+        n = _ceil_div(size, step)
+        if n * step != size:
+            x = F.pad(x, (0, n * step - size))
+        x = x.unflatten(-1, self.grouping.split(n, step))
+        if not self.grouping.group_inner:  # (g, n) -> (n, g): the group offset last
+            x = x.transpose(-1, -2)
+        x = x.unflatten(-4, (gh, gw))  # (..., gh, gw, nq, n, step)
         x = torch.diagonal(x, dim1=-5 if first else -4, dim2=-1)
         # the matched offset axis went last; put it back in front of the group's other offset
         x = x.movedim(-1, -4) if first else x.movedim(-1, -3)  # (..., gh, gw, nq, n)
@@ -375,7 +390,7 @@ class GridPlan:
             raise ValueError("a pregrouped plan has only the grouped implementation")
         assignment = self._assignments(assignment, q.device)
         keep = grid_mask(self.q_layout, self.k_layout, self.stride, q.device,
-                         None if assignment[0] is None else assignment)
+                         None if assignment[0] is None else assignment, self.grouping)
         log_m = torch.where(keep, 0.0, float("-inf")).to(q.dtype)
         if self.relpos:
             attn_mask = self.dense_relpos_bias(*attn_mask)
@@ -386,30 +401,31 @@ class GridPlan:
     def grouped_pairs(self) -> int:
         """Query/key pairs the grouped form scores per (batch, head)."""
         ql, kl = self.q_layout, self.k_layout
-        rq, cq, sr, sc = _storage_grid(ql, self.stride)
-        rk, ck, _, _ = _storage_grid(kl, self.stride)
-        nq = -(-rq // sr) * -(-cq // sc)
-        nk = -(-rk // sr) * -(-ck // sc)
+        nq = math.prod(-(-n // g) for n, g in zip(ql.image_shape, self.stride))
+        nk = math.prod(-(-n // g) for n, g in zip(kl.image_shape, self.stride))
         return self.groups * nq * (kl.prefix + nk + kl.suffix) + (ql.prefix + ql.suffix) * kl.length
 
 
 def grouped_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
-                      stride=2, enable_gqa=False, assignment=None):
+                      stride=2, enable_gqa=False, assignment=None, grouping="grid"):
     """Eager grid attention, regrouped form (exactly :func:`masked_attention`, G times cheaper).
 
     ``assignment``: a (query, key) pair of shuffle assignments (:meth:`GridPlan.draw`); None for
-    straightforward distributing.
+    straightforward distributing. ``grouping``: "grid" (the paper's) or "window" (contiguous tiles).
     """
-    plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa)
+    plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa,
+                                grouping)
     if assignment is not None:
         plan = replace(plan, shuffle=True)
     return plan.grouped(q, k, v, attn_mask, assignment)
 
 
 def masked_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
-                     stride=2, enable_gqa=False, assignment=None):
-    """Eager grid attention, dense masked form: ``SDPA(q, k, v, attn_mask = B + log M)``."""
-    plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa)
+                     stride=2, enable_gqa=False, assignment=None, grouping="grid"):
+    """Eager grid attention, dense masked form: ``SDPA(q, k, v, attn_mask = B + log M)`` (the masked
+    reference, gridattn_fx/grid/reference.py, for the plan's grouping)."""
+    plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa,
+                                grouping)
     if assignment is not None:
         plan = replace(plan, shuffle=True)
     return plan.masked(q, k, v, attn_mask, assignment)

@@ -9,7 +9,7 @@ Symbolic image sizes (dynamic shapes): the plan's layouts then hold SymInts. The
 traced with each of them bound to a :class:`TracedSize`, the graph value that computes it (a
 ``sym_size`` of a tensor that has it as a dimension, or a SymInt the graph already computes) paired
 with the SymInt itself: arithmetic on it is traced into the graph, while the shape decisions
-``grid.py`` takes on sizes (pad or not) are answered by the SymInt through the ShapeEnv, which
+``gridattn_fx/grid/`` takes on sizes (pad or not) are answered by the SymInt through the ShapeEnv, which
 installs a guard - during the backend call, so Dynamo recompiles when a later size decides
 differently. The graph thus holds exactly the padded or the unpadded form, valid for every size its
 guards accept.

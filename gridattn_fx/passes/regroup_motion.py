@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.fx as fx
 
-from ..grid import GridPlan, TokenLayout, cluster_axis, recover_axis
+from ..grid import GridPlan, TokenLayout, cluster_image_axis, recover_image_axis
 from ..patterns import AttentionSite
 from ..patterns.ops import mutates as _mutates
 from ..patterns.ops import op_name
@@ -280,12 +280,13 @@ def _same_kind(new, old, node: fx.Node) -> None:
                                f"to {tuple(a.shape)}/{a.dtype} in group order")
 
 
-def _cluster_fn(axis: int, layout: TokenLayout, stride):
-    return lambda x: cluster_axis(x, axis, layout.height, layout.width, stride)
+def _cluster_fn(axis: int, layout: TokenLayout, plan: GridPlan):
+    """The plan's regrouping of ``layout``'s image along ``axis`` (any rank, the plan's grouping)."""
+    return lambda x: cluster_image_axis(x, axis, layout.image_shape, plan.stride, plan.grouping)
 
 
-def _recover_fn(axis: int, layout: TokenLayout, stride):
-    return lambda x: recover_axis(x, axis, layout.height, layout.width, stride)
+def _recover_fn(axis: int, layout: TokenLayout, plan: GridPlan):
+    return lambda x: recover_image_axis(x, axis, layout.image_shape, plan.stride, plan.grouping)
 
 
 def _in_order(gm: fx.GraphModule, nodes) -> list[fx.Node]:
@@ -308,7 +309,7 @@ def check_motion(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, motion
     env: dict = {}
     with mode:
         for node, (axis, layout) in motion.entries.items():
-            env[node] = _cluster_fn(axis, layout, plan.stride)(_val(node))
+            env[node] = _cluster_fn(axis, layout, plan)(_val(node))
         for node in _in_order(gm, motion.moved):
             env[node] = _fake_call(node, env)
             _same_kind(env[node], _val(node), node)
@@ -318,7 +319,7 @@ def check_motion(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, motion
         for node in motion.below:
             env[node] = _fake_call(node, env)
             _same_kind(env[node], _val(node), node)
-        back = _recover_fn(motion.exit_axis, plan.q_layout, plan.stride)(env[motion.exit])
+        back = _recover_fn(motion.exit_axis, plan.q_layout, plan)(env[motion.exit])
         _same_kind(back, _val(motion.exit), motion.exit)
 
 
@@ -331,7 +332,7 @@ def apply_motion(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, motion
     for node, (axis, layout) in motion.entries.items():
         readers = [u for u in node.users if motion.moved.get(u) is node] or [site.output]
         first_reader = min(readers, key=_position(gm))
-        grouped, new = inline(graph, _cluster_fn(axis, layout, plan.stride), [node], first_reader, node,
+        grouped, new = inline(graph, _cluster_fn(axis, layout, plan), [node], first_reader, node,
                               "cluster")
         inserted += new
         for user in list(node.users):
@@ -342,7 +343,7 @@ def apply_motion(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan, motion
 
     result = rewrite_site(gm, replace(site, inputs=inputs), plan, implementation)
     exit_node = result if motion.exit is site.output else motion.exit
-    back, new = inline(graph, _recover_fn(motion.exit_axis, plan.q_layout, plan.stride), [exit_node],
+    back, new = inline(graph, _recover_fn(motion.exit_axis, plan.q_layout, plan), [exit_node],
                        exit_node.next, exit_node, "recover")
     exit_node.replace_all_uses_with(back, delete_user_cb=lambda user: user not in new)
     propagate_values(_in_order(gm, [*motion.below, *new]), site.output)
