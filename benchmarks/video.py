@@ -8,7 +8,9 @@
   grouping and with window grouping (contiguous tiles) at the same strides, so the same number of
   groups and the same attention FLOPs; the same groupings written by hand (``eager-grid``,
   ``eager-window``: view/permute into groups folded into the batch, plain SDPA, permute back: the
-  reference every grouped configuration's ``max|diff|`` is taken against); and FlexAttention
+  reference every grouped configuration's ``max|diff|`` is taken against); the package's own
+  ``gridattn_fx.grid.grouped_attention`` called eagerly on the video layout (``eager
+  gridattn_fx.grid``: the regrouping code the rewrite inserts); and FlexAttention
   (compiled by inductor) with the same block masks, on group-major tokens (block-diagonal mask,
   empty blocks skipped) and on raster tokens (mask ``group(q) == group(k)``).
 * ``wan``: diffusers' ``WanTransformer3DModel`` (the zoo's small widths, 2 layers) on latents
@@ -108,6 +110,22 @@ class EagerVideoGroupedBlock(VideoAttentionBlock):
         return ungroup_tokens(o, q.shape[0], shape, self.stride, self.grouping)
 
 
+class PackageGroupedBlock(VideoAttentionBlock):
+    """The block with ``gridattn_fx.grid.grouped_attention`` called eagerly on a ``T x H x W``
+    layout: the package's own regrouping functions, the code the rewrite inserts into graphs."""
+
+    def __init__(self, heads, head_dim, stride, grouping: str):
+        super().__init__(heads, head_dim)
+        self.stride, self.grouping = stride, grouping
+
+    def attend(self, q, k, v, shape):
+        from gridattn_fx.grid import TokenLayout, grouped_attention
+
+        layout = TokenLayout(0, image_shape=tuple(shape))
+        return grouped_attention(q, k, v, q_layout=layout, k_layout=layout, stride=self.stride,
+                                 grouping=self.grouping)
+
+
 class FlexVideoBlock(VideoAttentionBlock):
     """The block with FlexAttention and a block mask of the same grouping.
 
@@ -190,6 +208,12 @@ def video_block_case(shape=(8, 32, 32), *, heads=2, head_dim=32, runs, warmup, e
             references[(grouping, stride3(stride))] = name
             configs.append(Config(name, "eager-grid", eager, reference=name))
     configs += _gridattn_configs(block, strides, ("grid", "window"), references, echo)
+    for grouping in ("grid", "window"):
+        for stride in strides:
+            package = PackageGroupedBlock(heads, head_dim, stride, grouping).eval()
+            package.load_state_dict(block.state_dict())
+            configs.append(Config(f"eager gridattn_fx.grid {grouping} {stride_label(stride)}", "eager-grid", package,
+                                  reference=references[(grouping, stride3(stride))]))
     dense = 2 * heads * (t * h * w) ** 2 * 2 * head_dim
     for grouping in ("grid", "window"):
         for stride in strides:
