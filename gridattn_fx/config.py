@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
-from .grid import Stride, normalize_stride
+from .grid import GROUPINGS, Stride, normalize_stride
 from .presets import preset_options
 
 IMPLEMENTATIONS = ("grouped", "masked")
@@ -16,7 +16,15 @@ DISTRIBUTINGS = ("straightforward", "shuffle")
 class GridAttnConfig:
     """What the pass may rewrite and how.
 
-    stride            int or (Gh, Gw); 1 leaves every site alone.
+    stride            int, (Gh, Gw) or (Gt, Gh, Gw); 1 leaves every site alone. Normalised per site
+                      to its layout's rank: on an image ``G`` is (G, G) and a triple applies its
+                      (Gh, Gw) (with a warning, once per graph); on a video ``G`` is (1, G, G) and
+                      a pair (Gh, Gw) is (1, Gh, Gw): temporal stride 1, groups span all frames.
+    grouping          "grid" (the paper's Grid Clustering: token (t, r, c) joins group
+                      (t mod Gt, r mod Gh, c mod Gw)) or "window" (contiguous tiles of
+                      ceil(n / g) tokens per axis: the same number of groups, equal FLOPs).
+                      Shuffle distributing is defined for grid grouping only: a window site
+                      compiled in training mode with distributing="shuffle" stays dense (report).
     min_image_tokens  sites whose query image has fewer tokens are skipped (grouping tiny images
                       costs more in regrouping than it saves). Whatever its value, a site whose
                       query or key image is smaller than the stride, or exactly its size (every
@@ -41,6 +49,8 @@ class GridAttnConfig:
                       calibrated on its own still matches inside a wrapper (``model.``,
                       ``_orig_mod.`` prefixes); an exact match wins, then the longest key. Keys that
                       match no site of a graph are listed in its report and warned about.
+    site_groupings    {module path: grouping} for individual sites, overriding ``grouping``; keys
+                      name sites exactly as ``site_strides`` keys do.
     move_regrouping   move Grid Clustering above the per-token ops that make q/k/v (projections,
                       norms) and Grid Recovering below those that consume the output, where that is
                       exact, so inductor folds both into neighbouring kernels (same result; False
@@ -56,6 +66,8 @@ class GridAttnConfig:
     preset: str | None = None
     distributing: str = "straightforward"
     site_strides: dict = field(default_factory=dict, hash=False)  # a dict: not part of the hash
+    grouping: str = "grid"
+    site_groupings: dict = field(default_factory=dict, hash=False)
     move_regrouping: bool = True
     # Fields whose value the preset supplied (not the user): the report credits those decisions.
     # None (the constructor's default) means "apply the preset here" (see __post_init__).
@@ -107,6 +119,8 @@ class GridAttnConfig:
                 f"option 'distributing' must be one of {DISTRIBUTINGS}, got {self.distributing!r}"
             )
         object.__setattr__(self, "site_strides", _site_strides(self.site_strides))
+        _check_grouping(self.grouping, "option 'grouping'")
+        object.__setattr__(self, "site_groupings", _site_groupings(self.site_groupings))
 
     def stride_for(self, module_path: str) -> tuple[Stride, str]:
         """The stride a site gets and where it came from (for the report)."""
@@ -118,10 +132,15 @@ class GridAttnConfig:
     def site_stride_key(self, module_path: str) -> str | None:
         """The ``site_strides`` key that names a site: its exact path, else the longest key the
         path ends with (after a dot); None when no key names it."""
-        if module_path in self.site_strides:
-            return module_path
-        hits = [key for key in self.site_strides if site_stride_names(key, module_path)]
-        return max(hits, key=len) if hits else None
+        return site_key(self.site_strides, module_path)
+
+    def grouping_for(self, module_path: str) -> tuple[str, str]:
+        """The grouping a site gets ("grid" / "window") and where it came from (for the report)."""
+        key = site_key(self.site_groupings, module_path)
+        if key is None:
+            return self.grouping, self.credit("grouping")
+        return (self.site_groupings[key],
+                " (site_groupings)" if key == module_path else f" (site_groupings key {key!r})")
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -211,6 +230,32 @@ def site_stride_names(key: str, module_path: str) -> bool:
     """Whether a ``site_strides`` key names the site at ``module_path``: the exact path, or a
     suffix after a dot (a wrapper adds a prefix to the paths calibrate() saw)."""
     return module_path == key or module_path.endswith("." + key)
+
+
+def site_key(mapping: dict, module_path: str) -> str | None:
+    """The key of a per-site mapping (``site_strides``, ``site_groupings``) that names the site at
+    ``module_path``: its exact path, else the longest key the path ends with (after a dot)."""
+    if module_path in mapping:
+        return module_path
+    hits = [key for key in mapping if site_stride_names(key, module_path)]
+    return max(hits, key=len) if hits else None
+
+
+def _check_grouping(value, where: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be a grouping name (one of {tuple(GROUPINGS)}), got {value!r}")
+    if value not in GROUPINGS:
+        raise ValueError(f"{where} must be one of {tuple(GROUPINGS)}, got {value!r}")
+
+
+def _site_groupings(value) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise TypeError(f"option 'site_groupings' must be a dict {{module path: grouping}}, got {value!r}")
+    for path, grouping in value.items():
+        if not isinstance(path, str):
+            raise TypeError(f"option 'site_groupings': keys must be module paths (str), got {path!r}")
+        _check_grouping(grouping, f"option 'site_groupings'[{path!r}]")
+    return dict(value)
 
 
 def _site_strides(value) -> dict[str, Stride]:

@@ -7,7 +7,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from .grid import TokenLayout
+from .grid import TokenLayout, format_stride
 from .torch_logs import report_log
 
 logger = logging.getLogger("gridattn_fx")
@@ -28,13 +28,14 @@ class SiteReport:
     evidence: str
     decision: str
     reason: str
-    stride: tuple[int, int] | None
+    stride: tuple[int, ...] | None
     flops_before: int | None
     flops_after: int | None
     regrouping: str = ""   # rewritten sites: where the cluster / recover went (passes/regroup_motion.py)
     # Where the query's layout came from: "proven in this graph", "remembered by prepare",
     # "declared" or "handed over across a split" (passes/layout.py: layout_source).
     layout_source: str = ""
+    grouping: str = "grid"   # rewritten sites: "grid" or "window" (the stride column names a window)
 
 
 _graph_numbers = itertools.count(1)
@@ -51,6 +52,8 @@ class Report:
     site_failures: list[str] = field(default_factory=list)
     # ``site_strides`` keys that matched no attention site of this graph.
     unmatched_site_strides: list[str] = field(default_factory=list)
+    # ``site_groupings`` keys that matched no attention site of this graph.
+    unmatched_site_groupings: list[str] = field(default_factory=list)
     # Numbers the graphs of this process, so warnings about two graphs never read the same (and
     # Python's once-per-message filter cannot hide the second one).
     graph: int = field(default_factory=lambda: next(_graph_numbers), compare=False)
@@ -86,7 +89,7 @@ class Report:
                 str(s.q_layout) if s.q_layout else "-",
                 str(s.k_layout) if s.k_layout else "-",
                 s.decision,
-                f"{s.stride[0]}x{s.stride[1]}" if s.stride else "-",
+                _stride_cell(s),
                 _gflop(s.flops_before),
                 _gflop(s.flops_after),
                 s.reason + (f"; {s.regrouping}" if s.regrouping else "")
@@ -107,9 +110,18 @@ class Report:
             lines.append(f"SITE LEFT DENSE, its replacement failed its check: {failure}")
         for key in self.unmatched_site_strides:
             lines.append(f"site_strides key {key!r} matches no attention site in this graph")
+        for key in self.unmatched_site_groupings:
+            lines.append(f"site_groupings key {key!r} matches no attention site in this graph")
         if self.failure:
             lines.append(f"PASS FAILED, original graph compiled instead: {self.failure}")
         return "\n".join(lines)
+
+
+def _stride_cell(s: SiteReport) -> str:
+    """``2x2`` for a grid site (as ever), ``window 2x2`` for a window one, ``-`` when not rewritten."""
+    if not s.stride:
+        return "-"
+    return format_stride(s.stride) if s.grouping == "grid" else f"{s.grouping} {format_stride(s.stride)}"
 
 
 def _gflop(flops: int | None) -> str:

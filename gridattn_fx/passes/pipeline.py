@@ -140,7 +140,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},
                              inherited_facts(new_gm), hints, hint_conflicts)
     leave_facts(new_gm, layouts.facts)  # before the rewrite: output names are still the original ones
-    chosen = []
+    chosen, stride_warnings = [], {}
     for site in sites:
         path = module_path(site.output)
         d = decide(site, layouts, config, path, training)
@@ -156,13 +156,19 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             decision=REWRITTEN if d.rewrite else SKIPPED,
             reason=d.reason,
             stride=d.plan.stride if d.plan else None,
+            grouping=d.plan.grouping.name if d.plan else "grid",
             flops_before=d.flops_before,
             flops_after=d.flops_after,
             layout_source=layout_source(layouts.facts.get(site.query)) if d.q_layout else "",
         )
         report.sites.append(row)
+        if d.stride_warning:
+            stride_warnings.setdefault(d.stride_warning, []).append(path or site.output.name)
         if d.rewrite:
             chosen.append((row, site, d.plan))
+    if stride_warnings:  # once per graph (issue 13: a triple on 2-D sites applies its (Gh, Gw))
+        _warn(f"gridattn: graph #{report.graph}: " + "; ".join(
+            f"{text} ({', '.join(paths)})" for text, paths in stride_warnings.items()))
     _check_site_strides(report, config)
     rewritten = 0
     for row, site, plan in chosen:
@@ -192,14 +198,16 @@ def _warn(message: str) -> None:
 
 
 def _check_site_strides(report: Report, config: GridAttnConfig) -> None:
-    """Name the ``site_strides`` keys that choose no site of this graph (a wrong or stale path
+    """Name the ``site_strides`` / ``site_groupings`` keys that choose no site of this graph (a wrong or stale path
     would otherwise rewrite nothing without a word)."""
     paths = [row.module_path for row in report.sites]
-    unmatched = [key for key in config.site_strides if not any(site_stride_names(key, p) for p in paths)]
-    if not unmatched:
-        return
-    report.unmatched_site_strides.extend(unmatched)
-    keys = ", ".join(repr(k) for k in unmatched)
-    _warn(f"gridattn: graph #{report.graph}: site_strides "
-          + (f"key {keys} matches" if len(unmatched) == 1 else f"keys {keys} match")
-          + " no attention site in this graph")
+    for option, mapping, found in (("site_strides", config.site_strides, report.unmatched_site_strides),
+                                   ("site_groupings", config.site_groupings, report.unmatched_site_groupings)):
+        unmatched = [key for key in mapping if not any(site_stride_names(key, p) for p in paths)]
+        if not unmatched:
+            continue
+        found.extend(unmatched)
+        keys = ", ".join(repr(k) for k in unmatched)
+        _warn(f"gridattn: graph #{report.graph}: {option} "
+              + (f"key {keys} matches" if len(unmatched) == 1 else f"keys {keys} match")
+              + " no attention site in this graph")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import GridAttnConfig
-from ..grid import GridPlan, TokenLayout, attention_flops
+from ..grid import GridPlan, TokenLayout, attention_flops, format_stride, grouping_named, normalize_stride
 from ..patterns import AttentionSite
 from .layout import LayoutAnalysis, _hint, _same_size
 
@@ -27,6 +27,9 @@ class Decision:
     plan: GridPlan | None = None
     flops_before: int | None = None
     flops_after: int | None = None
+    # A configured stride this site cannot take as written (a triple on a 2-D image): the pipeline
+    # warns once per graph with these texts.
+    stride_warning: str | None = None
 
 
 def _concrete(shape) -> tuple[int, ...] | None:
@@ -86,6 +89,28 @@ def _scores_written(site: AttentionSite, layouts: LayoutAnalysis):
     return next((w for w in map(layouts.writer_of, nodes) if w is not None), None)
 
 
+def _site_stride(stride, stride_from: str, q_layout: TokenLayout) -> tuple[tuple, str | None]:
+    """The configured stride normalised to the site's rank, and a warning when a triple meets a
+    2-D image (its temporal step does not apply: (Gh, Gw) is used)."""
+    full = normalize_stride(stride, q_layout.rank)
+    if len(stride) > q_layout.rank:
+        field = "site_strides" if "site_strides" in stride_from else "stride"
+        return full, (f"option '{field}' {tuple(stride)} is a video stride (Gt, Gh, Gw) but these sites are "
+                      f"2-D images: applying (Gh, Gw) = {full}")
+    return full, None
+
+
+def _window_tiles_unmatched(q_layout: TokenLayout, k_layout: TokenLayout, stride) -> str | None:
+    """Window grouping on two grids (reduced keys): a query tile whose key tile holds no key would
+    leave its queries with nothing to attend to."""
+    for axis, (nq, nk, g) in enumerate(zip(q_layout.image_shape, k_layout.image_shape, stride)):
+        tiles_q, tiles_k = -(-nq // -(-nq // g)), -(-nk // -(-nk // g))
+        if tiles_q > tiles_k:
+            return (f"window grouping, stride {format_stride(stride)}: query image {q_layout} has {tiles_q} tiles "
+                    f"along axis {axis} but key image {k_layout} only {tiles_k} (queries without keys)")
+    return None
+
+
 def _shuffle(plan: GridPlan, config: GridAttnConfig, training: bool) -> tuple[GridPlan, str]:
     """The plan with shuffle distributing when the config asks for it and the module is training."""
     if config.distributing != "shuffle":
@@ -114,10 +139,14 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         symbols = f"{q_layout}" + ("" if str(k_layout) == str(q_layout) else f" / {k_layout}") + \
             f" (traced at {shown_q})"
 
-    def skip(reason):
-        return Decision(False, reason, shown_q, shown_k, evidence, None, flops, flops)
+    warning = None
 
-    (gh, gw), stride_from = config.stride_for(module_path)
+    def skip(reason):
+        return Decision(False, reason, shown_q, shown_k, evidence, None, flops, flops, warning)
+
+    stride, stride_from = config.stride_for(module_path)
+    grouping_name, grouping_from = config.grouping_for(module_path)
+    grouping = grouping_named(grouping_name)
     written = _scores_written(site, layouts)
     if written is not None:
         return skip(f"the attention scores are written in place by `{written.name}` (e.g. a relative-position "
@@ -125,7 +154,7 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
                     (f"; {site.unsupported}" if site.unsupported else ""))
     if site.build is None:  # recognised as attention, but not readable exactly
         return skip(f"unsupported site: {site.unsupported}")
-    if (gh, gw) == (1, 1):
+    if all(g == 1 for g in stride):
         return skip("stride 1: grid attention is the identity" + stride_from)
     if site.is_causal:
         return skip("causal attention: the grid semantics do not apply")
@@ -154,19 +183,35 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     if symbolic and config.distributing == "shuffle" and training:
         return skip(f"{SYMBOLIC_UNSUPPORTED} {symbols}: shuffle distributing is rewritten only for "
                     "static sizes")
+    if q_layout.rank != k_layout.rank:
+        return skip(f"query image {q_layout} and key image {k_layout} differ in rank")
+    configured = stride
+    stride, warning = _site_stride(stride, stride_from, q_layout)
+    shown_stride = format_stride(stride)
+    if all(g == 1 for g in stride):
+        return skip(f"stride {shown_stride} on a {q_layout.rank}-D image: grid attention is the identity"
+                    + stride_from)
     if q_layout.image_tokens < config.min_image_tokens:
         return skip(f"{q_layout.image_tokens} image tokens < min_image_tokens={config.min_image_tokens}"
                     + config.credit("min_image_tokens"))
     for side, layout in (("query", q_layout), ("key", k_layout)):
-        if layout.height < gh or layout.width < gw:
-            return skip(f"{side} image {layout.height}x{layout.width} is smaller than the stride {gh}x{gw}")
+        if any(n < g for n, g in zip(layout.image_shape, stride)):
+            return skip(f"{side} image {format_stride(layout.image_shape)} is smaller than the stride "
+                        f"{shown_stride}")
         # The same rule at equality, for keys: a stride that spans the whole key image leaves one
         # image key per group, so every image query would see a single image key (attention
         # degenerates). One query per group is fine (LeViT's downsampling attention: a 2x2 query
         # grid over 4x4 keys); one side equal to its stride still leaves groups of several tokens.
-        if side == "key" and layout.height == gh and layout.width == gw:
-            return skip(f"key image {layout.height}x{layout.width} at stride {gh}x{gw}: each group would "
-                        "hold a single image key (attention degenerates)")
+        if side == "key" and tuple(layout.image_shape) == tuple(stride):
+            return skip(f"key image {format_stride(layout.image_shape)} at stride {shown_stride}: each group "
+                        "would hold a single image key (attention degenerates)")
+    if grouping.name == "window":
+        unmatched = _window_tiles_unmatched(q_layout, k_layout, stride)
+        if unmatched:
+            return skip(unmatched)
+        if config.distributing == "shuffle" and training:
+            return skip(f"window grouping, stride {shown_stride}{grouping_from}: {grouping.shuffle_unsupported} "
+                        "(distributing='shuffle', training): left dense")
     if len(q_shape) < 2 or len(k_shape) != len(q_shape) or len(v_shape) != len(q_shape):
         return skip(f"unsupported ranks q{len(q_shape)}/k{len(k_shape)}/v{len(v_shape)}")
     if site.relpos is not None:
@@ -186,9 +231,10 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
             return skip(f"attn_mask shape {m_shape} does not broadcast to ({q_shape[-2]}, {k_shape[-2]})")
         mask_ndim, mask_rows, mask_cols = len(m_shape), rows != 1, m_shape[-1] != 1
 
-    plan = GridPlan(q_layout, k_layout, (gh, gw), len(q_shape), mask_ndim, mask_rows, mask_cols, site.mask_bool,
+    plan = GridPlan(q_layout, k_layout, stride, len(q_shape), mask_ndim, mask_rows, mask_cols, site.mask_bool,
                     site.dropout_p, site.scale, site.enable_gqa, relpos=site.relpos is not None,
-                    relpos_heads=site.mask_shape[-3] if site.relpos is not None and len(site.mask_shape) == 4 else 0)
+                    relpos_heads=site.mask_shape[-3] if site.relpos is not None and len(site.mask_shape) == 4 else 0,
+                    grouping=grouping)
     plan, distributing = _shuffle(plan, config, training)
     if config.implementation == "masked":
         after = flops
@@ -198,5 +244,10 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     kind = "image self-attention" if shown_q == shown_k else "image attention across two grids"
     if symbolic:  # every size-dependent choice above and in the rewrite is guarded
         distributing += f", symbolic sizes {symbols}"
-    reason = f"{kind}, stride {gh}x{gw}" + stride_from + distributing
-    return Decision(True, reason, shown_q, shown_k, evidence, plan, flops, after)
+    how = f"stride {shown_stride}" + stride_from
+    if grouping.name != "grid":
+        how = f"{grouping.name} grouping{grouping_from}, " + how
+    if warning:
+        how += f" (the temporal step of {tuple(configured)} does not apply to a 2-D image)"
+    reason = f"{kind}, {how}" + distributing
+    return Decision(True, reason, shown_q, shown_k, evidence, plan, flops, after, warning)
