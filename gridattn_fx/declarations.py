@@ -14,6 +14,7 @@ from typing import Callable, Union
 import torch
 
 Size = Union[int, Callable[[dict], int]]
+# A callable may also return a 0-d tensor (an input's value); it is read as an int.
 
 
 def _check_size(name: str, value, minimum: int) -> None:
@@ -28,7 +29,9 @@ def _check_size(name: str, value, minimum: int) -> None:
 @dataclass(frozen=True)
 class ImageTokens:
     """An input whose axis ``dim`` holds ``prefix`` non-image tokens, then a ``height x width`` image
-    in raster order (row-major; ``transposed=True``: column-major), then ``suffix`` tokens.
+    in raster order (row-major; ``transposed=True``: column-major), then ``suffix`` tokens. With
+    ``frames`` the image is a video of ``frames x height x width`` tokens, frame by frame (time
+    slowest, each frame in raster order): LTX-Video's packed latents. ``frames=1`` is an image.
 
     Each size is an int or a callable that receives the call's arguments by name (a dict, as bound
     to ``model.forward``'s signature, defaults applied) and returns an int, so that the layout
@@ -37,6 +40,8 @@ class ImageTokens:
         gridattn_fx.prepare(transformer, example_kwargs,
                             hidden_states=ImageTokens.from_position_ids("img_ids"))
         gridattn_fx.prepare(model, (tokens,), x=ImageTokens(height=lambda a: a["h"], width=lambda a: a["w"]))
+        gridattn_fx.prepare(ltx_transformer, example_kwargs, hidden_states=ImageTokens(
+            frames=lambda a: a["num_frames"], height=lambda a: a["height"], width=lambda a: a["width"]))
     """
 
     height: Size
@@ -45,8 +50,11 @@ class ImageTokens:
     suffix: Size = 0
     dim: int = 1
     transposed: bool = False
+    frames: Size | None = None
 
     def __post_init__(self):
+        if self.frames is not None:
+            _check_size("frames", self.frames, 1)
         _check_size("height", self.height, 1)
         _check_size("width", self.width, 1)
         _check_size("prefix", self.prefix, 0)
@@ -69,11 +77,14 @@ class ImageTokens:
 
         return cls(height=height, width=width, prefix=prefix)
 
-    def resolve(self, input_name: str, arguments: dict) -> tuple[int, int, int, int]:
-        """(prefix, height, width, suffix) for one call; ValueError naming the input when a size
-        cannot be computed or is not a non-negative int."""
+    def resolve(self, input_name: str, arguments: dict) -> tuple:
+        """(prefix, height, width, suffix) for one call, (prefix, frames, height, width, suffix) for a
+        video; ValueError naming the input when a size cannot be computed or is not an int >= its
+        minimum (1 for the image sizes, 0 for prefix and suffix)."""
         out = []
-        for field_name, minimum in (("prefix", 0), ("height", 1), ("width", 1), ("suffix", 0)):
+        fields = (("prefix", 0), *((("frames", 1),) if self.frames is not None else ()), ("height", 1), ("width", 1),
+                  ("suffix", 0))
+        for field_name, minimum in fields:
             value = getattr(self, field_name)
             if callable(value):
                 try:

@@ -7,7 +7,9 @@ input (CompositeImplicitAutograd: any backend other than ``gridattn`` sees ``ate
 view); the ``gridattn`` pass reads it as a layout source (passes/layout_hints.py) and removes it.
 
 Encoding: ``dims`` is ``[seq_dim]`` for a token axis, with ``sizes = [prefix, height, width,
-suffix]``, or ``[h_dim, w_dim]`` for separate row/column axes, with ``sizes = [height, width]``;
+suffix]`` (a video: ``[prefix, frames, height, width, suffix]``; ``transposed``: the last two image
+axes are stored column-major), or one axis per image axis (``[h_dim, w_dim]``, a video ``[t_dim,
+h_dim, w_dim]``) with ``sizes`` the image's sizes;
 ``declared`` tells the report whether the layout was declared by the user (gridattn_fx.ImageTokens)
 or remembered by prepare() from a whole-model proof.
 """

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import types
 import warnings
 from collections import OrderedDict
@@ -183,15 +184,17 @@ def _check_declared(name: str, declaration: ImageTokens, arguments: dict) -> tup
     value = arguments.get(name)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"declared input '{name}' must be a tensor, got {type(value).__name__}")
-    prefix, height, width, suffix = declaration.resolve(name, arguments)
+    prefix, *image_shape, suffix = declaration.resolve(name, arguments)
     dim = declaration.dim % value.dim() if -value.dim() <= declaration.dim < value.dim() else None
     if dim is None:
         raise ValueError(f"declared input '{name}': dim={declaration.dim} is out of range for shape {tuple(value.shape)}")
-    length = prefix + height * width + suffix
+    length = prefix + math.prod(image_shape) + suffix
     if value.shape[dim] != length:
-        raise ValueError(f"declared input '{name}': {prefix} prefix + {height}x{width} image + {suffix} suffix = "
-                         f"{length} tokens, but axis {dim} of its shape {tuple(value.shape)} holds {value.shape[dim]}")
-    return (dim, prefix, height, width, suffix, declaration.transposed)
+        kind = "video" if len(image_shape) == 3 else "image"
+        raise ValueError(f"declared input '{name}': {prefix} prefix + {'x'.join(map(str, image_shape))} {kind} + "
+                         f"{suffix} suffix = {length} tokens, but axis {dim} of its shape {tuple(value.shape)} holds "
+                         f"{value.shape[dim]}")
+    return (dim, prefix, tuple(image_shape), suffix, declaration.transposed)
 
 
 def _shapes(args, kwargs) -> tuple:
@@ -328,8 +331,8 @@ def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
 
     def declare_hook(module, a, kw):
         bound = state.signature.bind(*a, **kw)
-        for name, (dim, prefix, height, width, suffix, transposed) in declared.items():
-            bound.arguments[name] = LAYOUT_HINT(bound.arguments[name], [dim], [prefix, height, width, suffix],
+        for name, (dim, prefix, image_shape, suffix, transposed) in declared.items():
+            bound.arguments[name] = LAYOUT_HINT(bound.arguments[name], [dim], [prefix, *image_shape, suffix],
                                                 transposed, True)
         return tuple(bound.args), dict(bound.kwargs)
 
@@ -391,13 +394,17 @@ def _check_declarations_against_graph(gm, analysis, Tokens) -> None:
         for d in declared:
             for p in proven:
                 same_tokens = d.dim == p.dim and d.prefix + d.image_tokens + d.suffix == p.prefix + p.image_tokens + p.suffix
-                if same_tokens and (d.prefix, d.height, d.width, d.suffix, d.transposed) != (
-                        p.prefix, p.height, p.width, p.suffix, p.transposed):
+                if same_tokens and (d.prefix, d.image_shape, d.suffix, d.order) != (
+                        p.prefix, p.image_shape, p.suffix, p.order):
                     name = d.origin[d.origin.find("`") + 1:d.origin.rfind("`")] or "?"
                     raise ValueError(
-                        f"declared input '{name}': its layout {d.prefix}+{d.height}x{d.width}+{d.suffix} contradicts "
-                        f"the {p.prefix}+{p.height}x{p.width}+{p.suffix} the graph proves from {p.origin} "
+                        f"declared input '{name}': its layout {_tokens_text(d)} contradicts "
+                        f"the {_tokens_text(p)} the graph proves from {p.origin} "
                         f"(they meet at `{node.name}`)")
+
+
+def _tokens_text(fact) -> str:
+    return f"{fact.prefix}+{'x'.join(str(n) for n in fact.image_shape)}+{fact.suffix}"
 
 
 def _enclosing(path: str):
@@ -413,24 +420,31 @@ def _as_hint(fact, node: fx.Node, Tokens, Spatial):
         return None
     declared = fact.origin.startswith("declared")
     if isinstance(fact, Tokens):
-        sizes = (fact.prefix, fact.height, fact.width, fact.suffix)
+        if fact.lead:
+            return None  # tokens merged with outer axes: not a layout of this input's token axis
+        sizes = (fact.prefix, *fact.image_shape, fact.suffix)
         if not all(isinstance(s, int) for s in sizes):
             return None
-        return (value.dim(), (fact.dim,), sizes, (sum(sizes[:1]) + sizes[1] * sizes[2] + sizes[3],),
-                fact.transposed, declared)
+        # The marker encodes row-major or "last two axes column-major" orders only.
+        row_major = tuple(range(fact.rank))
+        transposed = fact.order != row_major
+        if transposed and fact.order != row_major[:-2] + (fact.rank - 1, fact.rank - 2):
+            return None
+        return (value.dim(), (fact.dim,), sizes, (fact.prefix + math.prod(fact.image_shape) + fact.suffix,),
+                transposed, declared)
     if isinstance(fact, Spatial):
-        sizes = (fact.height, fact.width)
+        sizes = tuple(fact.sizes)
         if not all(isinstance(s, int) for s in sizes):
             return None
-        return (value.dim(), (fact.h_dim, fact.w_dim), sizes, sizes, False, declared)
+        return (value.dim(), tuple(fact.axes), sizes, sizes, False, declared)
     return None
 
 
 def _hint_text(hint) -> str:
     ndim, dims, sizes, _lengths, transposed, declared = hint
     if len(dims) == 1:
-        prefix, height, width, suffix = sizes
-        text = f"{prefix}+{height}x{width}+{suffix} tokens on axis {dims[0]}"
+        prefix, *image_shape, suffix = sizes
+        text = f"{prefix}+{'x'.join(map(str, image_shape))}+{suffix} tokens on axis {dims[0]}"
     else:
-        text = f"{sizes[0]}x{sizes[1]} image on axes {dims}"
+        text = f"{'x'.join(map(str, sizes))} {'video' if len(sizes) == 3 else 'image'} on axes {dims}"
     return text + (" (col-major)" if transposed else "") + (" (declared)" if declared else "")

@@ -1,12 +1,14 @@
 """Replace chosen attention sites with grid cluster -> attention -> recover.
 
 The replacement is the site's own factory (``site.build``) applied to its :class:`GridPlan`,
-traced with ``torch.fx`` for that constant plan and inlined in place of the site. The graph thus
-holds plain torch ops (narrow / unflatten / movedim / flatten / SDPA / cat) that inductor can
+run for that constant plan on ``torch.fx.Proxy`` objects of the site's inputs, so that an fx tracer
+records its ops straight into the graph in front of the site (:func:`inline`); the new nodes carry
+the site's metadata as inductor's pattern matcher gives its replacements (:func:`transfer_meta`).
+The graph thus holds plain torch ops (narrow / unflatten / movedim / flatten / SDPA / cat) that inductor can
 fuse and cache - the same code the eager tests check against the oracle.
 
 Symbolic image sizes (dynamic shapes): the plan's layouts then hold SymInts. The replacement is
-traced with each of them bound to a :class:`TracedSize`, the graph value that computes it (a
+run with each of them bound to a :class:`TracedSize`, the graph value that computes it (a
 ``sym_size`` of a tensor that has it as a dimension, or a SymInt the graph already computes) paired
 with the SymInt itself: arithmetic on it is traced into the graph, while the shape decisions
 ``gridattn_fx/grid/`` takes on sizes (pad or not) are answered by the SymInt through the ShapeEnv, which
@@ -17,6 +19,7 @@ guards accept.
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 
@@ -90,8 +93,23 @@ class TracedSize:
         return f"TracedSize({self.sym})"
 
 
-class _SizeTracer(fx.Tracer):
-    """fx.Tracer that turns a :class:`TracedSize` argument into the node computing it."""
+class _GraphAppender(fx.Tracer):
+    """An fx.Tracer that appends to an existing graph (at its insertion point) instead of building
+    its own: the replacement runs on :class:`torch.fx.Proxy` objects of the graph's own nodes, and
+    every node it records lands in place. A :class:`TracedSize` argument becomes the node computing it;
+    a tensor constant becomes an attribute of the graph's module (fx.Tracer's rule, with that root)."""
+
+    def __init__(self, graph: fx.Graph):
+        super().__init__()
+        self.graph = graph
+        self.root = graph.owning_module if graph.owning_module is not None else torch.nn.Module()
+        self.tensor_attrs = {}
+        self.created: list[fx.Node] = []
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        self.created.append(node)
+        return node
 
     def create_arg(self, a):
         if isinstance(a, TracedSize):
@@ -99,49 +117,46 @@ class _SizeTracer(fx.Tracer):
         return super().create_arg(a)
 
 
-def trace_function(fn, arity: int, sizes: tuple = ()) -> fx.Graph:
-    """``fn`` (of ``arity`` tensors, constants baked in) as an fx graph of plain torch ops.
+def transfer_meta(new: fx.Node, old: fx.Node) -> None:
+    """Give a node that replaces (part of) ``old`` the metadata inductor's pattern matcher carries
+    over to its replacements (torch/_inductor/pattern_matcher.py ``_transfer_meta``): the fields
+    torch.fx copies along with a node (``torch.fx.proxy._COPY_META_FIELDS``: nn_module_stack,
+    source_fn_stack, torch_fn, from_node, ...) and the stack trace, so that inductor's debug output
+    and provenance name the model's source line. Fake values are computed, not copied."""
+    from torch.fx.proxy import _COPY_META_FIELDS
 
-    ``sizes``: SymInts the function's plan depends on; each becomes one more placeholder after the
-    tensors, and ``fn`` is then called as ``fn(*tensors, *traced_sizes)`` (see :class:`TracedSize`).
-    """
-    # fx.Tracer makes one placeholder per named parameter, so the wrapper needs a fixed arity.
-    names = ", ".join(f"arg{i}" for i in range(arity + len(sizes)))
-
-    def bound(*args):
-        traced = [TracedSize(p, s) for p, s in zip(args[arity:], sizes)]
-        return fn(*args[:arity], *traced)
-
-    wrapper = eval(f"lambda {names}: fn({names})", {"fn": bound})  # noqa: S307 - names are ours
-    return _SizeTracer().trace(wrapper)
+    for field in _COPY_META_FIELDS:
+        if field in old.meta:
+            new.meta[field] = copy.copy(old.meta[field])
+    if old.meta.get("stack_trace"):
+        new.meta["stack_trace"] = old.meta["stack_trace"]
 
 
 def inline(graph: fx.Graph, fn, inputs: list, before: fx.Node, like: fx.Node, tag: str,
            sizes: tuple = ()) -> tuple[fx.Node, list[fx.Node]]:
-    """Insert ``fn(*inputs)`` before ``before``; the new nodes take ``like``'s module path and the
+    """Insert ``fn(*inputs)`` before ``before``, traced straight into ``graph`` through fx.Proxy
+    objects of ``inputs``; the new nodes take ``like``'s metadata (:func:`transfer_meta`) and the
     ``gridattn`` tag. Returns the result node and the new nodes in order.
 
-    ``sizes``: SymInts ``fn`` takes after the tensors (:func:`trace_function`); the graph values
-    computing them are found or made (:func:`size_node`) right before ``before``.
+    ``sizes``: SymInts ``fn`` takes after the tensors, each as a :class:`TracedSize` whose proxy is the
+    graph value computing it, found or made (:func:`size_node`) right before ``before``.
     """
-    sub = trace_function(fn, len(inputs), sizes)
-    placeholders = [n for n in sub.nodes if n.op == "placeholder"]
-    size_nodes, made_nodes = [], []
-    for sym in sizes:
-        node, made = size_node(graph, sym, before)
-        size_nodes.append(node)
-        made_nodes += [made] if made is not None else []
-    val_map = dict(zip(placeholders, list(inputs) + size_nodes))
+    tracer = _GraphAppender(graph)
+    made_nodes = []
     with graph.inserting_before(before):
-        result = graph.graph_copy(sub, val_map)
-    stack = like.meta.get("nn_module_stack")
-    new_nodes = made_nodes + [new for old, new in val_map.items()
-                              if old.op != "placeholder" and isinstance(new, fx.Node)]
+        traced = []
+        for sym in sizes:
+            node, made = size_node(graph, sym, before)
+            made_nodes += [made] if made is not None else []
+            traced.append(TracedSize(fx.Proxy(node, tracer), sym))
+        out = fn(*(fx.Proxy(n, tracer) for n in inputs), *traced)
+    if not isinstance(out, fx.Proxy):
+        raise TypeError(f"the {tag} replacement returned {type(out).__name__}, not a traced tensor")
+    new_nodes = made_nodes + [n for n in tracer.created if n.graph is graph]
     for new in new_nodes:
-        if stack is not None:
-            new.meta["nn_module_stack"] = dict(stack)
+        transfer_meta(new, like)
         new.meta["gridattn"] = tag
-    return result, new_nodes
+    return out.node, new_nodes
 
 
 def plan_sizes(plan: GridPlan) -> tuple:
@@ -184,9 +199,6 @@ def size_node(graph: fx.Graph, sym: "torch.SymInt", before: fx.Node):
                     made.meta["gridattn"] = "size"
                     return made, made
     raise LookupError(f"no value in the graph computes the symbolic size {sym}")
-    site.output.replace_all_uses_with(result)
-    _erase_dead(gm.graph, site.nodes)
-    return result
 
 
 def replacement(site: AttentionSite, plan: GridPlan, implementation: str):

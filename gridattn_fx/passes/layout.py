@@ -1,7 +1,8 @@
 """Token-layout inference: prove, from the graph's own dataflow, which tensor axes are images.
 
 A forward abstract interpretation over the graph. Spatial tensors are *born* at conv / pool /
-interpolate outputs (4-D, NCHW: rows on axis 2, columns on axis 3). Every op that moves axes
+interpolate outputs (NCHW: rows on axis 2, columns on axis 3; NCTHW for a video: frames on axis 2,
+from a Conv3d or a 3-D pool). Every op that moves axes
 around (permute, reshape, flatten, cat, slicing, split, ...) or keeps positions in place
 (pointwise ops, linear, norms, attention itself) carries the fact to its output; any op we do not
 understand drops it. A site's layout is therefore proven exactly when an unbroken chain of
@@ -9,9 +10,17 @@ understood ops connects it to a spatial source; the sequence *length* alone neve
 
 Two kinds of fact:
 
-* :class:`Spatial` - separate row and column axes (``h_dim``, ``w_dim``), e.g. NCHW or NHWC.
-* :class:`Tokens` - one sequence axis ``dim`` holding ``prefix`` tokens, then the image
-  (row-major, or column-major when ``transposed``), then ``suffix`` tokens.
+* :class:`Spatial` - one tensor axis per image axis (``axes``: rows and columns, or frames, rows
+  and columns), e.g. NCHW, NHWC or NCTHW.
+* :class:`Tokens` - one sequence axis ``dim`` holding ``prefix`` tokens, then the N-D image in the
+  storage ``order`` of its axes (identity: row-major, time slowest), then ``suffix`` tokens.
+
+Both are rank-generic (an image is the N = 2 case, a video T x H x W the N = 3 one). A video axis
+of size 1 is dropped wherever a fact is made (:func:`_step`): a single-frame video *is* its image,
+and no token's position depends on that axis. Frames folded into the batch (a Conv3d output
+reshaped to (B * T, C, H, W), or a 2-D conv run on ``video.reshape(-1, C, H, W)``) are images along
+a batch axis; merged back in front of their tokens (``x.view(B, T, N, C).flatten(1, 2)``) they are a
+T x H x W video on the sequence axis (:func:`_frames_merged`).
 
 Every fact also says *which image* its positions belong to (``image``: a root named by the tensor a
 spatial source read, plus a record of every selection, reordering or merge along the axes that
@@ -39,6 +48,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..grid import TokenLayout
+from ..patterns.op_rules import (CATS, CHANNEL_NORMS, FEATURE_OPS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS, MAYBE_ALIASING,
+                                  PERMUTES, RESHAPES, SPLITS, VIEWING, arg, permutation, resolve, source_rank,
+                                  split_dim)
 from ..patterns.ops import mutates, op_name, written_args
 from ..patterns.values import shape_of as _shape
 from ..patterns.values import value_of as _val
@@ -46,42 +58,59 @@ from ..patterns.values import value_of as _val
 
 @dataclass(frozen=True)
 class Spatial:
-    h_dim: int
-    w_dim: int
-    height: object
-    width: object
+    axes: tuple         # the tensor axis of each image axis, logical order (frames,) rows, columns
+    sizes: tuple        # the image's sizes in the same order
     origin: str
     trail: tuple = ()
     image: tuple = ()   # which image (see the module docstring); equal tuples = the same image
     batch: tuple = ()   # axes whose index selects an image (not necessarily all images of a batch)
 
     def dims(self):
-        return (self.h_dim, self.w_dim)
+        return self.axes
+
+    @property
+    def rank(self) -> int:
+        return len(self.axes)
 
 
 @dataclass(frozen=True)
 class Tokens:
     dim: int
     prefix: object
-    height: object
-    width: object
+    image_shape: tuple  # logical sizes, slowest first: (H, W) or (T, H, W)
     suffix: object
-    transposed: bool
+    order: tuple        # storage order of the logical axes, outermost first (grid.TokenLayout.order)
     origin: str
     trail: tuple = ()
     image: tuple = ()
     batch: tuple = ()
     # Outer axes merged into ``dim`` in front of the tokens, as ((size, is_batch), ...): the tokens
     # of a (B, N, C) tensor flattened to (B * N, C) for a BatchNorm1d. Not a sequence layout
-    # until a reshape splits them off again.
+    # until a reshape splits them off again, or unless they are frames (:func:`_frames_merged`).
     lead: tuple = ()
 
     def dims(self):
         return (self.dim,)
 
     @property
+    def rank(self) -> int:
+        return len(self.image_shape)
+
+    @property
     def image_tokens(self):
-        return self.height * self.width
+        n = 1
+        for size in self.image_shape:
+            n = n * size
+        return n
+
+    @property
+    def storage_shape(self) -> tuple:
+        """The image sizes in the order the tokens store them, outermost first."""
+        return tuple(self.image_shape[a] for a in self.order)
+
+
+def _image_text_sizes(sizes) -> str:
+    return "x".join(str(s) for s in sizes)
 
 
 def _hint(size) -> int | None:
@@ -124,48 +153,16 @@ def _static(size) -> int | None:
     return None
 
 
-def _resolve(arg):
-    """Arguments as values: nodes that compute sizes become their SymInt / int values."""
-    if isinstance(arg, fx.Node):
-        return _val(arg)
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_resolve(a) for a in arg)
-    return arg
+_resolve = resolve  # layout_hints.py reads marker arguments with it
 
 
-_SOURCES = {
-    "conv2d", "conv_transpose2d", "convolution", "_convolution", "max_pool2d", "avg_pool2d",
-    "adaptive_avg_pool2d", "adaptive_max_pool2d", "interpolate", "upsample", "upsample_nearest2d",
-    "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_nearest_exact2d", "pixel_shuffle",
-    "pixel_unshuffle", "_adaptive_avg_pool2d",
-}
-# Sources of a 3-D (video) grid: recognised only to say why such a site is not proven (yet).
-_VIDEO_SOURCES = {
-    "conv3d", "conv_transpose3d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
-    "upsample_nearest3d", "upsample_trilinear3d",
-}
-_POINTWISE = {
-    "add", "sub", "mul", "div", "truediv", "floordiv", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
-    "reciprocal", "sigmoid", "tanh", "relu", "gelu", "silu", "mish", "hardswish", "hardsigmoid", "leaky_relu",
-    "elu", "softplus", "erf", "square", "clamp", "clamp_min", "clamp_max", "dropout", "contiguous", "clone",
-    "to", "type", "type_as", "float", "half", "double", "bfloat16", "detach", "where", "masked_fill",
-    "_to_copy", "alias", "lift_fresh_copy", "radd", "rmul", "rsub", "iadd", "imul", "isub", "itruediv",
-    "sin", "cos", "lerp", "addcmul", "feature_dropout",
-}
-_VIEWS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "_unsafe_view"}
-_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
-_CHANNEL_NORMS = {"group_norm", "batch_norm", "instance_norm", "_native_batch_norm_legit_no_training"}
-_LAST_DIM = {"linear", "layer_norm", "rms_norm"}
-_CATS = {"cat", "concat", "concatenate"}
+# What each op does to token axes is the catalogue's (patterns/op_rules.py); what a loss means here:
 _LOSS_HINTS = {
-    **{v: "a reshape that splits or merges the image axes, e.g. into windows" for v in _VIEWS},
+    **{v: "a reshape that splits or merges the image axes, e.g. into windows" for v in RESHAPES},
     "getitem": "indexing that drops or reorders image tokens",
     "cat": "concatenation of two image layouts",
     "pad": "padding of the image axes, e.g. to a multiple of the window size",
 }
-# Reductions over feature axes with keepdim=True (hand-written norms): token positions stay put.
-_KEEPDIM_REDUCTIONS = {"mean", "sum", "amax", "amin"}  # all (x, dim, keepdim)
-_SPLITS = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes"}
 
 
 # --- the analysis -----------------------------------------------------------------------------
@@ -204,7 +201,6 @@ class LayoutAnalysis:
         self.facts: dict[fx.Node, object] = {}
         self.lost: dict[fx.Node, str] = dict(self.hint_conflicts)
         self._inplace_pointwise = set()
-        self._unsupported_sources = set()
         for node in self.gm.graph.nodes:
             try:
                 fact = self._transfer(node)
@@ -234,12 +230,12 @@ class LayoutAnalysis:
                 self.lost[node] = f"{hint.origin} does not fit `{node.name}` of shape {shape}"
                 return None
             if isinstance(hint, Tokens) and _hint(shape[hint.dim]) != _hint(hint.prefix + hint.image_tokens + hint.suffix):
-                self.lost[node] = (f"{hint.origin}: {hint.prefix}+{hint.height}x{hint.width}+{hint.suffix} tokens "
-                                   f"do not match `{node.name}`'s {shape[hint.dim]}")
+                self.lost[node] = (f"{hint.origin}: {hint.prefix}+{_image_text_sizes(hint.image_shape)}+{hint.suffix} "
+                                   f"tokens do not match `{node.name}`'s {shape[hint.dim]}")
                 return None
-            if isinstance(hint, Spatial) and (_hint(shape[hint.h_dim]), _hint(shape[hint.w_dim])) != (
-                    _hint(hint.height), _hint(hint.width)):
-                self.lost[node] = f"{hint.origin}: {hint.height}x{hint.width} does not match `{node.name}` {shape}"
+            if isinstance(hint, Spatial) and tuple(_hint(shape[d]) for d in hint.axes) != tuple(
+                    _hint(n) for n in hint.sizes):
+                self.lost[node] = f"{hint.origin}: {_image_text_sizes(hint.sizes)} does not match `{node.name}` {shape}"
                 return None
             return hint
         if _positions(proven) == _positions(hint):
@@ -256,16 +252,18 @@ class LayoutAnalysis:
             return None, "not a tensor"
         seq_dim = seq_dim % len(shape)
         if isinstance(fact, Tokens) and fact.dim == seq_dim and fact.lead:
-            return None, f"image tokens merged with the batch axis ({fact.origin} via {_trail_text(fact.trail)})"
+            fact = _frames_merged(fact)
+            if fact.lead:
+                return None, f"image tokens merged with the batch axis ({fact.origin} via {_trail_text(fact.trail)})"
         if isinstance(fact, Tokens) and fact.dim == seq_dim:
             # Symbolic sizes stay SymInts: the policy and the rewrite decide on them through the
             # ShapeEnv (guards), never on the values they were traced with.
-            raw = (fact.prefix, fact.height, fact.width, fact.suffix)
+            raw = (fact.prefix, *fact.image_shape, fact.suffix)
             sizes = [s if _static(s) is None else _static(s) for s in raw]
             if any(not isinstance(s, (int, torch.SymInt)) for s in sizes):
-                return None, f"image size {fact.height}x{fact.width} is not an integer"
+                return None, f"image size {_image_text_sizes(fact.image_shape)} is not an integer"
             evidence = f"{fact.origin} via {_trail_text(fact.trail)}"
-            return TokenLayout(*sizes, transposed=fact.transposed), evidence
+            return TokenLayout(sizes[0], image_shape=tuple(sizes[1:-1]), suffix=sizes[-1], order=fact.order), evidence
         if fact is not None:
             # e.g. window partitioning: the window grid is enumerated along the batch axis (a
             # 1-image batch drops out of the reshape), the sequence holds one window's tokens
@@ -278,8 +276,6 @@ class LayoutAnalysis:
         seen, queue = {node}, deque([node])
         while queue and len(seen) < 5000:
             cur = queue.popleft()
-            if cur in self._unsupported_sources:
-                return self.lost[cur]
             if cur in self.lost:
                 src = next((self.facts[a] for a in cur.all_input_nodes if a in self.facts), None)
                 origin = f" (from {src.origin})" if src is not None else ""
@@ -344,29 +340,24 @@ class LayoutAnalysis:
         if name is None:
             return None
         out = _val(node)
-        if name in _SOURCES or name in _VIDEO_SOURCES:
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and name in _SOURCES:
-                image = self._source_image(node)
-                return Spatial(2, 3, out.shape[2], out.shape[3], origin=self._source_text(node, name, out),
-                               image=image, batch=(0,))
-            if isinstance(out, torch.Tensor) and out.dim() == 5:
-                self._unsupported_sources.add(node)
-                self.lost[node] = (f"{name} `{node.name}` (a 3-D conv/pool output: video T x H x W layouts "
-                                   "are not supported yet)")
-            return None
+        rank = source_rank(name, out.dim()) if isinstance(out, torch.Tensor) else None
+        if rank is not None:  # (N, C, *image): an image (rank 2) or a video T x H x W (rank 3)
+            image = self._source_image(node)
+            return _step(Spatial(tuple(range(2, 2 + rank)), tuple(out.shape[2:]), origin=self._source_text(node, name, out),
+                                 image=image, batch=(0,)), name)
         inp = node.args[0] if node.args else None
         fact = self.facts.get(inp) if isinstance(inp, fx.Node) else None
-        if name in _CATS:
+        if name in CATS:
             return self._cat(node)
         if name == "stack":
             return self._stack(node)
-        if name in _POINTWISE:
+        if name in KEEPS_POSITIONS:
             return self._pointwise(node, name)
         if name == "getattr" and node.args[1] in ("mT", "T") and fact is not None:
             ndim = len(_shape(inp))
             perm = list(range(ndim))[::-1] if node.args[1] == "T" else list(range(ndim - 2)) + [ndim - 1, ndim - 2]
             return _permute(fact, perm, node.args[1])
-        if name in _KEEPDIM_REDUCTIONS and fact is not None:
+        if name in KEEPDIM_REDUCTIONS and fact is not None:
             dims = _resolve(_arg(node, 1, "dim"))
             dims = [dims] if isinstance(dims, int) else list(dims or [])
             keepdim = _arg(node, 2, "keepdim", False)
@@ -379,15 +370,15 @@ class LayoutAnalysis:
             return _step(fact, name) if ok else None
         if fact is None:
             return None
-        if name in _VIEWS or (name == "flatten" and node.op == "call_module"):
+        if name in RESHAPES or (name == "flatten" and node.op == "call_module"):
             return _reshape(fact, _shape(inp), tuple(out.shape), name)
-        if name in _PERMUTES:
-            return _permute(fact, _permutation(node, name, len(_shape(inp))), name)
-        if name in _LAST_DIM:
+        if name in PERMUTES:
+            return _permute(fact, permutation(node, name, len(_shape(inp))), name)
+        if name in FEATURE_OPS:
             n_last = len(_normalized_shape(node, self.gm)) if name != "linear" else 1
             ndim = len(_shape(inp))
             return _step(fact, name) if all(d < ndim - n_last for d in (*fact.dims(), *fact.batch)) else None
-        if name in _CHANNEL_NORMS:
+        if name in CHANNEL_NORMS:
             return self._channel_norm(node, name, fact)
         if name == "getitem":
             return _index(fact, _shape(inp), _resolve(node.args[1]), node.name)
@@ -397,7 +388,7 @@ class LayoutAnalysis:
             dim, index = _resolve(_arg(node, 1, "dim")), _resolve(_arg(node, 2, "index"))
             idx = [slice(None)] * (dim % len(_shape(inp))) + [index]
             return _index(fact, _shape(inp), tuple(idx), node.name)
-        if name in _SPLITS:
+        if name in SPLITS:
             return self._split(node, name, fact, _shape(inp))
         if name == "repeat_interleave":  # along a batch-like axis (SAM repeats images per prompt)
             dim = _resolve(_arg(node, 2, "dim"))
@@ -426,7 +417,8 @@ class LayoutAnalysis:
         otherwise a new image named by the tensor it reads (two convs of one tensor see one image)."""
         inp = node.args[0] if node.args else None
         fact = self.facts.get(inp) if isinstance(inp, fx.Node) else None
-        if isinstance(fact, Spatial) and fact.dims() == (2, 3):
+        ndim = len(_shape(inp) or ())
+        if isinstance(fact, Spatial) and fact.dims() == tuple(range(ndim - fact.rank, ndim)) and ndim - fact.rank >= 2:
             n = _shape(inp)[0]
             if fact.batch == (0,) or (not fact.batch and _hint(n) == 1):
                 return fact.image
@@ -478,6 +470,8 @@ class LayoutAnalysis:
         out_shape = _shape(node)
         dim %= len(out_shape)
         facts = self._inputs_with_facts(tensors)
+        # frames merged in front of their tokens, then text tokens glued on (CogVideoX): a video
+        facts = [(t, _frames_merged(f) if isinstance(f, Tokens) and f.lead and f.dim == dim else f) for t, f in facts]
         with_fact = [(t, f) for t, f in facts if f is not None]
         if not with_fact:
             return None
@@ -537,7 +531,7 @@ class LayoutAnalysis:
         pieces = _val(node)
         if not isinstance(pieces, (tuple, list)):
             return None
-        dim = _resolve(_arg(node, 1 if name == "unbind" else 2, "dim", 0)) % len(shape)
+        dim = _resolve(split_dim(node, name)) % len(shape)
         results, offset = [], 0
         for piece in pieces:
             if name == "unbind":
@@ -552,17 +546,6 @@ class LayoutAnalysis:
 
 
 # --- mutation ---------------------------------------------------------------------------------
-
-# Ops whose output shares storage with their first argument (views) ...
-_VIEWING = _VIEWS | _PERMUTES | _SPLITS | {
-    "getitem", "narrow", "slice", "select", "expand", "expand_as", "broadcast_to", "detach", "alias",
-    "as_strided", "diagonal", "unfold", "view_as_real", "view_as_complex", "real", "imag", "getattr",
-}
-# ... or may return the argument itself (a no-op cast, contiguous on a contiguous tensor, dropout
-# in eval mode): an alias unless the graph's values show a fresh storage.
-_MAYBE_ALIASING = {"contiguous", "to", "type", "type_as", "float", "half", "double", "bfloat16", "dropout",
-                   "feature_dropout"}
-
 
 def _storage(node):
     value = _val(node)
@@ -593,14 +576,14 @@ def _alias_classes(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
         if node.op not in ("call_function", "call_method", "call_module") or not node.args:
             continue
         first = node.args[0]
-        if isinstance(first, (list, tuple)) and op_name(node, gm) in _CATS:
+        if isinstance(first, (list, tuple)) and op_name(node, gm) in CATS:
             continue
         if not isinstance(first, fx.Node):
             continue
         name, storage, source = op_name(node, gm), _storage(node), _storage(first)
         same = storage is not None and storage == source
         unknown = storage is None or source is None
-        if name in _VIEWING or mutates(node) or same or (name in _MAYBE_ALIASING and unknown):
+        if name in VIEWING or mutates(node) or same or (name in MAYBE_ALIASING and unknown):
             union(node, first)
         for dest in (written_args(node) if mutates(node) else ()):
             union(node, dest)
@@ -617,7 +600,7 @@ def _written_tensors(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
             continue
         name = op_name(node, gm)
         dests = written_args(node)
-        if name in _POINTWISE and dests == [node.args[0]] and "out" not in node.kwargs:
+        if name in KEEPS_POSITIONS and dests == [node.args[0]] and "out" not in node.kwargs:
             continue
         for dest in dests:
             writers.setdefault(dest, node)
@@ -680,8 +663,36 @@ def _image_text(image: tuple) -> str:
 def _step(fact, op: str):
     if fact is None:
         return None
+    fact = _single_frame_is_an_image(fact)
     trail = fact.trail if fact.trail and fact.trail[-1] == op else fact.trail + (op,)
     return replace(fact, trail=trail)
+
+
+def _single_frame_is_an_image(fact):
+    """A video fact whose frame axis has size 1 (statically) as the fact of its image: no token's
+    position depends on that axis, and the policy then treats the site as the 2-D image it is."""
+    if isinstance(fact, Spatial) and fact.rank == 3 and _static(fact.sizes[0]) == 1:
+        return replace(fact, axes=fact.axes[1:], sizes=fact.sizes[1:])
+    if isinstance(fact, Tokens) and fact.rank == 3 and _static(fact.image_shape[0]) == 1:
+        return replace(fact, image_shape=fact.image_shape[1:], order=tuple(a - 1 for a in fact.order if a != 0))
+    return fact
+
+
+def _frames_merged(fact: Tokens) -> Tokens:
+    """Tokens with outer axes merged in front of them, read as a video when those axes are frames:
+    exactly one merged axis of size > 1, an axis that indexes images (frames folded into the batch,
+    CogVideoX's ``x.view(B, F, ...)``), and an image that fills each frame's tokens (no prefix or
+    suffix, an image, not already a video). Token ``f * N + n`` is then token ``n`` of frame ``f``:
+    a T x H x W layout, time slowest. Anything else is returned as it is (still merged)."""
+    outer = [(size, is_batch) for size, is_batch in fact.lead if _hint(size) != 1]
+    if (len(outer) != 1 or not outer[0][1] or fact.rank != 2 or _hint(fact.prefix) != 0
+            or _hint(fact.suffix) != 0 or _static(outer[0][0]) is None):
+        return fact  # symbolic frame counts: not proven here
+    frames = _static(outer[0][0])
+    batch = tuple(b for b in fact.batch if b != fact.dim)
+    return _single_frame_is_an_image(replace(
+        fact, image_shape=(frames, *fact.image_shape), order=(0, *(a + 1 for a in fact.order)), lead=(),
+        batch=batch, image=fact.image + (("frames", frames),), trail=fact.trail + ("frames merged",)))
 
 
 def _trail_text(trail) -> str:
@@ -715,14 +726,11 @@ def _remap(fact, mapping: dict):
         return None
     batch = tuple(sorted(mapping[b] for b in fact.batch if mapping.get(b) is not None))
     if isinstance(fact, Spatial):
-        return replace(fact, h_dim=new[fact.h_dim], w_dim=new[fact.w_dim], batch=batch)
+        return replace(fact, axes=tuple(new[d] for d in fact.axes), batch=batch)
     return replace(fact, dim=new[fact.dim], batch=batch)
 
 
-def _arg(node, index, name, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+_arg = arg
 
 
 def _normalized_shape(node, gm):
@@ -730,36 +738,6 @@ def _normalized_shape(node, gm):
         return tuple(gm.get_submodule(node.target).normalized_shape)
     shape = _resolve(_arg(node, 1, "normalized_shape"))
     return (shape,) if isinstance(shape, int) else tuple(shape)
-
-
-def _permutation(node, name, ndim) -> list[int]:
-    """``perm`` with output axis i = input axis perm[i]."""
-    args = [_resolve(a) for a in node.args[1:]]
-    if name == "permute":
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-        if not dims:
-            dims = _resolve(node.kwargs.get("dims"))
-        return [d % ndim for d in dims]
-    perm = list(range(ndim))
-    if name == "t":
-        return perm[::-1]
-    if name in ("transpose", "swapaxes", "swapdims"):
-        a = args[0] if args else _resolve(node.kwargs.get("dim0"))
-        b = args[1] if len(args) > 1 else _resolve(node.kwargs.get("dim1"))
-        a, b = a % ndim, b % ndim
-        perm[a], perm[b] = perm[b], perm[a]
-        return perm
-    # movedim / moveaxis
-    src = args[0] if args else _resolve(node.kwargs.get("source"))
-    dst = args[1] if len(args) > 1 else _resolve(node.kwargs.get("destination"))
-    src = [s % ndim for s in (src if isinstance(src, (list, tuple)) else [src])]
-    dst = [d % ndim for d in (dst if isinstance(dst, (list, tuple)) else [dst])]
-    rest = [d for d in range(ndim) if d not in src]
-    out = [None] * ndim
-    for s, d in zip(src, dst):
-        out[d] = s
-    it = iter(rest)
-    return [o if o is not None else next(it) for o in out]
 
 
 def _permute(fact, perm, name):
@@ -808,10 +786,56 @@ def _reshape_groups(in_shape, out_shape):
 
 
 def _reshape(fact, in_shape, out_shape, name):
+    out = _reshape_fact(fact, in_shape, out_shape, name)
+    if out is None and isinstance(fact, Tokens) and fact.lead:
+        video = _frames_merged(fact)  # frames merged in front of the tokens, then reshaped as a video
+        if not video.lead:
+            out = _reshape_fact(video, in_shape, out_shape, name)
+    if out is None:
+        # A reshape that splits and merges within one group (``(B * T, N, C) -> (B, T * N, C)``) is
+        # the row-major split to the common refinement of both shapes, then the merge: carried as that.
+        refined = _refined_shape(in_shape, out_shape)
+        if refined is not None and refined not in (_non_unit(in_shape), _non_unit(out_shape)):
+            middle = _reshape(fact, in_shape, refined, name)  # only splits: no refinement again
+            out = _reshape(middle, refined, out_shape, name) if middle is not None else None
+    return out
+
+
+def _non_unit(shape) -> tuple:
+    return tuple(_static(n) for n in shape if _static(n) != 1)
+
+
+def _refined_shape(in_shape, out_shape) -> tuple | None:
+    """The coarsest shape that both ``in_shape`` and ``out_shape`` are row-major merges of (static
+    sizes only; size-1 axes dropped), or None when there is none (sizes that do not nest)."""
+    ins, outs = [_static(s) for s in in_shape], [_static(s) for s in out_shape]
+    if None in ins or None in outs:
+        return None
+
+    def products(sizes):
+        out, p = [], 1
+        for n in sizes:
+            if n != 1:
+                p *= n
+                out.append(p)
+        return out
+
+    a, b = products(ins), products(outs)
+    if not a or not b or a[-1] != b[-1]:
+        return None
+    points = sorted(set(a) | set(b))
+    if any(hi % lo for lo, hi in zip(points, points[1:])):
+        return None
+    return tuple([points[0]] + [hi // lo for lo, hi in zip(points, points[1:])])
+
+
+def _reshape_fact(fact, in_shape, out_shape, name):
     groups = _reshape_groups(in_shape, out_shape)
     if groups is None:
         return None
     owner = {d: g for g in groups for d in g[0]}
+    if isinstance(fact, Spatial) and fact.rank == 3:
+        fact = _frames_folded(fact, owner)
     in_batch = set(fact.batch)
     fact = _reshape_images(fact, groups, in_shape, out_shape, owner)  # batch now in output axes
     if fact is None:
@@ -824,43 +848,62 @@ def _reshape(fact, in_shape, out_shape, name):
             return _reshape_lead(fact, gi, go, out_shape, name)
         if gi == [fact.dim] and len(go) == 1:
             return _step(replace(fact, dim=go[0]), name)
-        if gi == [fact.dim] and len(go) == 2 and _hint(fact.prefix) == 0 and _hint(fact.suffix) == 0:
-            rows, cols = (fact.width, fact.height) if fact.transposed else (fact.height, fact.width)
-            if _same_size(out_shape[go[0]], rows) and _same_size(out_shape[go[1]], cols):
-                h_dim, w_dim = (go[1], go[0]) if fact.transposed else (go[0], go[1])
-                return _step(Spatial(h_dim, w_dim, fact.height, fact.width, fact.origin, fact.trail,
-                                     fact.image, fact.batch), name)
+        whole = _hint(fact.prefix) == 0 and _hint(fact.suffix) == 0
+        if gi == [fact.dim] and len(go) == fact.rank and whole:
+            # the tokens unflattened into one axis per image axis, in their storage order
+            if all(_same_size(out_shape[o], n) for o, n in zip(go, fact.storage_shape)):
+                axes = tuple(go[fact.order.index(i)] for i in range(fact.rank))
+                return _step(Spatial(axes, fact.image_shape, fact.origin, fact.trail, fact.image, fact.batch), name)
+        if gi == [fact.dim] and len(go) == 2 and fact.rank == 3 and fact.order[0] == 0 and whole:
+            # a video's tokens split into (frames, tokens per frame): frames into the batch, each
+            # frame an image of its own (per-frame spatial attention)
+            frames, height, width = fact.image_shape
+            if _same_size(out_shape[go[0]], frames) and _same_size(out_shape[go[1]], height * width):
+                return _step(replace(fact, dim=go[1], image_shape=(height, width),
+                                     order=tuple(a - 1 for a in fact.order[1:]),
+                                     batch=tuple(sorted({*fact.batch, go[0]})),
+                                     image=fact.image + (("frames split", _hint(frames)),)), name + " (frames)")
         if len(go) == 1 and gi[-1] == fact.dim and fact.dim not in in_batch:
             # outer axes merged in front of the tokens (``x.flatten(0, 1)``): tokens stay in order
             # within each outer index; a later reshape must split exactly these axes off again
-            lead = tuple((_hint(in_shape[d]), d in in_batch) for d in gi[:-1])
+            lead = tuple((in_shape[d], d in in_batch) for d in gi[:-1])
             batch = set(fact.batch) | ({go[0]} if any(is_batch for _, is_batch in lead) else set())
             return _step(replace(fact, dim=go[0], lead=lead, batch=tuple(sorted(batch))), name)
         return None
-    gh, gw = owner.get(fact.h_dim), owner.get(fact.w_dim)
-    if gh is None or gw is None:
+    groups_of = [owner.get(d) for d in fact.axes]
+    if any(g is None for g in groups_of):
         return None
-    if gh is gw:  # rows and columns merge into one sequence axis
-        gi, go = gh
-        if len(go) != 1 or sorted(gi) != sorted([fact.h_dim, fact.w_dim]):
+    if all(g is groups_of[0] for g in groups_of):  # every image axis merges into one sequence axis
+        gi, go = groups_of[0]
+        if len(go) != 1 or sorted(gi) != sorted(fact.axes):
             return None
-        transposed = fact.w_dim < fact.h_dim
-        return _step(Tokens(go[0], 0, fact.height, fact.width, 0, transposed, fact.origin, fact.trail,
-                            fact.image, fact.batch), name)
-    if len(gh[0]) == 1 and len(gh[1]) == 1 and len(gw[0]) == 1 and len(gw[1]) == 1:
-        return _step(replace(fact, h_dim=gh[1][0], w_dim=gw[1][0]), name)
-    if len(gh[0]) == 1 and len(gw[0]) == 1 and (len(gh[1]) > 1 or len(gw[1]) > 1):
-        # Patchify (Flux's _pack_latents, pixel-unshuffle spelled as view/permute): rows split into
-        # (H/p, p) are read as the rows of the H/p x W/q grid of p x q patches. Only the *outer*
-        # factor indexes patches (row r = outer * p + inner); the inner factors become per-token
-        # feature axes, which the fact does not track, so merging them into the feature axis keeps
-        # the fact and merging them back into rows or columns drops it (the group then has more
-        # than one input axis).
-        h_out, w_out = gh[1][0], gw[1][0]
-        height = out_shape[h_out] if len(gh[1]) > 1 else fact.height
-        width = out_shape[w_out] if len(gw[1]) > 1 else fact.width
-        return _step(replace(fact, h_dim=h_out, w_dim=w_out, height=height, width=width), name + " (patchify)")
-    return None
+        order = tuple(sorted(range(fact.rank), key=lambda i: fact.axes[i]))
+        return _step(Tokens(go[0], 0, fact.sizes, 0, order, fact.origin, fact.trail, fact.image, fact.batch), name)
+    if len({id(g) for g in groups_of}) != fact.rank or any(len(g[0]) != 1 for g in groups_of):
+        return None  # some image axes merged with each other or with other axes
+    axes = tuple(g[1][0] for g in groups_of)
+    if all(len(g[1]) == 1 for g in groups_of):
+        return _step(replace(fact, axes=axes), name)
+    # Patchify (Flux's _pack_latents, pixel-unshuffle spelled as view/permute, a video's p_t x p x p
+    # patches): rows split into (H/p, p) are read as the rows of the H/p x W/q grid of p x q patches.
+    # Only the *outer* factor indexes patches (row r = outer * p + inner); the inner factors become
+    # per-token feature axes, which the fact does not track, so merging them into the feature axis
+    # keeps the fact and merging them back into rows or columns drops it (the group then has more
+    # than one input axis).
+    sizes = tuple(out_shape[g[1][0]] if len(g[1]) > 1 else n for g, n in zip(groups_of, fact.sizes))
+    return _step(replace(fact, axes=axes, sizes=sizes), name + " (patchify)")
+
+
+def _frames_folded(fact: Spatial, owner: dict) -> Spatial:
+    """A video whose frame axis a reshape merges with batch axes only (``x.permute(0, 2, 1, 3, 4)
+    .reshape(B * T, C, H, W)``): from here on, every frame is an image along the batch. The frame
+    axis becomes a batch axis of the same images (one per frame), before the batch is reshaped."""
+    frames = fact.axes[0]
+    gi, go = owner.get(frames, (None, None))
+    if gi is None or len(gi) < 2 or not all(d == frames or d in fact.batch for d in gi):
+        return fact
+    return replace(fact, axes=fact.axes[1:], sizes=fact.sizes[1:], batch=tuple(sorted({*fact.batch, frames})),
+                   image=fact.image + (("frames folded", _hint(fact.sizes[0])),))
 
 
 def _reshape_images(fact, groups, in_shape, out_shape, owner):
@@ -896,8 +939,8 @@ def _reshape_lead(fact, gi, go, out_shape, name):
     if len(go) == 1:  # still merged
         batch = set(fact.batch) | ({go[0]} if any_batch else set())
         return _step(replace(fact, dim=go[0], batch=tuple(sorted(batch))), name)
-    outer = [(size, is_batch) for size, is_batch in fact.lead if size != 1]
-    if len(go) != len(outer) + 1 or [_hint(out_shape[d]) for d in go[:-1]] != [size for size, _ in outer]:
+    outer = [(size, is_batch) for size, is_batch in fact.lead if _hint(size) != 1]
+    if len(go) != len(outer) + 1 or [_hint(out_shape[d]) for d in go[:-1]] != [_hint(size) for size, _ in outer]:
         return None
     batch = set(fact.batch) | {d for d, (_, is_batch) in zip(go[:-1], outer) if is_batch}
     return _step(replace(fact, dim=go[-1], lead=(), batch=tuple(sorted(batch))), name)
@@ -977,14 +1020,21 @@ def _slice(fact, dim, sl: slice, length):
     if isinstance(fact, Spatial):
         # A crop of rows or columns is still a grid, and so is every step-th row or column
         # (LeViT's subsampling ``x.view(B, H, W, C)[:, ::2, ::2]``): a smaller image of its own.
-        size = len(range(start, stop, step))
-        return replace(fact, height=size) if dim == fact.h_dim else replace(fact, width=size)
+        return _resized(fact, dim, len(range(start, stop, step)))
+    if fact.lead:
+        fact = _frames_merged(fact)
     if step != 1 or fact.lead:
         return None
     first, end = _hint(fact.prefix), _hint(fact.prefix) + _hint(fact.image_tokens)
     if start <= first and stop >= end:
         return replace(fact, prefix=fact.prefix - start, suffix=fact.suffix - (n - stop))
     return None  # the slice keeps only non-image tokens, or cuts through the image
+
+
+def _resized(fact: Spatial, dim: int, size):
+    """A crop (or every step-th entry) of the image axis on tensor axis ``dim``: a smaller image."""
+    sizes = tuple(size if d == dim else n for d, n in zip(fact.axes, fact.sizes))
+    return replace(fact, sizes=sizes)
 
 
 def _slice_symbolic(fact, dim, sl: slice, length):
@@ -1000,7 +1050,7 @@ def _slice_symbolic(fact, dim, sl: slice, length):
     if _known(start == 0) and _known(stop == length):
         return fact
     if isinstance(fact, Spatial):
-        return replace(fact, height=stop - start) if dim == fact.h_dim else replace(fact, width=stop - start)
+        return _resized(fact, dim, stop - start)
     if _known(start <= fact.prefix) and _known(stop >= fact.prefix + fact.image_tokens):
         return replace(fact, prefix=fact.prefix - start, suffix=fact.suffix - (length - stop))
     return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..layout_hint import is_layout_hint, is_probe
-from .layout import Spatial, Tokens, _positions, _resolve, module_path
+from .layout import Spatial, Tokens, _positions, _resolve, _single_frame_is_an_image, module_path
 
 DECLARED = "declared"
 REMEMBERED = "remembered by prepare"
@@ -26,12 +26,16 @@ def hint_fact(node: fx.Node):
     # The marked tensor is one image per batch entry, named after the tensor it marks, like a
     # spatial source (passes/layout.py): two marked tensors are two images to the cross-image rule.
     image, batch = (("root", node.args[0].name),), (1,) if 0 in dims else (0,)
-    if len(dims) == 1 and len(sizes) == 4:
-        prefix, height, width, suffix = sizes
-        return Tokens(dims[0], prefix, height, width, suffix, bool(transposed), origin=origin,
-                      image=image, batch=batch)
-    if len(dims) == 2 and len(sizes) == 2:
-        return Spatial(dims[0], dims[1], sizes[0], sizes[1], origin=origin, image=image, batch=batch)
+    if len(dims) == 1 and len(sizes) in (4, 5):
+        # [prefix, (frames,) height, width, suffix]; ``transposed``: the last two axes column-major
+        prefix, *image_shape, suffix = sizes
+        order = list(range(len(image_shape)))
+        if transposed:
+            order[-2:] = order[-1], order[-2]
+        return _single_frame_is_an_image(Tokens(dims[0], prefix, tuple(image_shape), suffix, tuple(order),
+                                                origin=origin, image=image, batch=batch))
+    if len(dims) in (2, 3) and len(sizes) == len(dims) and not transposed:
+        return _single_frame_is_an_image(Spatial(tuple(dims), tuple(sizes), origin=origin, image=image, batch=batch))
     raise ValueError(f"malformed gridattn::layout_hint {node.name}: dims={dims}, sizes={sizes}")
 
 

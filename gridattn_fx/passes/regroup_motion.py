@@ -11,8 +11,8 @@ residual add), and the attention call reads its groups as free views (``GridPlan
 Exactness rules, per node:
 
 * a node is *moved* (recomputed in group order) only when its op is per-token along the tracked
-  axis (:func:`_per_token`: linear / norms over feature axes, pointwise ops whose other operands do
-  not vary along the axis, reshapes and permutes that keep the axis whole, unbind / split / getitem
+  axis (:func:`_per_token`, reading patterns/op_rules.py: linear / norms over feature axes, pointwise
+  ops whose other operands do not vary along the axis, reshapes and permutes that keep the axis whole, unbind / split / getitem
   along other axes, no randomness), and every user of its value is moved too (or is the site), so
   no other consumer ever sees a reordered tensor;
 * where the walk stops, a :func:`cluster_axis` is inserted for the moved users only;
@@ -39,17 +39,9 @@ from ..patterns.ops import op_name
 from ..patterns.values import value_of as _val
 from .grid_rewrite import call_on_values, inline, propagate_values, rewrite_site
 from .policy import is_symbolic
-from .layout import _PERMUTES, _SPLITS, _VIEWS, _arg, _normalized_shape, _permutation
-
-# Ops that compute every element from the same element of their tensor operands (broadcast aside).
-_ELEMENTWISE = {
-    "add", "sub", "mul", "div", "truediv", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
-    "reciprocal", "sigmoid", "tanh", "relu", "gelu", "silu", "mish", "hardswish", "hardsigmoid",
-    "leaky_relu", "elu", "softplus", "erf", "square", "clamp", "clamp_min", "clamp_max", "contiguous",
-    "clone", "to", "type", "type_as", "float", "half", "double", "bfloat16", "detach", "_to_copy",
-    "alias", "radd", "rmul", "rsub", "sin", "cos", "dropout",
-}
-
+from ..patterns.op_rules import (FEATURE_OPS, KEEPS_POSITIONS, PERMUTES, RANDOM, RESHAPES, SPLITS,
+                                  is_identity_draw, permutation, split_dim)
+from .layout import _normalized_shape
 
 @dataclass
 class Motion:
@@ -123,10 +115,10 @@ def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> i
         return axis
     if isinstance(in_value, (tuple, list)):
         return None
-    if name in _SPLITS:
+    if name in SPLITS:
         if node.args[0] is not data:
             return None
-        dim = _arg(node, 1 if name == "unbind" else 2, "dim", 0)
+        dim = split_dim(node, name)
         if not isinstance(dim, int) or dim % len(in_shape) == axis:
             return None
         return axis - 1 if name == "unbind" and dim % len(in_shape) < axis else axis
@@ -134,32 +126,30 @@ def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> i
     out_shape = _shape(out_value)
     if not _static(out_shape):
         return None
-    if name in ("linear", "layer_norm", "rms_norm"):
+    if name in FEATURE_OPS:
         if node.args[0] is not data:
             return None
         normalized = 1 if name == "linear" else len(_normalized_shape(node, gm))
         if axis >= len(in_shape) - max(normalized, 1) or out_shape[:-1] != in_shape[:-1]:
             return None
         return axis
-    if name in _VIEWS:
+    if name in RESHAPES:
         if node.args[0] is not data:
             return None
         return _axis_in_reshape(in_shape, out_shape, axis)
-    if name in _PERMUTES:
+    if name in PERMUTES:
         if node.args[0] is not data:
             return None
         try:
-            perm = _permutation(node, name, len(in_shape))
+            perm = permutation(node, name, len(in_shape))
         except (TypeError, ValueError, IndexError):  # dims we cannot read as ints
             return None
         return perm.index(axis) if sorted(perm) == list(range(len(in_shape))) else None
-    if name in _ELEMENTWISE:
+    if name in KEEPS_POSITIONS:  # mutating forms were refused above
         if out_shape != in_shape:
             return None
-        if name == "dropout":
-            p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
-            if not (p == 0 or training is False):
-                return None  # random: the same draw on reordered tokens is not the same result
+        if name in RANDOM and not is_identity_draw(node):
+            return None  # random: the same draw on reordered tokens is not the same result
         others = [a for a in (*node.args, *node.kwargs.values()) if a is not data]
         if data not in node.args and data not in node.kwargs.values():
             return None

@@ -32,13 +32,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .op_rules import CASTS, SHAPED_RESHAPES
 from .ops import op_name
 from .site import AttentionSite
 from .values import shape_of, value_of
 
-_CASTS = {"to", "float", "half", "double", "bfloat16", "type", "type_as", "_to_copy", "contiguous", "clone"}
+# Casts the reading looks through, and the reshapes it reads (given a whole target shape): from the
+# op catalogue (op_rules.py), which says why detach and flatten-like reshapes are not among them.
+_CASTS = CASTS
 _PRODUCTS = {"matmul", "bmm", "baddbmm", "einsum"}
-_VIEWS = {"view", "reshape", "_unsafe_view", "view_as", "reshape_as"}
+_VIEWS = SHAPED_RESHAPES
 # Users that read only a tensor's shape (``x.reshape_as(scores)``) do not use its values.
 _SHAPE_ONLY = {"view_as", "reshape_as", "expand_as"}
 

@@ -24,7 +24,8 @@ _MODULE_OPS = {
     nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Mish: "mish",
     nn.Hardswish: "hardswish", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Softplus: "softplus",
     nn.Flatten: "flatten", nn.BatchNorm1d: "batch_norm", nn.Conv3d: "conv3d", nn.ConvTranspose3d: "conv_transpose3d",
-    nn.MaxPool3d: "max_pool3d", nn.AvgPool3d: "avg_pool3d",
+    nn.MaxPool3d: "max_pool3d", nn.AvgPool3d: "avg_pool3d", nn.AdaptiveAvgPool3d: "adaptive_avg_pool3d",
+    nn.AdaptiveMaxPool3d: "adaptive_max_pool3d", nn.BatchNorm3d: "batch_norm", nn.InstanceNorm3d: "instance_norm",
 }
 
 

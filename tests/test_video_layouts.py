@@ -1,0 +1,212 @@
+"""Video token layouts (T x H x W) proven from the graph's dataflow (passes/layout.py, issue 13).
+
+Sources: a Conv3d (or 3-D pool) output; frames folded into the batch and merged back into the
+sequence (CogVideoX); 5-D reshapes and permutes; text prefix tokens. The tests assert the proven
+layouts (``site.q_layout`` in the report) and, until the grouping is rank-generic, that a video
+site is left untouched with a reason (passes/policy.py), while the 2-D cases around video - a
+single-frame video, per-frame spatial attention with the frames in the batch - are rewritten and
+equal the oracle. Cross-attention to text keys stays untouched.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models import DIM, Attention, CrossAttention, build
+from oracle import assert_close64, assert_differs, assert_equal_exact, oracle_mode
+
+gridattn_fx = pytest.importorskip("gridattn_fx")
+from gridattn_fx import TokenLayout  # noqa: E402
+
+
+def rewrite(model, inputs, **opts):
+    opts.setdefault("min_image_tokens", 0)
+    opts.setdefault("stride", 2)
+    return gridattn_fx.rewrite(model, inputs, **opts)
+
+
+def site(report, path):
+    (s,) = [s for s in report.sites if s.module_path == path]
+    return s
+
+
+def video_layout(frames, height, width, prefix=0, order=(0, 1, 2)):
+    return TokenLayout(prefix, image_shape=(frames, height, width), order=order)
+
+
+def expect_video_untouched(report, path, layout):
+    s = site(report, path)
+    assert s.q_layout == layout, f"{path}: proven {s.q_layout!r}, expected {layout!r}\n{report}"
+    assert s.decision == "skipped" and "video layout" in s.reason, str(report)
+    return s
+
+
+def video(batch, frames, height, width, channels=3):
+    return torch.randn(batch, channels, frames, height, width, dtype=torch.float64)
+
+
+class WanLike(nn.Module):
+    """Wan: Conv3d patch embedding, ``flatten(2).transpose(1, 2)``, self-attention over the video
+    tokens, cross-attention from the video tokens to text tokens (keys from text)."""
+
+    def __init__(self, dim=DIM, patch=(1, 2, 2)):
+        super().__init__()
+        self.patch_embedding = nn.Conv3d(3, dim, patch, patch)
+        self.text = nn.Linear(8, dim)
+        self.self_attn = Attention(dim)
+        self.cross_attn = CrossAttention(dim)
+
+    def forward(self, x, context):
+        x = self.patch_embedding(x).flatten(2).transpose(1, 2)
+        x = x + self.self_attn(x)
+        return x + self.cross_attn(x, self.text(context))
+
+
+def test_wan_video_tokens_are_proven_t_by_h_by_w_and_left_untouched():
+    model = build(WanLike)
+    inputs = (video(2, 3, 8, 12), torch.randn(2, 5, 8, dtype=torch.float64))
+    gm, report = rewrite(model, inputs)
+    s = expect_video_untouched(report, "self_attn", video_layout(3, 4, 6))
+    assert "conv3d" in s.evidence
+    cross = site(report, "cross_attn")
+    assert cross.decision == "skipped" and cross.k_layout is None and "key" in cross.reason, str(report)
+    assert_equal_exact(gm(*inputs), model(*inputs))
+
+
+def test_single_frame_video_is_an_image_and_is_rewritten():
+    """T == 1: the frame axis is dropped where the fact is made; the policy sees a 2-D image."""
+    model = build(WanLike)
+    inputs = (video(2, 1, 8, 12), torch.randn(2, 5, 8, dtype=torch.float64))
+    gm, report = rewrite(model, inputs)
+    s = site(report, "self_attn")
+    assert s.q_layout == TokenLayout(0, 4, 6) and s.decision == "rewritten", str(report)
+    assert site(report, "cross_attn").decision == "skipped"
+    with oracle_mode(model, (0, 4, 6), only=["self_attn"]):
+        ref = model(*inputs)
+    assert_close64(gm(*inputs), ref)
+    assert_differs(ref, model(*inputs))
+
+
+def test_temporal_patches_give_fewer_frames():
+    model = build(WanLike, patch=(2, 2, 2))
+    inputs = (video(1, 4, 8, 8), torch.randn(1, 5, 8, dtype=torch.float64))
+    _, report = rewrite(model, inputs)
+    expect_video_untouched(report, "self_attn", video_layout(2, 4, 4))
+
+
+class CogVideoXLike(nn.Module):
+    """CogVideoX's patch embedding: frames folded into the batch for a 2-D conv, split off again,
+    merged into the sequence, then text tokens in front."""
+
+    def __init__(self, dim=DIM, text_len=4):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, 2, 2)
+        self.text_proj = nn.Linear(8, dim)
+        self.attn = Attention(dim)
+
+    def forward(self, video_frames, text):
+        B, F, C, H, W = video_frames.shape
+        x = self.proj(video_frames.reshape(-1, C, H, W))
+        x = x.view(B, F, *x.shape[1:])
+        x = x.flatten(3).transpose(2, 3)   # (B, F, H*W, C)
+        x = x.flatten(1, 2)                # (B, F*H*W, C)
+        x = torch.cat([self.text_proj(text), x], dim=1).contiguous()
+        return self.attn(x)
+
+
+def test_cogvideox_frames_merged_into_the_sequence_behind_text():
+    model = build(CogVideoXLike)
+    inputs = (torch.randn(2, 3, 3, 8, 12, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64))
+    gm, report = rewrite(model, inputs)
+    s = expect_video_untouched(report, "attn", video_layout(3, 4, 6, prefix=4))
+    assert "conv2d" in s.evidence
+    assert_equal_exact(gm(*inputs), model(*inputs))
+
+
+class PerFrameFromConv3d(nn.Module):
+    """Spatial attention per frame: a Conv3d output with its frames folded into the batch."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.embed = nn.Conv3d(3, dim, (1, 2, 2), (1, 2, 2))
+        self.spatial = Attention(dim)
+        self.temporal_view = Attention(dim)
+
+    def forward(self, x):
+        y = self.embed(x)                                  # (B, C, T, H, W)
+        B, C, T, H, W = y.shape
+        frames = y.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)
+        t = frames.flatten(2).transpose(1, 2)              # (B*T, H*W, C)
+        t = t + self.spatial(t)
+        v = t.reshape(B, T * H * W, C)                     # frames merged back: the video again
+        return self.temporal_view(v)
+
+
+def test_per_frame_attention_of_a_conv3d_video_is_rewritten_and_the_merged_video_proven():
+    model = build(PerFrameFromConv3d)
+    x = video(2, 3, 8, 12)
+    gm, report = rewrite(model, (x,))
+    s = site(report, "spatial")
+    assert s.q_layout == TokenLayout(0, 4, 6) and s.decision == "rewritten", str(report)
+    expect_video_untouched(report, "temporal_view", video_layout(3, 4, 6))
+    with oracle_mode(model, (0, 4, 6), only=["spatial"]):
+        ref = model(x)
+    assert_close64(gm(x), ref)
+    assert_differs(ref, model(x))
+
+
+class FactorizedTokens(nn.Module):
+    """Video tokens split per frame (``view(B, T, N, C).flatten(0, 1)``: frames into the batch),
+    and a 5-D reshape/permute that stores the video column-major within each frame."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.embed = nn.Conv3d(3, dim, (1, 2, 2), (1, 2, 2))
+        self.spatial = Attention(dim)
+        self.transposed_video = Attention(dim)
+
+    def forward(self, x):
+        y = self.embed(x)
+        B, C, T, H, W = y.shape
+        v = y.flatten(2).transpose(1, 2)                        # (B, T*H*W, C)
+        f = v.view(B, T, H * W, C).flatten(0, 1)               # (B*T, H*W, C)
+        f = self.spatial(f).view(B, T * H * W, C)
+        cols = f.view(B, T, H, W, C).permute(0, 1, 3, 2, 4).reshape(B, T * W * H, C)
+        return self.transposed_video(cols)
+
+
+def test_frames_split_into_the_batch_and_a_5d_permute():
+    model = build(FactorizedTokens)
+    x = video(2, 3, 8, 12)
+    gm, report = rewrite(model, (x,))
+    s = site(report, "spatial")
+    assert s.q_layout == TokenLayout(0, 4, 6) and s.decision == "rewritten", str(report)
+    expect_video_untouched(report, "transposed_video", video_layout(3, 4, 6, order=(0, 2, 1)))
+    with oracle_mode(model, (0, 4, 6), only=["spatial"]):
+        ref = model(x)
+    assert_close64(gm(x), ref)
+
+
+class MixedFrames(nn.Module):
+    """Two different videos' frames merged into one sequence axis with the channel axis (not a
+    batch axis) in front of the tokens: not a video, not proven."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 2, 2)
+        self.attn = Attention(4)
+
+    def forward(self, img):
+        y = self.embed(img)                          # (B, C, H, W)
+        B, C, H, W = y.shape
+        t = y.reshape(B, C // 4, 4, H * W).transpose(2, 3).reshape(B, C // 4 * H * W, 4)
+        return self.attn(t)
+
+
+def test_channels_merged_in_front_of_the_tokens_are_not_frames():
+    model = build(MixedFrames)
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    gm, report = rewrite(model, (x,))
+    s = site(report, "attn")
+    assert s.q_layout is None and s.decision == "skipped", str(report)
+    assert_equal_exact(gm(x), model(x))
