@@ -162,11 +162,6 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         return skip(f"query: {q_why}")
     if k_layout is None:
         return skip(f"key: {k_why} (cross-attention to non-image tokens?)")
-    video = next((layout for layout in (q_layout, k_layout) if layout.rank != 2), None)
-    if video is not None:
-        # Placeholder until the grouping is rank-generic (issue 13): a video layout must never reach
-        # a 2-D plan. A single-frame video is proven as its image (passes/layout.py) and is not here.
-        return skip(f"video layout T x H x W: {at_hints(video)} tokens ({q_why}) not supported by this grouping yet")
     other_image = layouts.same_image(site.query, site.key)
     if other_image:
         return skip(other_image)
