@@ -680,14 +680,19 @@ def _single_frame_is_an_image(fact):
 
 def _frames_merged(fact: Tokens) -> Tokens:
     """Tokens with outer axes merged in front of them, read as a video when those axes are frames:
-    exactly one merged axis of size > 1, an axis that indexes images (frames folded into the batch,
-    CogVideoX's ``x.view(B, F, ...)``), and an image that fills each frame's tokens (no prefix or
-    suffix, an image, not already a video). Token ``f * N + n`` is then token ``n`` of frame ``f``:
+    exactly one merged axis of size > 1, an axis that indexes images of one source tensor (frames
+    folded into the batch, CogVideoX's ``x.view(B, F, ...)``; not images concatenated or stacked
+    from different tensors), and an image that fills each frame's tokens (no prefix or suffix, an
+    image, not already a video). Token ``f * N + n`` is then token ``n`` of frame ``f``:
     a T x H x W layout, time slowest. Anything else is returned as it is (still merged)."""
     outer = [(size, is_batch) for size, is_batch in fact.lead if _hint(size) != 1]
     if (len(outer) != 1 or not outer[0][1] or fact.rank != 2 or _hint(fact.prefix) != 0
             or _hint(fact.suffix) != 0 or _static(outer[0][0]) is None):
         return fact  # symbolic frame counts: not proven here
+    if not fact.image or fact.image[0][0] != "root":
+        # The images along that axis were concatenated / stacked from different tensors (two
+        # images of a feature matcher glued into one sequence): not the frames of one video.
+        return fact
     frames = _static(outer[0][0])
     batch = tuple(b for b in fact.batch if b != fact.dim)
     return _single_frame_is_an_image(replace(
@@ -896,11 +901,18 @@ def _reshape_fact(fact, in_shape, out_shape, name):
 
 def _frames_folded(fact: Spatial, owner: dict) -> Spatial:
     """A video whose frame axis a reshape merges with batch axes only (``x.permute(0, 2, 1, 3, 4)
-    .reshape(B * T, C, H, W)``): from here on, every frame is an image along the batch. The frame
-    axis becomes a batch axis of the same images (one per frame), before the batch is reshaped."""
-    frames = fact.axes[0]
+    .reshape(B * T, C, H, W)``), or whose rows and columns merge into tokens without it
+    (``x.flatten(3)``: (B, C, T, H * W)): from here on, every frame is an image of its own, indexed
+    along the frame axis. The frame axis becomes a batch axis of the same images (one per frame),
+    before the batch is reshaped."""
+    frames, rows, cols = fact.axes
     gi, go = owner.get(frames, (None, None))
-    if gi is None or len(gi) < 2 or not all(d == frames or d in fact.batch for d in gi):
+    if gi is None:
+        return fact
+    merged_with_batch = len(gi) >= 2 and all(d == frames or d in fact.batch for d in gi)
+    frame_tokens = (gi == [frames] and len(go) == 1 and owner.get(rows) is not None
+                    and owner.get(rows) is owner.get(cols) and len(owner[rows][1]) == 1)
+    if not (merged_with_batch or frame_tokens):
         return fact
     return replace(fact, axes=fact.axes[1:], sizes=fact.sizes[1:], batch=tuple(sorted({*fact.batch, frames})),
                    image=fact.image + (("frames folded", _hint(fact.sizes[0])),))

@@ -38,6 +38,14 @@ TOKENIZERS = {
     "nhwc_flat": "permute(0, 2, 3, 1).flatten(1, 2)",
     "mirror": "flip(3).flatten(2).transpose(1, 2)   (mirrored image: still a raster)",
 }
+# Patch embeddings (B, 3, H, W) -> (B, C, h, w): the same values and token positions each way, through
+# the video machinery of the layout proof for the last two (a single-frame Conv3d output, T = 1,
+# is an image; the batch as the frames of one clip, folded back into the batch, is one image each).
+EMBEDDINGS = {
+    "conv2d": "Conv2d(3, C, p, p)",
+    "conv3d_t1": "Conv3d(3, C, (1, p, p)) on img.unsqueeze(2), then flatten(2, 3)",
+    "conv3d_frames": "Conv3d(3, C, (1, p, p)) on the batch as one clip's frames, permute + flatten(0, 1)",
+}
 # Per-token ops on (B, L, C) that keep every token where it is (the proof should go through).
 KEEP_OPS = ("ln", "linear", "gelu", "affine", "pos", "view_split", "transpose_rt", "channel_slice",
             "append_slice", "drop_front", "add_prefix", "add_suffix",
@@ -95,6 +103,7 @@ class Spec:
     implementation: str = "grouped"
     compiled: bool = False     # also run through torch.compile(backend="gridattn")
     outputs: str = "last"      # "last" | "all": also return every stage's tokens (other readers)
+    embed: str = "conv2d"      # EMBEDDINGS
 
     def text(self) -> str:
         return repr(self)
@@ -134,6 +143,8 @@ def random_spec(seed: int, compiled: bool = False) -> Spec:
         implementation="grouped" if rng.random() < 0.85 else "masked",
         compiled=compiled,
         outputs="all" if rng.random() < 0.2 else "last",
+        # drawn last: the fields above stay what they were for every seed
+        embed=rng.choice(("conv2d",) * 4 + ("conv3d_t1", "conv3d_frames")),
     )
 
 
@@ -614,7 +625,8 @@ class FuzzModel(nn.Module):
     def __init__(self, spec: Spec, truths: list):
         super().__init__()
         self.spec = spec
-        self.embed = nn.Conv2d(3, DIM, spec.patch, spec.patch)
+        p = spec.patch
+        self.embed = nn.Conv2d(3, DIM, p, p) if spec.embed == "conv2d" else nn.Conv3d(3, DIM, (1, p, p), (1, p, p))
         self.prefix_tokens = nn.Parameter(torch.randn(1, spec.prefix, DIM)) if spec.prefix else None
         self.suffix_tokens = nn.Parameter(torch.randn(1, spec.suffix, DIM)) if spec.suffix else None
         self.stages = nn.ModuleList()
@@ -657,8 +669,16 @@ class FuzzModel(nn.Module):
             truths.append(truth)
             batch = q_batch
 
+    def _embed(self, img):
+        if self.spec.embed == "conv2d":
+            return self.embed(img)
+        if self.spec.embed == "conv3d_t1":
+            return self.embed(img.unsqueeze(2)).flatten(2, 3)
+        clip = self.embed(img.transpose(0, 1).unsqueeze(0))  # (1, C, B, h, w): the batch as frames
+        return clip.permute(0, 2, 1, 3, 4).flatten(0, 1)
+
     def forward(self, img):
-        x = _tokenize(self.embed(img), self.spec.tokenizer)
+        x = _tokenize(self._embed(img), self.spec.tokenizer)
         B = x.shape[0]
         parts = [x]
         if self.prefix_tokens is not None:

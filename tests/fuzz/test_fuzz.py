@@ -81,6 +81,7 @@ def test_ci_seeds_cover_the_vocabulary():
         pytest.skip("coverage is asserted for the CI seed set or larger")
     seen = {
         "tokenizer": {s.tokenizer for s in specs},
+        "embed": {s.embed for s in specs},
         "op": {o[0] for s in specs for b in s.blocks for o in b.ops + b.kv_ops},
         "form": {b.form for s in specs for b in s.blocks},
         "mask": {b.mask.split(":")[0] for s in specs for b in s.blocks}
@@ -92,6 +93,7 @@ def test_ci_seeds_cover_the_vocabulary():
     }
     want = {
         "tokenizer": set(gen.TOKENIZERS),
+        "embed": set(gen.EMBEDDINGS),
         "op": set(gen.ALL_OPS),
         "form": set(gen.FORMS),
         "mask": {"none", "bool", "add"} | set(gen.MASK_SHAPES),
