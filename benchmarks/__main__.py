@@ -122,8 +122,8 @@ def main(argv=None) -> int:
     if "video" in cases:  # benchmarks/video.py: video block and Wan, grid vs window vs flex
         from benchmarks import video
 
-        rows += video.video_cases(quick=args.quick, runs=runs, warmup=warmup, model_warmup=model_warmup,
-                                  echo=print, memory=memory)
+        rows += video.video_cases(quick=args.quick, runs=runs, warmup=warmup, model_runs=model_runs,
+                                  model_warmup=model_warmup, echo=print, memory=memory)
     meta["load_average_end"] = common.load_average()
     meta["wall_s"] = round(time.time() - started, 1)
 

@@ -251,10 +251,10 @@ def wan_case(latents=(8, 64, 64), *, runs, warmup, echo=print, memory=True):
     return run_case("wan", size, configs, tuple(inputs), runs=runs, warmup=warmup, echo=echo, memory=memory)
 
 
-def video_cases(*, quick, runs, warmup, model_warmup, echo=print, memory=True):
+def video_cases(*, quick, runs, warmup, model_runs, model_warmup, echo=print, memory=True):
     shape = (4, 16, 16) if quick else (8, 32, 32)
     rows = video_block_case(shape, runs=runs, warmup=warmup, echo=echo, memory=memory)
     latents = (4, 32, 32) if quick else (8, 64, 64)
-    rows += wan_case(latents, runs=runs, warmup=model_warmup, echo=echo, memory=memory)
+    rows += wan_case(latents, runs=model_runs, warmup=model_warmup, echo=echo, memory=memory)
     return rows
 
