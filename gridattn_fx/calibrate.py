@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .config import GridAttnConfig
-from .grid import Stride, normalize_stride
+from .grid import Stride, format_stride, normalize_stride
 from .passes.pipeline import run_pass
 
 logger = logging.getLogger("gridattn_fx")
@@ -75,7 +75,7 @@ class Calibration:
             o = measured.get((path, stride))
             err = f"{o.error:.2e}" if o else "0"
             saved = f"{o.saved_flops / 1e9:.3f}" if o else "0.000"
-            lines.append(f"{path:<40} {stride[0]}x{stride[1]:<5} {err:>12} {saved:>12}")
+            lines.append(f"{path:<40} {format_stride(stride):<7} {err:>12} {saved:>12}")
         lines.append(
             f"calibrated: error {self.error:.3e} (budget {self.budget:.3e}), attention FLOPs saved "
             f"{self.saved_flops / 1e9:.3f} of {self.flops_before / 1e9:.3f} GFLOP "
@@ -83,7 +83,7 @@ class Calibration:
         )
         for stride, (err, saved) in self.uniform.items():
             fits = "within" if err <= self.budget else "over"
-            lines.append(f"uniform {stride[0]}x{stride[1]}: error {err:.3e} ({fits} budget), saves "
+            lines.append(f"uniform {format_stride(stride)}: error {err:.3e} ({fits} budget), saves "
                          f"{saved / 1e9:.3f} GFLOP ({100 * saved / max(self.flops_before, 1):.1f}%)")
         return "\n".join(lines)
 
@@ -139,7 +139,8 @@ def calibrate(model, sample_inputs, budget: float = 0.01, strides=(1, 2, 4), met
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget < 0:
         raise ValueError(f"calibrate: budget must be a non-negative number, got {budget!r}")
     try:
-        candidates = sorted({normalize_stride(s) for s in strides} - {(1, 1)})
+        # a (1, 1, 1) video stride is stride 1 too
+        candidates = sorted(s for s in {normalize_stride(s) for s in strides} if any(g != 1 for g in s))
     except TypeError as err:
         raise TypeError(f"calibrate: strides: {err}") from None
     if not candidates:

@@ -141,3 +141,29 @@ def test_unmatched_site_groupings_key_is_reported():
     assert report.unmatched_site_groupings == ["nowhere.attn"]
     assert "site_groupings key 'nowhere.attn' matches no attention site" in str(report)
     assert any("site_groupings key 'nowhere.attn'" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("implementation", ["grouped", "masked"])
+def test_window_grouping_with_symbolic_sizes(implementation):
+    """dynamic=True: the window tiles are computed from symbolic sizes (guarded as for grid), and
+    every resolution, divisible or not, equals its oracle."""
+    from gridattn_fx.dynamo_backend import apply_pass
+
+    config, _ = GridAttnConfig.from_options({"stride": 2, "min_image_tokens": 0, "grouping": "window",
+                                             "implementation": implementation})
+    reports = []
+
+    def backend(gm, example_inputs):
+        new_gm, report = apply_pass(gm, example_inputs, config, False)
+        reports.append(report)
+        return new_gm
+
+    m = build(ViT, depth=1)
+    c = torch.compile(m, backend=backend, dynamic=True)
+    for px in ((16, 24), (10, 14), (16, 24)):
+        x = image(1, *px)
+        out = c(x)
+        row = reports[-1].site(r"blocks\.0\.attn")
+        assert row.decision == "rewritten" and "symbolic sizes" in row.reason, row.reason
+        with oracle_mode(m, (1, px[0] // 2, px[1] // 2), stride=2, grouping="window"):
+            assert_close64(out, m(x), msg=f"{px}")

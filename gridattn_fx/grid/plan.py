@@ -152,18 +152,14 @@ class GridPlan:
     def _cluster(self, x, layout: TokenLayout, assignment=None):
         return cluster_layout(x, layout, self.stride, self.grouping, assignment)
 
+    def _per_group(self, x, rank: int):
+        """(..., 1, m, n) of rank ``rank + 1`` -> (..., G, m, n): the same tokens for every group (a view)."""
+        return None if x is None else x.expand(*([-1] * (rank - 2)), self.groups, -1, -1)
+
     def _shared_keys(self, x, pre, suf):
         """Prepend / append the non-image keys to every group: (..., G, n, d) -> (..., G, P+n+S, d)."""
-        if pre is None and suf is None:
-            return x
-        keep = [-1] * (self.ndim - 2)
-        pieces = []
-        if pre is not None:
-            pieces.append(pre.unsqueeze(-3).expand(*keep, self.groups, -1, -1))
-        pieces.append(x)
-        if suf is not None:
-            pieces.append(suf.unsqueeze(-3).expand(*keep, self.groups, -1, -1))
-        return torch.cat(pieces, dim=-2)
+        shared = [None if p is None else self._per_group(p.unsqueeze(-3), self.ndim) for p in (pre, suf)]
+        return _join(shared[0], x, shared[1], -2)
 
     def _key_padding_bias(self, dtype, device, assignment=None):
         """Additive (G, 1, Lk_group) bias hiding the zero keys that padding added; None if none."""
@@ -176,13 +172,9 @@ class GridPlan:
         return self._shared_keys_bias(bias, kl.prefix, kl.suffix, dtype, device)
 
     def _shared_keys_bias(self, bias, prefix, suffix, dtype, device):
-        pieces = []
-        if prefix:
-            pieces.append(torch.zeros((self.groups, 1, prefix), dtype=dtype, device=device))
-        pieces.append(bias)
-        if suffix:
-            pieces.append(torch.zeros((self.groups, 1, suffix), dtype=dtype, device=device))
-        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else bias
+        zeros = [torch.zeros((self.groups, 1, n), dtype=dtype, device=device) if n else None
+                 for n in (prefix, suffix)]
+        return _join(zeros[0], bias, zeros[1], -1)
 
     def _grouped_user_mask(self, mask, rows, qa=None, ka=None):
         """User mask rows of the image queries -> (..., G, nq, Lk_group), restricted to each group's keys.
@@ -200,15 +192,8 @@ class GridPlan:
             img = torch.diagonal(img, dim1=-4, dim2=-3).movedim(-1, -3)  # (..., G, nk, nq)
         else:
             img = img.squeeze(-4)
-        img = img.transpose(-1, -2)
-        keep = [-1] * (self.mask_ndim - 2)
-        pieces = []
-        if pre is not None:
-            pieces.append(pre.expand(*keep, self.groups, -1, -1))
-        pieces.append(img)
-        if suf is not None:
-            pieces.append(suf.expand(*keep, self.groups, -1, -1))
-        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else img
+        rank = self.mask_ndim
+        return _join(self._per_group(pre, rank), img.transpose(-1, -2), self._per_group(suf, rank), -1)
 
     # -- the two implementations ----------------------------------------------------------------
     def grouped(self, q, k, v, attn_mask=None, assignment=None):
@@ -259,13 +244,8 @@ class GridPlan:
             else:
                 rest_mask = mask
         out_rest = self._sdpa(q_rest, k, v, rest_mask)
-        pieces = []
-        if ql.prefix:
-            pieces.append(out_rest.narrow(-2, 0, ql.prefix))
-        pieces.append(out_img)
-        if ql.suffix:
-            pieces.append(out_rest.narrow(-2, ql.prefix, ql.suffix))
-        return torch.cat(pieces, dim=-2)
+        return _join(out_rest.narrow(-2, 0, ql.prefix) if ql.prefix else None, out_img,
+                     out_rest.narrow(-2, ql.prefix, ql.suffix) if ql.suffix else None, -2)
 
     def _attend_groups(self, qg, kg, vg, group_mask, mask_rank: int, qa=None):
         """SDPA inside every group, then Grid Recovering of the image queries' outputs.
@@ -404,6 +384,12 @@ class GridPlan:
         nq = math.prod(-(-n // g) for n, g in zip(ql.image_shape, self.stride))
         nk = math.prod(-(-n // g) for n, g in zip(kl.image_shape, self.stride))
         return self.groups * nq * (kl.prefix + nk + kl.suffix) + (ql.prefix + ql.suffix) * kl.length
+
+
+def _join(pre, mid, suf, dim: int):
+    """``mid`` with the prefix / suffix pieces (None: absent) concatenated around it along ``dim``."""
+    pieces = [p for p in (pre, mid, suf) if p is not None]
+    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else mid
 
 
 def grouped_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
