@@ -1,9 +1,9 @@
 """Declared video layouts: ``ImageTokens(frames=..., height=..., width=...)`` for tokens packed outside
 the model, as LTX-Video's transformer receives them ((B, T*H*W, C), frame by frame, each frame in
 raster order). prepare() checks the declaration at every call (T*H*W must match the token count;
-a ValueError names the input) and carries it to the sites as an N-D fact. Until the grouping is
-rank-generic a video site stays dense with its reason; a single declared frame is an image and is
-rewritten (equal to the oracle in float64).
+a ValueError names the input) and carries it to the sites as an N-D fact: the video site is
+rewritten with the rank-generic grouping and equals the oracle (tests/oracle.py, N-D) in float64;
+a single declared frame is an image.
 """
 
 import copy
@@ -47,20 +47,22 @@ def _tokens(frames, height, width):
     return torch.randn(2, frames * height * width, DIM, dtype=torch.float64)
 
 
-def test_declared_video_tokens_reach_the_site_as_a_video_layout():
+@pytest.mark.parametrize("stride,shown", [(2, "1x2x2"), ((2, 2, 2), "2x2x2")])
+def test_declared_video_tokens_reach_the_site_as_a_video_layout(stride, shown):
     model = build(PackedVideoTransformer)
     ref = copy.deepcopy(model)
     x = _tokens(3, 4, 6)
     gridattn_fx.prepare(model, (x, 3, 4, 6), hidden_states=_declaration())
     assert gridattn_fx.prepared_layouts(model)["blocks.0"] == [(0, "0+3x4x6+0 tokens on axis 1 (declared)")]
-    compiled = torch.compile(model, backend="gridattn", options=OPTS)
+    compiled = torch.compile(model, backend="gridattn", options=dict(OPTS, stride=stride))
     gridattn_fx.report_history(clear=True)
     with torch.no_grad():
         got = compiled(x, 3, 4, 6)
     (site,) = _reports()
-    assert site.q_layout == TokenLayout(0, image_shape=(3, 4, 6)) and site.layout_source == "declared"
-    assert site.decision == "skipped" and "video layout" in site.reason
-    with torch.no_grad():  # dense attention, compiled by inductor: equal up to rounding
+    layout = TokenLayout(0, image_shape=(3, 4, 6))
+    assert site.q_layout == layout and site.layout_source == "declared"
+    assert site.decision == "rewritten" and f"stride {shown}" in site.reason, site
+    with oracle_mode(ref, layout, stride=stride), torch.no_grad():
         assert_close64(got, ref(x, 3, 4, 6))
 
 

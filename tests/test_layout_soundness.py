@@ -466,13 +466,16 @@ class VideoTokens(nn.Module):
         return self.attn(self.patch_embed(video).flatten(2).transpose(1, 2))
 
 
-def test_conv3d_reason_names_the_video_source():
+def test_conv3d_video_tokens_are_proven_and_rewritten():
+    # issue 13: a Conv3d output is a video source (it used to be skipped, naming it); the T x H x W
+    # site is now rewritten (temporal stride 1) and equals the N-D oracle
     model = build(VideoTokens)
     x = torch.randn(2, 3, 2, 8, 8, dtype=torch.float64)
     gm, report = rewrite(model, (x,))
-    s = expect_skipped(report, "attn", "conv3d", "video")
-    assert "no spatial source" not in s.reason
-    assert_equal_exact(gm(x), model(x))
+    layout = TokenLayout(0, image_shape=(2, 4, 4))
+    s = site(report, "attn")
+    assert s.decision == "rewritten" and s.q_layout == layout and "conv3d" in s.evidence, str(report)
+    assert_matches_oracle(gm, model, (x,), layout)
 
 
 class BatchedPairsOneEach(BatchedPairs):

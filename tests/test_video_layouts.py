@@ -2,10 +2,10 @@
 
 Sources: a Conv3d (or 3-D pool) output; frames folded into the batch and merged back into the
 sequence (CogVideoX); 5-D reshapes and permutes; text prefix tokens. The tests assert the proven
-layouts (``site.q_layout`` in the report) and, until the grouping is rank-generic, that a video
-site is left untouched with a reason (passes/policy.py), while the 2-D cases around video - a
-single-frame video, per-frame spatial attention with the frames in the batch - are rewritten and
-equal the oracle. Cross-attention to text keys stays untouched.
+layouts (``site.q_layout`` in the report) and that every rewritten site - video sites with the
+rank-generic grouping (gridattn_fx/grid/), and the 2-D cases around video: a single-frame video,
+per-frame spatial attention with the frames in the batch - equals the oracle (tests/oracle.py,
+N-D masks) in float64. Cross-attention to text keys stays untouched.
 """
 
 import pytest
@@ -34,11 +34,28 @@ def video_layout(frames, height, width, prefix=0, order=(0, 1, 2)):
     return TokenLayout(prefix, image_shape=(frames, height, width), order=order)
 
 
-def expect_video_untouched(report, path, layout):
+def expect_video_rewritten(report, path, layout, stride="1x2x2"):
     s = site(report, path)
     assert s.q_layout == layout, f"{path}: proven {s.q_layout!r}, expected {layout!r}\n{report}"
-    assert s.decision == "skipped" and "video layout" in s.reason, str(report)
+    assert s.decision == "rewritten" and f"stride {stride}" in s.reason, str(report)
     return s
+
+
+def assert_matches_oracle(gm, model, inputs, layouts: dict, stride=2):
+    """``gm`` equals the model with the oracle at the modules ``layouts`` names ({path: layout}),
+    and the grid changed the result."""
+    switched = [model.get_submodule(path) for path in layouts]
+    for path, mod in zip(layouts, switched):
+        mod.oracle = (layouts[path], layouts[path], stride)
+    try:
+        with torch.no_grad():
+            ref = model(*inputs)
+    finally:
+        for mod in switched:
+            mod.oracle = None
+    with torch.no_grad():
+        assert_close64(gm(*inputs), ref)
+        assert_differs(ref, model(*inputs))
 
 
 def video(batch, frames, height, width, channels=3):
@@ -62,15 +79,17 @@ class WanLike(nn.Module):
         return x + self.cross_attn(x, self.text(context))
 
 
-def test_wan_video_tokens_are_proven_t_by_h_by_w_and_left_untouched():
+@pytest.mark.parametrize("stride,shown", [(2, "1x2x2"), ((2, 2, 2), "2x2x2")])
+def test_wan_video_tokens_are_proven_t_by_h_by_w_and_rewritten(stride, shown):
     model = build(WanLike)
-    inputs = (video(2, 3, 8, 12), torch.randn(2, 5, 8, dtype=torch.float64))
-    gm, report = rewrite(model, inputs)
-    s = expect_video_untouched(report, "self_attn", video_layout(3, 4, 6))
+    inputs = (video(2, 4, 8, 12), torch.randn(2, 5, 8, dtype=torch.float64))
+    gm, report = rewrite(model, inputs, stride=stride)
+    layout = video_layout(4, 4, 6)
+    s = expect_video_rewritten(report, "self_attn", layout, shown)
     assert "conv3d" in s.evidence
     cross = site(report, "cross_attn")
     assert cross.decision == "skipped" and cross.k_layout is None and "key" in cross.reason, str(report)
-    assert_equal_exact(gm(*inputs), model(*inputs))
+    assert_matches_oracle(gm, model, inputs, {"self_attn": layout}, stride)
 
 
 def test_single_frame_video_is_an_image_and_is_rewritten():
@@ -90,8 +109,9 @@ def test_single_frame_video_is_an_image_and_is_rewritten():
 def test_temporal_patches_give_fewer_frames():
     model = build(WanLike, patch=(2, 2, 2))
     inputs = (video(1, 4, 8, 8), torch.randn(1, 5, 8, dtype=torch.float64))
-    _, report = rewrite(model, inputs)
-    expect_video_untouched(report, "self_attn", video_layout(2, 4, 4))
+    gm, report = rewrite(model, inputs)
+    expect_video_rewritten(report, "self_attn", video_layout(2, 4, 4))
+    assert_matches_oracle(gm, model, inputs, {"self_attn": video_layout(2, 4, 4)})
 
 
 class CogVideoXLike(nn.Module):
@@ -118,9 +138,10 @@ def test_cogvideox_frames_merged_into_the_sequence_behind_text():
     model = build(CogVideoXLike)
     inputs = (torch.randn(2, 3, 3, 8, 12, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64))
     gm, report = rewrite(model, inputs)
-    s = expect_video_untouched(report, "attn", video_layout(3, 4, 6, prefix=4))
+    layout = video_layout(3, 4, 6, prefix=4)
+    s = expect_video_rewritten(report, "attn", layout)
     assert "conv2d" in s.evidence
-    assert_equal_exact(gm(*inputs), model(*inputs))
+    assert_matches_oracle(gm, model, inputs, {"attn": layout})
 
 
 class PerFrameFromConv3d(nn.Module):
@@ -142,17 +163,14 @@ class PerFrameFromConv3d(nn.Module):
         return self.temporal_view(v)
 
 
-def test_per_frame_attention_of_a_conv3d_video_is_rewritten_and_the_merged_video_proven():
+def test_per_frame_attention_of_a_conv3d_video_and_the_merged_video():
     model = build(PerFrameFromConv3d)
     x = video(2, 3, 8, 12)
     gm, report = rewrite(model, (x,))
     s = site(report, "spatial")
     assert s.q_layout == TokenLayout(0, 4, 6) and s.decision == "rewritten", str(report)
-    expect_video_untouched(report, "temporal_view", video_layout(3, 4, 6))
-    with oracle_mode(model, (0, 4, 6), only=["spatial"]):
-        ref = model(x)
-    assert_close64(gm(x), ref)
-    assert_differs(ref, model(x))
+    expect_video_rewritten(report, "temporal_view", video_layout(3, 4, 6))
+    assert_matches_oracle(gm, model, (x,), {"spatial": TokenLayout(0, 4, 6), "temporal_view": video_layout(3, 4, 6)})
 
 
 class FactorizedTokens(nn.Module):
@@ -181,10 +199,9 @@ def test_frames_split_into_the_batch_and_a_5d_permute():
     gm, report = rewrite(model, (x,))
     s = site(report, "spatial")
     assert s.q_layout == TokenLayout(0, 4, 6) and s.decision == "rewritten", str(report)
-    expect_video_untouched(report, "transposed_video", video_layout(3, 4, 6, order=(0, 2, 1)))
-    with oracle_mode(model, (0, 4, 6), only=["spatial"]):
-        ref = model(x)
-    assert_close64(gm(x), ref)
+    transposed = video_layout(3, 4, 6, order=(0, 2, 1))
+    expect_video_rewritten(report, "transposed_video", transposed)
+    assert_matches_oracle(gm, model, (x,), {"spatial": TokenLayout(0, 4, 6), "transposed_video": transposed})
 
 
 class MixedFrames(nn.Module):
