@@ -48,7 +48,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..grid import TokenLayout
-from ..patterns.op_rules import (CATS, CHANNEL_NORMS, FEATURE_OPS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS, MAYBE_ALIASING,
+from ..patterns.op_rules import (CATS, CHANNEL_NORMS, FEATURE_OPS, FRESH_TENSORS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS,
+                                  MAYBE_ALIASING,
                                   PERMUTES, RESHAPES, SPLITS, VIEWING, arg, permutation, resolve, source_rank,
                                   split_dim)
 from ..patterns.ops import mutates, op_name, written_args
@@ -621,11 +622,6 @@ def _alias_classes(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     return {n: find(n) for n in parent}
 
 
-# Ops that make a new tensor whose values do not depend on any position (uninitialised or constant).
-_FRESH = frozenset({"empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros", "new_ones",
-                    "new_full", "empty", "zeros", "ones", "full"})
-
-
 def _trailing_index(index) -> int:
     """How many trailing axes ``x[index]`` indexes when ``index`` is ``(..., slice, ...)`` with an
     Ellipsis first and only plain slices after it (no ints, tensors or None); 0 otherwise."""
@@ -651,7 +647,7 @@ def _feature_fills(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     fills = {}
     for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method") or op_name(node, gm) not in _FRESH:
+        if node.op not in ("call_function", "call_method") or op_name(node, gm) not in FRESH_TENSORS:
             continue
         writes = [u for u in node.users if u.op == "call_function" and u.target is operator.setitem
                   and len(u.args) == 3 and u.args[0] is node and _trailing_index(u.args[1])]
