@@ -41,7 +41,7 @@ class GridAttnConfig:
                       still equal to its default takes the preset's value. Unknown names raise
                       ValueError.
     distributing      "straightforward" (fixed groups) or "shuffle": a compiled module in training
-                      mode draws a random group assignment on every call (DESIGN.md section 1).
+                      mode draws a random group assignment on every call (docs/design.md section 1).
                       Inference is always straightforward.
     site_strides      {module path: stride} for individual sites (e.g. from :func:`calibrate`),
                       overriding ``stride``. A key names the site whose module path (as the report

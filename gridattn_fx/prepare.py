@@ -28,6 +28,7 @@ import logging
 import math
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -41,6 +42,7 @@ from .layout_hint import LAYOUT_HINT, PROBE, is_probe
 logger = logging.getLogger("gridattn_fx")
 
 _ATTR = "_gridattn_prepared"
+_PREPARED_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _CACHE_LIMIT = 64  # layouts kept per model: one entry per distinct input-size signature
 
 
@@ -84,6 +86,7 @@ def prepare(model: nn.Module, example_inputs, **declarations: ImageTokens) -> nn
                            f"({type(err).__name__}: {err})") from err
     state.install()
     setattr(model, _ATTR, state)
+    _PREPARED_MODELS.add(model)
     return model
 
 
@@ -93,7 +96,13 @@ def unprepare(model: nn.Module) -> nn.Module:
     state = model.__dict__.pop(_ATTR, None)
     if state is not None:
         state.remove()
+    _PREPARED_MODELS.discard(model)
     return model
+
+
+def prepared_models() -> list[nn.Module]:
+    """The live models :func:`prepare` has been called on (and not undone)."""
+    return list(_PREPARED_MODELS)
 
 
 def prepared_layouts(model: nn.Module) -> dict | None:

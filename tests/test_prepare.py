@@ -49,9 +49,11 @@ def test_regional_compile_after_prepare_equals_whole_model_and_oracle():
     with torch.no_grad():
         got = model(x)
     sites = _reports()
-    # One region graph serves both blocks (same code, same layouts): one report.
+    # One region graph serves both blocks (same code, same layouts): one report, named by the
+    # block it was compiled for, in the whole model's paths.
     assert [(s.module_path, s.decision, s.layout_source) for s in sites] == [
-        ("attn", "rewritten", "remembered by prepare")]
+        ("blocks.0.attn", "rewritten", "remembered by prepare")]
+    assert "serves 2 modules" in sites[0].reason
     assert str(sites[0].q_layout) == "1+16x16"
     oracle = _oracle(ref, x, (1, 16, 16))
     assert_close64(got, expected)
@@ -345,3 +347,48 @@ def test_declaration_contradicting_the_graph_raises():
     with pytest.raises(ValueError, match="declared input 'tokens'.*8x32.*16x16"):
         gridattn_fx.prepare(model, (tokens, img), tokens=ImageTokens(height=8, width=32))
     gridattn_fx.prepare(model, (tokens, img), tokens=ImageTokens(height=16, width=16))  # agrees: fine
+
+
+# --- module paths of a region graph: the whole model's, decided alike for every module it serves ----
+
+def _regional_reports(options, depth=2):
+    model = build(ViT, depth=depth, n_cls=1)
+    ref = copy.deepcopy(model)
+    x = image(1, 32, 32)
+    gridattn_fx.prepare(model, (x,))
+    _regional(model, dict(OPTS, **options))
+    gridattn_fx.report_history(clear=True)
+    with torch.no_grad():
+        got = model(x)
+    return got, ref, x, _reports()
+
+
+def test_region_paths_let_path_options_select_a_shared_graph():
+    # include / site_strides written for the whole model now reach a regional compile's graph.
+    got, ref, x, (site,) = _regional_reports({"include": [r"^blocks\.\d+\.attn$"],
+                                              "site_strides": {"blocks.0.attn": 4, "blocks.1.attn": 4}})
+    assert (site.module_path, site.decision, site.stride) == ("blocks.0.attn", "rewritten", (4, 4)), site.reason
+    with oracle_mode(ref, (1, 16, 16), stride=4), torch.no_grad():
+        assert_close64(got, ref(x))
+
+
+def test_region_shared_by_modules_the_options_tell_apart_stays_dense():
+    # One graph serves blocks.0 and blocks.1; include selects only blocks.1: no single decision is
+    # right for both, so the site stays dense (and says so) rather than applying one block's choice.
+    with pytest.warns(RuntimeWarning, match="regional compilation"):
+        got, ref, x, (site,) = _regional_reports({"include": [r"^blocks\.1\."]})
+    assert site.decision == "skipped" and "decide `blocks.0.attn` (dense) and `blocks.1.attn` (stride 2x2)" in site.reason
+    with torch.no_grad():
+        assert_close64(got, ref(x))  # dense: the untouched model's result
+    with pytest.warns(RuntimeWarning, match="regional compilation"):
+        _, _, _, (site,) = _regional_reports({"site_strides": {"blocks.1.attn": 4}})
+    assert site.decision == "skipped" and "(stride 2x2) and `blocks.1.attn` (stride 4x4)" in site.reason
+
+
+def test_region_site_strides_keys_of_other_served_modules_are_not_unmatched():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "key ... matches no attention site" would raise
+        _, _, _, (site,) = _regional_reports({"site_strides": {"blocks.0.attn": 2, "blocks.1.attn": 2}})
+    assert site.decision == "rewritten"

@@ -14,8 +14,9 @@ under grid grouping (``(t % Gt, r % Gh, c % Gw)`` on a video), per-axis contiguo
 window grouping (gridattn_fx/grid/groupings.py).
 
 Shuffle distributing (training) replaces the fixed offset -> group map by a random permutation per
-``Gh x Gw`` block (``Gt x Gh x Gw`` on a video). It is one gather on top of the same regrouping: inside every block, the token
-that goes to group ``g`` is the one at offset ``assignment[block, g]`` (see :func:`draw_assignment`).
+``Gh x Gw`` block (``Gt x Gh x Gw`` on a video). It is one gather on top of the same regrouping:
+inside every block, the token that goes to group ``g`` is the one at offset
+``assignment[*block, g]`` (see :func:`draw_assignment`).
 
 The package: ``layout`` (token layouts, strides), ``groupings`` (which group a token joins and
 how to regroup a token axis: grid and window grouping), ``reference`` (the mask ``M``), ``plan``

@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import GridAttnConfig, site_stride_names
+from ..grid import format_stride
 from ..patterns import AttentionSite, find_attention_sites
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .grid_rewrite import fake_evaluation, plan_sizes, rewrite_site
@@ -18,6 +19,7 @@ from ..patterns.values import value_of as _val
 from .layout import LayoutAnalysis, _hint, layout_source, module_path
 from .layout_hints import strip_layout_hints
 from .policy import at_hints, decide
+from .region import find_region
 from .regroup_motion import apply_motion, check_motion, plan_motion
 from .split_handoff import inherited_facts, leave_facts
 
@@ -132,6 +134,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     ``training``: the graph belongs to a module in training mode (shuffle distributing applies).
     """
     report = report if report is not None else Report(implementation=config.implementation, preset=config.preset)
+    region = find_region(gm, example_inputs)
     new_gm = copy_graph_module(gm)
     ensure_values(new_gm, example_inputs)
     # prepare()'s markers come off first: everything below sees the graph it would see without them.
@@ -140,10 +143,17 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},
                              inherited_facts(new_gm), hints, hint_conflicts)
     leave_facts(new_gm, layouts.facts)  # before the rewrite: output names are still the original ones
-    chosen, stride_warnings = [], {}
+    chosen, shared_graph, served_paths, stride_warnings = [], [], [], {}
     for site in sites:
-        path = module_path(site.output)
-        d = decide(site, layouts, config, path, training)
+        relative = module_path(site.output)
+        path = region.full_path(relative) if region else relative
+        served_paths += region.paths(relative) if region else [path]
+        if region and len(region.sharing) > 1:
+            d, disagreement = _decide_shared(site, layouts, config, region.paths(relative), training)
+            if disagreement:
+                shared_graph.append(f"{path}: {disagreement}")
+        else:
+            d = decide(site, layouts, config, path, training)
         row = SiteReport(
             node=site.output.name,
             module_path=path,
@@ -169,7 +179,9 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     if stride_warnings:  # once per graph (issue 13: a triple on 2-D sites applies its (Gh, Gw))
         _warn(f"gridattn: graph #{report.graph}: " + "; ".join(
             f"{text} ({', '.join(paths)})" for text, paths in stride_warnings.items()))
-    _check_site_strides(report, config)
+    if shared_graph:
+        _warn(f"gridattn: graph #{report.graph}: " + "; ".join(shared_graph))
+    _check_site_strides(report, config, served_paths)
     rewritten = 0
     for row, site, plan in chosen:
         try:
@@ -192,15 +204,39 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     return new_gm, report
 
 
+def _decide_shared(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, paths: list[str],
+                   training: bool):
+    """The decision for a site of a graph that serves the modules at ``paths`` (regional
+    compilation, passes/region.py): one decision that holds for all of them, or the site left dense
+    when options that depend on the path tell them apart. Returns (decision, why it is dense)."""
+    decisions = [decide(site, layouts, config, path, training) for path in paths]
+    first = decisions[0]
+
+    def outcome(d):
+        if not d.rewrite:
+            return "dense"
+        grouping = d.plan.grouping.name
+        return ("" if grouping == "grid" else f"{grouping} grouping, ") + f"stride {format_stride(d.plan.stride)}"
+    for path, d in zip(paths[1:], decisions[1:]):
+        if outcome(d) != outcome(first):
+            why = (f"this graph serves {len(paths)} modules that run the same code (regional compilation), and the "
+                   f"options decide `{paths[0]}` ({outcome(first)}) and `{path}` ({outcome(d)}) differently: left "
+                   f"dense for all of them; compile the whole model, or give these modules one setting")
+            return replace(first, rewrite=False, reason=why, plan=None, flops_after=first.flops_before), why
+    return replace(first, reason=f"{first.reason}; this graph serves {len(paths)} modules that run the same code "
+                                 f"(regional compilation), decided alike"), None
+
+
 def _warn(message: str) -> None:
     """One RuntimeWarning for a decision the user must hear about (the report says it too)."""
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _check_site_strides(report: Report, config: GridAttnConfig) -> None:
-    """Name the ``site_strides`` / ``site_groupings`` keys that choose no site of this graph (a wrong or stale path
-    would otherwise rewrite nothing without a word)."""
-    paths = [row.module_path for row in report.sites]
+def _check_site_strides(report: Report, config: GridAttnConfig, paths: list[str]) -> None:
+    """Name the ``site_strides`` / ``site_groupings`` keys that choose no site of this graph (a wrong
+    or stale path would otherwise rewrite nothing without a word). ``paths``: every site's path in
+    every module the graph serves (a region graph stands for the same sites of all modules that
+    share it)."""
     for option, mapping, found in (("site_strides", config.site_strides, report.unmatched_site_strides),
                                    ("site_groupings", config.site_groupings, report.unmatched_site_groupings)):
         unmatched = [key for key in mapping if not any(site_stride_names(key, p) for p in paths)]

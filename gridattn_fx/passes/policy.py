@@ -1,4 +1,4 @@
-"""Which sites to rewrite: the rules of DESIGN.md section 2 plus the user's config."""
+"""Which sites to rewrite: the rules of docs/design.md section 2 plus the user's config."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["ZooEntry", "ENTRIES", "build", "names", "library_available", "entry"]
+__all__ = ["ZooEntry", "ENTRIES", "build", "names", "library_available", "entry", "import_library"]
 
 
 @dataclass(frozen=True)
@@ -184,3 +184,12 @@ def build(name: str, **overrides):
     if name not in ENTRIES and name.startswith("timm:"):
         return _timm_entry(name[len("timm:"):])(**overrides)
     return entry(name).builder(**overrides)
+
+
+def import_library(module_name: str):
+    """``import module_name`` (timm, segment_anything) where torchvision may not import: a CPU-only
+    torch with PyPI's CUDA torchvision wheel gets the zoo's stand-in for the import (docs/zoo.md)."""
+    from ._torchvision_stub import import_with_torchvision
+
+    return import_with_torchvision(module_name)
+
