@@ -227,3 +227,32 @@ def test_channels_merged_in_front_of_the_tokens_are_not_frames():
     s = site(report, "attn")
     assert s.q_layout is None and s.decision == "skipped", str(report)
     assert_equal_exact(gm(x), model(x))
+
+
+class VideoSelfAttention(nn.Module):
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.patch_embedding = nn.Conv3d(3, dim, (1, 2, 2), (1, 2, 2))
+        self.attn = Attention(dim)
+
+    def forward(self, x):
+        return self.attn(self.patch_embedding(x).flatten(2).transpose(1, 2))
+
+
+def test_symbolic_video_sizes_are_rewritten_with_the_static_semantics():
+    """Frames, rows and columns as symbols (torch.compile(dynamic=True)): the site is rewritten once
+    for every size its guards accept, and each call equals the oracle at its own sizes."""
+    from test_dynamic_shapes import PassBackend  # the pass without inductor: seconds, not minutes
+
+    model = build(VideoSelfAttention)
+    backend = PassBackend(stride=2, min_image_tokens=0)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for frames, height, width in ((2, 8, 12), (3, 12, 8)):
+        x = video(1, frames, height, width)
+        with torch.no_grad():
+            got = compiled(x)
+        layout = video_layout(frames, height // 2, width // 2)
+        with oracle_mode(model, layout), torch.no_grad():
+            assert_close64(got, model(x))
+    sites = [s for r in backend.reports for s in r.sites]
+    assert sites and all(s.decision == "rewritten" and "symbolic sizes" in s.reason for s in sites), sites

@@ -119,10 +119,10 @@ class _GraphAppender(fx.Tracer):
 
 def transfer_meta(new: fx.Node, old: fx.Node) -> None:
     """Give a node that replaces (part of) ``old`` the metadata inductor's pattern matcher carries
-    over to its replacements (torch/_inductor/pattern_matcher.py ``_transfer_meta``): the fields
-    torch.fx copies along with a node (``torch.fx.proxy._COPY_META_FIELDS``: nn_module_stack,
-    source_fn_stack, torch_fn, from_node, ...) and the stack trace, so that inductor's debug output
-    and provenance name the model's source line. Fake values are computed, not copied."""
+    over to its replacements: the fields torch.fx copies along with a node
+    (``torch.fx.proxy._COPY_META_FIELDS``: nn_module_stack, source_fn_stack, torch_fn, from_node, ...)
+    and the stack trace, so that inductor's debug output and provenance name the model's source
+    line. Fake values are computed, not copied (:func:`propagate_values`)."""
     from torch.fx.proxy import _COPY_META_FIELDS
 
     for field in _COPY_META_FIELDS:

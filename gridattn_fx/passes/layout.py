@@ -757,9 +757,9 @@ def _frames_merged(fact: Tokens) -> Tokens:
     image, not already a video). Token ``f * N + n`` is then token ``n`` of frame ``f``:
     a T x H x W layout, time slowest. Anything else is returned as it is (still merged)."""
     outer = [(size, is_batch) for size, is_batch in fact.lead if _hint(size) != 1]
-    if (len(outer) != 1 or not outer[0][1] or fact.rank != 2 or _hint(fact.prefix) != 0
-            or _hint(fact.suffix) != 0 or _static(outer[0][0]) is None):
-        return fact  # symbolic frame counts: not proven here
+    if (len(outer) != 1 or not outer[0][1] or fact.rank != 2 or _static(fact.prefix) != 0
+            or _static(fact.suffix) != 0 or _static(outer[0][0]) is None):
+        return fact  # (symbolic frame counts or borders: not proven here)
     if not fact.image or fact.image[0][0] != "root":
         # The images along that axis were concatenated / stacked from different tensors (two
         # images of a feature matcher glued into one sequence): not the frames of one video.

@@ -5,8 +5,7 @@ manual-form reader (patterns/manual.py) and the mutation tracking all ask the sa
 an op (by its canonical name, patterns/ops.py ``op_name``): does it keep every value at its position,
 does it reshape or permute axes, does it act on the trailing feature axes only, is it random, may its
 output share storage with its input. The answers are written here once, one line per op; adding an
-op is adding its name to the line of its kind (in the spirit of inductor's fuse_attention.py, where
-a new pattern is one entry).
+op is adding its name to the line of its kind.
 
 Kinds (what the op does to the axes of its first tensor operand):
 
