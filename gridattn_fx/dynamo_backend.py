@@ -76,7 +76,7 @@ def _warn_symbolic(report: Report) -> None:
 
 def _report_undecided_sites(gm: fx.GraphModule, report: Report) -> None:
     """A pass that failed part-way has rows only for the sites it decided before failing; every
-    attention site still gets one (DESIGN.md section 2), saying the failure left it dense."""
+    attention site still gets one (docs/design.md section 2), saying the failure left it dense."""
     try:
         from .passes.layout import module_path
         from .patterns import find_attention_sites

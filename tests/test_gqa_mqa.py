@@ -1,7 +1,7 @@
 """GQA (``enable_gqa``) and MQA (key/value with one head, by broadcasting) keep their head mapping.
 
 A grid rewrite must pair every query head with the key/value head the original site paired it
-with (DESIGN.md section 2). Float64 against the oracle (tests/oracle.py): a GQA oracle is SDPA with
+with (docs/design.md section 2). Float64 against the oracle (tests/oracle.py): a GQA oracle is SDPA with
 ``enable_gqa`` and the oracle mask; MQA broadcasts as the model itself does. Each model is run in
 the spellings that keep the regrouping at the attention call (a cls token, move_regrouping=False,
 a mask) and the one that moves it (no prefix tokens, the default).

@@ -377,12 +377,12 @@ def test_region_shared_by_modules_the_options_tell_apart_stays_dense():
     # right for both, so the site stays dense (and says so) rather than applying one block's choice.
     with pytest.warns(RuntimeWarning, match="regional compilation"):
         got, ref, x, (site,) = _regional_reports({"include": [r"^blocks\.1\."]})
-    assert site.decision == "skipped" and "decide `blocks.0.attn` (dense) and `blocks.1.attn` (stride 2x2)" in site.reason
+    assert site.decision == "skipped" and "decide `blocks.0.attn` (dense) and `blocks.1.attn` (grid 2x2)" in site.reason
     with torch.no_grad():
         assert_close64(got, ref(x))  # dense: the untouched model's result
     with pytest.warns(RuntimeWarning, match="regional compilation"):
         _, _, _, (site,) = _regional_reports({"site_strides": {"blocks.1.attn": 4}})
-    assert site.decision == "skipped" and "(stride 2x2) and `blocks.1.attn` (stride 4x4)" in site.reason
+    assert site.decision == "skipped" and "(grid 2x2) and `blocks.1.attn` (grid 4x4)" in site.reason
 
 
 def test_region_site_strides_keys_of_other_served_modules_are_not_unmatched():

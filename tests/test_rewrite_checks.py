@@ -1,7 +1,7 @@
 """``rewrite()`` returns a GraphModule fixed to its example shapes: it must refuse other shapes.
 
 16x16 and 8x32 tokens have the same count, so without a check the 16x16 grouping would silently
-run on an 8x32 image (DESIGN.md section 3: a GraphModule from rewrite() checks its input shapes or
+run on an 8x32 image (docs/design.md section 3: a GraphModule from rewrite() checks its input shapes or
 is correct for every shape it accepts).
 """
 

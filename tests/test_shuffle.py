@@ -1,4 +1,4 @@
-"""Shuffle distributing (DESIGN.md section 1, issue 5): a random group assignment per training call.
+"""Shuffle distributing (docs/design.md section 1, issue 5): a random group assignment per training call.
 
 The drawn assignment is re-derived by re-seeding and drawing again with
 ``gridattn_fx.grid.draw_assignment``, then the independent oracle (tests/oracle.py, which reads

@@ -177,8 +177,9 @@ class FactorizedTokens(nn.Module):
     """Video tokens split per frame (``view(B, T, N, C).flatten(0, 1)``: frames into the batch),
     and a 5-D reshape/permute that stores the video column-major within each frame."""
 
-    def __init__(self, dim=DIM):
+    def __init__(self, dim=DIM, one_step=False):
         super().__init__()
+        self.one_step = one_step
         self.embed = nn.Conv3d(3, dim, (1, 2, 2), (1, 2, 2))
         self.spatial = Attention(dim)
         self.transposed_video = Attention(dim)
@@ -187,14 +188,18 @@ class FactorizedTokens(nn.Module):
         y = self.embed(x)
         B, C, T, H, W = y.shape
         v = y.flatten(2).transpose(1, 2)                        # (B, T*H*W, C)
-        f = v.view(B, T, H * W, C).flatten(0, 1)               # (B*T, H*W, C)
+        if self.one_step:  # "b (t n) c -> (b t) n c"
+            f = v.reshape(B * T, H * W, C)
+        else:
+            f = v.view(B, T, H * W, C).flatten(0, 1)           # (B*T, H*W, C)
         f = self.spatial(f).view(B, T * H * W, C)
         cols = f.view(B, T, H, W, C).permute(0, 1, 3, 2, 4).reshape(B, T * W * H, C)
         return self.transposed_video(cols)
 
 
-def test_frames_split_into_the_batch_and_a_5d_permute():
-    model = build(FactorizedTokens)
+@pytest.mark.parametrize("one_step", [False, True])
+def test_frames_split_into_the_batch_and_a_5d_permute(one_step):
+    model = build(FactorizedTokens, one_step=one_step)
     x = video(2, 3, 8, 12)
     gm, report = rewrite(model, (x,))
     s = site(report, "spatial")
@@ -256,3 +261,26 @@ def test_symbolic_video_sizes_are_rewritten_with_the_static_semantics():
             assert_close64(got, model(x))
     sites = [s for r in backend.reports for s in r.sites]
     assert sites and all(s.decision == "rewritten" and "symbolic sizes" in s.reason for s in sites), sites
+
+
+class StackedPair(nn.Module):
+    """Two images (feature matching) stacked along a new axis and merged into one sequence, the way
+    frames are: they are two images, not the frames of one video (issue 12's cross-image rule)."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 2, 2)
+        self.attn = Attention(dim)
+
+    def forward(self, a, b):
+        x = torch.stack([self.embed(a), self.embed(b)], 1)      # (B, 2, C, h, w)
+        return self.attn(x.flatten(3).transpose(2, 3).flatten(1, 2))
+
+
+def test_two_images_merged_into_one_sequence_are_not_a_video():
+    model = build(StackedPair)
+    inputs = (torch.randn(2, 3, 8, 12, dtype=torch.float64), torch.randn(2, 3, 8, 12, dtype=torch.float64))
+    gm, report = rewrite(model, inputs)
+    s = site(report, "attn")
+    assert s.q_layout is None and s.decision == "skipped" and "merged with the batch" in s.reason, str(report)
+    assert_equal_exact(gm(*inputs), model(*inputs))

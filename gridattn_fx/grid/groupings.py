@@ -120,23 +120,6 @@ def layout_padded(layout: TokenLayout, stride: Stride) -> bool:
     return _needs_padding(layout.image_shape, stride)
 
 
-def _to_blocks_then_groups(x, k: int, grouping: Grouping):
-    """(..., pair_0, ..., pair_{k-1}, d) (each axis split as ``grouping.split`` says) ->
-    (..., a_0 .. a_{k-1}, g_0 .. g_{k-1}, d), storage order throughout."""
-    start = -(2 * k + 1)
-    inner = 1 if grouping.group_inner else 0
-    src = [start + 2 * i + 1 - inner for i in range(k)] + [start + 2 * i + inner for i in range(k)]
-    return x.movedim(src, list(range(start, -1)))
-
-
-def _from_blocks_then_groups(x, k: int, grouping: Grouping):
-    """The inverse of :func:`_to_blocks_then_groups`."""
-    start = -(2 * k + 1)
-    inner = 1 if grouping.group_inner else 0
-    dst = [start + 2 * i + 1 - inner for i in range(k)] + [start + 2 * i + inner for i in range(k)]
-    return x.movedim(list(range(start, -1)), dst)
-
-
 def _split_axis(x, dim: int, sizes: tuple):
     """``x.unflatten(dim, sizes)`` for a negative ``dim``.
 
@@ -159,6 +142,23 @@ def _split_axis(x, dim: int, sizes: tuple):
                         x.storage_offset())
 
 
+def _to_blocks_then_groups(x, k: int, grouping: Grouping):
+    """(..., pair_0, ..., pair_{k-1}, d) (each axis split as ``grouping.split`` says) ->
+    (..., a_0 .. a_{k-1}, g_0 .. g_{k-1}, d), storage order throughout."""
+    start = -(2 * k + 1)
+    inner = 1 if grouping.group_inner else 0
+    src = [start + 2 * i + 1 - inner for i in range(k)] + [start + 2 * i + inner for i in range(k)]
+    return x.movedim(src, list(range(start, -1)))
+
+
+def _from_blocks_then_groups(x, k: int, grouping: Grouping):
+    """The inverse of :func:`_to_blocks_then_groups`."""
+    start = -(2 * k + 1)
+    inner = 1 if grouping.group_inner else 0
+    dst = [start + 2 * i + 1 - inner for i in range(k)] + [start + 2 * i + inner for i in range(k)]
+    return x.movedim(list(range(start, -1)), dst)
+
+
 def _permute_offsets(x, assignment, blocks, groups: int):
     """(..., a_0 .. a_{k-1}, G, d): inside every block, put the token at offset
     ``assignment[*block, g]`` at position g. One index_select over the flattened blocks."""
@@ -178,7 +178,7 @@ def _cluster_storage(x, shape, stride, order=None, grouping: Grouping = None, as
     k = len(shape)
     order = _order(order, k)
     ns, gs, blocks = _storage(shape, stride, order)
-    x = _split_axis(x, -2, ns)
+    x = _split_axis(x, -2, tuple(ns))
     if _needs_padding(ns, gs):
         pad = [0, 0]
         for n, g, a in reversed(list(zip(ns, gs, blocks))):
@@ -201,7 +201,7 @@ def _recover_storage(xg, shape, stride, order=None, grouping: Grouping = None, a
     k = len(shape)
     order = _order(order, k)
     ns, gs, blocks = _storage(shape, stride, order)
-    x = _split_axis(_split_axis(xg, -3, stride), -2, blocks)  # (..., g logical..., a..., d)
+    x = _split_axis(_split_axis(xg, -3, tuple(stride)), -2, tuple(blocks))  # (..., g logical..., a..., d)
     dst = [-(k + 1) + order.index(j) for j in range(k)] + [-(2 * k + 1) + i for i in range(k)]
     x = x.movedim(list(range(-(2 * k + 1), -1)), dst)  # (..., a..., g storage..., d)
     if assignment is not None:

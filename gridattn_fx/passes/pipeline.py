@@ -11,7 +11,6 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import GridAttnConfig, site_stride_names
-from ..grid import format_stride
 from ..patterns import AttentionSite, find_attention_sites
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .grid_rewrite import fake_evaluation, plan_sizes, rewrite_site
@@ -176,11 +175,11 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             stride_warnings.setdefault(d.stride_warning, []).append(path or site.output.name)
         if d.rewrite:
             chosen.append((row, site, d.plan))
+    if shared_graph:
+        _warn(f"gridattn: graph #{report.graph}: " + "; ".join(shared_graph))
     if stride_warnings:  # once per graph (issue 13: a triple on 2-D sites applies its (Gh, Gw))
         _warn(f"gridattn: graph #{report.graph}: " + "; ".join(
             f"{text} ({', '.join(paths)})" for text, paths in stride_warnings.items()))
-    if shared_graph:
-        _warn(f"gridattn: graph #{report.graph}: " + "; ".join(shared_graph))
     _check_site_strides(report, config, served_paths)
     rewritten = 0
     for row, site, plan in chosen:
@@ -213,10 +212,7 @@ def _decide_shared(site: AttentionSite, layouts: LayoutAnalysis, config: GridAtt
     first = decisions[0]
 
     def outcome(d):
-        if not d.rewrite:
-            return "dense"
-        grouping = d.plan.grouping.name
-        return ("" if grouping == "grid" else f"{grouping} grouping, ") + f"stride {format_stride(d.plan.stride)}"
+        return f"{d.plan.grouping} {'x'.join(str(g) for g in d.plan.stride)}" if d.rewrite else "dense"
     for path, d in zip(paths[1:], decisions[1:]):
         if outcome(d) != outcome(first):
             why = (f"this graph serves {len(paths)} modules that run the same code (regional compilation), and the "
@@ -235,8 +231,7 @@ def _warn(message: str) -> None:
 def _check_site_strides(report: Report, config: GridAttnConfig, paths: list[str]) -> None:
     """Name the ``site_strides`` / ``site_groupings`` keys that choose no site of this graph (a wrong
     or stale path would otherwise rewrite nothing without a word). ``paths``: every site's path in
-    every module the graph serves (a region graph stands for the same sites of all modules that
-    share it)."""
+    every module the graph serves (a region graph stands for the same sites of all modules that share it)."""
     for option, mapping, found in (("site_strides", config.site_strides, report.unmatched_site_strides),
                                    ("site_groupings", config.site_groupings, report.unmatched_site_groupings)):
         unmatched = [key for key in mapping if not any(site_stride_names(key, p) for p in paths)]
