@@ -4,6 +4,7 @@
     python -m benchmarks --quick              # small sizes, CI smoke test (< 5 minutes)
     python -m benchmarks --cases attn --sizes 64
     python -m benchmarks --quick --cases dynamic  # symbolic-size rewrite vs static (dynamic=True/False)
+    python -m benchmarks --cases video        # video block 8x32x32 tokens + small Wan (benchmarks/video.py)
     python -m benchmarks relpos [--tokens 64] # benchmarks/relpos_bias_cost.py
 
 Analysis scripts quoted in RESULTS.md: ``python -m benchmarks.sam_block`` (one SAM global block's
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 
-CASES = ("attn", "sam", "sd-unet", "segformer", "regional", "dynamic")
+CASES = ("attn", "sam", "sd-unet", "segformer", "regional", "dynamic", "video")
 
 
 def _args(argv):
@@ -112,12 +113,17 @@ def main(argv=None) -> int:
     model_warmup = args.warmup if args.warmup is not None else 1
     if "dynamic" in cases:
         rows += C.dynamic_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory)
-    rows += C.model_cases([c for c in cases if c not in ("attn", "regional", "dynamic")], quick=args.quick,
+    rows += C.model_cases([c for c in cases if c not in ("attn", "regional", "dynamic", "video")], quick=args.quick,
                           runs=model_runs, warmup=model_warmup, echo=print, memory=memory)
     if "regional" in cases:  # benchmarks/regional.py: regional vs whole-model compile
         from benchmarks import regional
 
         rows += regional.regional_cases(quick=args.quick, runs=model_runs, warmup=model_warmup, echo=print)
+    if "video" in cases:  # benchmarks/video.py: video block and Wan, grid vs window vs flex
+        from benchmarks import video
+
+        rows += video.video_cases(quick=args.quick, runs=runs, warmup=warmup, model_runs=model_runs,
+                                  model_warmup=model_warmup, echo=print, memory=memory)
     meta["load_average_end"] = common.load_average()
     meta["wall_s"] = round(time.time() - started, 1)
 

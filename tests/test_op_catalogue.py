@@ -23,7 +23,7 @@ from gridattn_fx.patterns.op_rules import RULES, OpRule, source_rank  # noqa: E4
 def test_every_kind_is_known_and_every_op_has_one_rule():
     kinds = {op_rules.POINTWISE, op_rules.CAST, op_rules.IDENTITY, op_rules.RESHAPE, op_rules.PERMUTE,
              op_rules.SPLIT, op_rules.CAT, op_rules.FEATURES, op_rules.CHANNEL_NORM,
-             op_rules.KEEPDIM_REDUCTION, op_rules.SOURCE}
+             op_rules.KEEPDIM_REDUCTION, op_rules.SOURCE, op_rules.FRESH}
     assert {r.kind for r in RULES.values()} <= kinds
     with pytest.raises(ValueError, match="twice"):
         op_rules._add(OpRule(op_rules.POINTWISE), "add")

@@ -48,7 +48,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..grid import TokenLayout
-from ..patterns.op_rules import (CATS, CHANNEL_NORMS, FEATURE_OPS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS, MAYBE_ALIASING,
+from ..patterns.op_rules import (CATS, CHANNEL_NORMS, FEATURE_OPS, FRESH_TENSORS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS,
+                                  MAYBE_ALIASING,
                                   PERMUTES, RESHAPES, SPLITS, VIEWING, arg, permutation, resolve, source_rank,
                                   split_dim)
 from ..patterns.ops import mutates, op_name, written_args
@@ -186,7 +187,8 @@ class LayoutAnalysis:
         self.inherited = inherited or {}
         self.hints = hints or {}
         self.hint_conflicts = dict(hint_conflicts or {})
-        self.written = _written_tensors(gm)
+        self.fills = _feature_fills(gm)
+        self.written = _written_tensors(gm, skip={w for writes in self.fills.values() for w in writes})
         self._run()
         # An in-place pointwise op keeps positions only if it adds nothing laid out differently
         # (``x.add_(x.transpose(1, 2))`` would not): where its own fact is lost, so is its target's.
@@ -201,6 +203,8 @@ class LayoutAnalysis:
         self.facts: dict[fx.Node, object] = {}
         self.lost: dict[fx.Node, str] = dict(self.hint_conflicts)
         self._inplace_pointwise = set()
+        self._fill_of = {w: fresh for fresh, writes in self.fills.items() for w in writes}
+        self._fill_failed = set()
         for node in self.gm.graph.nodes:
             try:
                 fact = self._transfer(node)
@@ -208,6 +212,8 @@ class LayoutAnalysis:
                 fact = None
             if node in self.hints:
                 fact = self._with_hint(node, fact)
+            if node in self._fill_of:
+                self._fill(node)
             writer = self.written.get(node)
             if writer is not None:
                 if fact is not None:  # the write, not the op, is what loses this layout
@@ -221,6 +227,32 @@ class LayoutAnalysis:
                 name = op_name(node, self.gm)
                 why = _LOSS_HINTS.get(name, "")
                 self.lost[node] = f"{name or node.target} `{node.name}`" + (f" ({why})" if why else "")
+
+    def _fill(self, write: fx.Node):
+        """``fresh[..., idx] = value`` (see :func:`_feature_fills`): the fresh tensor takes the
+        value's fact when the write leaves every token where it is (only axes after the fact's
+        token and batch axes are indexed, the other sizes are equal), and every fill agrees."""
+        fresh, value = write.args[0], write.args[2]
+        fact = self.facts.get(value) if isinstance(value, fx.Node) else None
+        out_shape, in_shape = _shape(fresh), _shape(value) if isinstance(value, fx.Node) else None
+        indexed = len(write.args[1]) - 1
+        first_indexed = len(out_shape) - indexed if out_shape is not None else 0
+        ok = (fresh not in self._fill_failed and fact is not None and in_shape is not None
+              and len(in_shape) == len(out_shape)
+              and all(_same_size(a, b) for a, b in zip(in_shape[:first_indexed], out_shape[:first_indexed]))
+              and all(d < first_indexed for d in (*fact.dims(), *fact.batch)))
+        previous = self.facts.get(fresh)
+        if ok and previous is not None:
+            ok = (_positions(previous) == _positions(fact) and previous.image == fact.image
+                  and previous.batch == fact.batch)
+        if ok:
+            self.facts[fresh] = _step(fact, "setitem")
+            self.lost.pop(fresh, None)
+        else:
+            self._fill_failed.add(fresh)
+            self.facts.pop(fresh, None)
+            self.lost[fresh] = (f"setitem `{write.name}` (a write whose value has no layout, another "
+                                "layout, or indexes the token axes)")
 
     def _with_hint(self, node: fx.Node, proven):
         hint = self.hints[node]
@@ -590,13 +622,52 @@ def _alias_classes(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     return {n: find(n) for n in parent}
 
 
-def _written_tensors(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+def _trailing_index(index) -> int:
+    """How many trailing axes ``x[index]`` indexes when ``index`` is ``(..., slice, ...)`` with an
+    Ellipsis first and only plain slices after it (no ints, tensors or None); 0 otherwise."""
+    if not (isinstance(index, tuple) and len(index) >= 2 and index[0] is Ellipsis):
+        return 0
+    for part in index[1:]:
+        if not isinstance(part, slice) or any(
+                b is not None and (not isinstance(b, int) or isinstance(b, bool))
+                for b in (part.start, part.stop, part.step)):
+            return 0
+    return len(index) - 1
+
+
+def _feature_fills(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+    """Fresh tensors filled through ``fresh[..., idx] = value`` writes along trailing axes only, as
+    interleaved rotary embeddings write their output (diffusers' Wan: ``out = torch.empty_like(x);
+    out[..., 0::2] = ...; out[..., 1::2] = ...``), mapped to those writes in graph order.
+
+    Such a write keeps every value of the leading axes where it is, so the filled tensor is laid out
+    as its values are (:meth:`LayoutAnalysis._fill` checks the values' facts). Only when nothing else
+    can see the tensor change: every other user comes after the last write (no reader or view in
+    between) and none of them writes into it (a write through a later view is a write as usual)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    fills = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or op_name(node, gm) not in FRESH_TENSORS:
+            continue
+        writes = [u for u in node.users if u.op == "call_function" and u.target is operator.setitem
+                  and len(u.args) == 3 and u.args[0] is node and _trailing_index(u.args[1])]
+        if not writes:
+            continue
+        last = max(order[w] for w in writes)
+        others = [u for u in node.users if u not in writes]
+        if all(order[u] > last and not mutates(u) for u in others):
+            fills[node] = sorted(writes, key=order.get)
+    return fills
+
+
+def _written_tensors(gm: fx.GraphModule, skip=frozenset()) -> dict[fx.Node, fx.Node]:
     """Every node whose tensor (or an alias of it) some op writes into in a way that can move
     values between positions, mapped to that op. In-place pointwise ops (``x.add_(y)``,
-    ``x.mul_(s)``, ``relu_``) keep every value at its position and are left to the transfer."""
+    ``x.mul_(s)``, ``relu_``) keep every value at its position and are left to the transfer, and so
+    are the fills of fresh tensors along trailing axes in ``skip`` (:func:`_feature_fills`)."""
     writers = {}
     for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method") or not mutates(node):
+        if node.op not in ("call_function", "call_method") or not mutates(node) or node in skip:
             continue
         name = op_name(node, gm)
         dests = written_args(node)

@@ -29,6 +29,8 @@ Kinds (what the op does to the axes of its first tensor operand):
 ``KEEPDIM_REDUCTION`` ``x.mean(dim, keepdim=True)`` and friends (hand-written norms over features).
 ``SOURCE``      a spatial source: the output's trailing axes are an image (conv / pool / resize); a
                 ``rank`` of None means "the output's rank minus 2" (ATen's rank-generic convolution).
+``FRESH``       a new tensor whose values depend on no position (uninitialised or constant): what
+                ``x[..., idx] = y`` fills of it hold is decided by the writes (passes/layout.py).
 
 Flags:
 
@@ -69,6 +71,7 @@ FEATURES = "features"
 CHANNEL_NORM = "channel_norm"
 KEEPDIM_REDUCTION = "keepdim_reduction"
 SOURCE = "source"
+FRESH = "fresh"
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ _add(OpRule(SOURCE, rank=3), "conv3d", "conv_transpose3d", "max_pool3d", "avg_po
      "_upsample_nearest_exact3d")
 # Rank-generic spellings: the image is every axis after (N, C).
 _add(OpRule(SOURCE), "convolution", "_convolution", "interpolate", "upsample")
+_add(OpRule(FRESH), "empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros", "new_ones",
+     "new_full", "empty", "zeros", "ones", "full")
 
 
 def rule(name: str | None) -> OpRule | None:
@@ -149,6 +154,7 @@ FEATURE_OPS = names_of(FEATURES)
 CHANNEL_NORMS = names_of(CHANNEL_NORM)
 KEEPDIM_REDUCTIONS = names_of(KEEPDIM_REDUCTION)
 SOURCES = names_of(SOURCE)
+FRESH_TENSORS = names_of(FRESH)
 RANDOM = frozenset(n for n, r in RULES.items() if r.random)
 # Output shares storage with the first argument (views) ...
 VIEWING = RESHAPES | PERMUTES | SPLITS | {

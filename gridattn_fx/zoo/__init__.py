@@ -130,6 +130,26 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     _E("diffusers:autoencoder-kl", "diffusers", "diffusers AutoencoderKL (single-head mid-block attention)",
        "32px, channels 32,64: mid attention at 16x16 in encoder and decoder",
        "SD-2.1 VAE: 768px, mid attention at 96x96", _diffusers_entry("autoencoder-kl")),
+    _E("diffusers:wan", "diffusers", "diffusers WanTransformer3DModel, Wan2.1 T2V (Conv3d patches, video "
+       "self-attention with 3-D RoPE, cross-attention to text)",
+       "4x16x16 latents, patch (1, 2, 2): 4x8x8 tokens, 2 layers, 2 heads x 24, text 8x32",
+       "Wan2.1-T2V-1.3B: 21x60x104 latents (480x832, 81 frames), 21x30x52 tokens, text 512x4096",
+       _diffusers_entry("wan")),
+    _E("diffusers:cogvideox", "diffusers", "diffusers CogVideoXTransformer3DModel (frames folded into the batch for "
+       "the patch embedding, joint attention over [text, video])",
+       "4 latent frames of 16x16, patch 2: 4x8x8 tokens, 2 layers, 2 heads x 16, text 8x32",
+       "CogVideoX-2b: 13x60x90 latents (480x720, 49 frames), 13x30x45 tokens, text 226x4096",
+       _diffusers_entry("cogvideox")),
+    _E("diffusers:ltx-video", "diffusers", "diffusers LTXVideoTransformer3DModel (tokens packed by the pipeline; "
+       "video self-attention with 3-D RoPE, cross-attention to text)",
+       "4x8x8 packed tokens of 16 channels, 2 layers, 2 heads x 16, text 8x32",
+       "LTX-Video 0.9: 16x16x24 tokens of 128 channels (768x512, 121 frames), text 128x4096",
+       _diffusers_entry("ltx-video")),
+    _E("diffusers:hunyuan-video", "diffusers", "diffusers HunyuanVideoTransformer3DModel (dual-stream joint "
+       "attention [video, text], then single-stream blocks)",
+       "4x16x16 latents, patch 2: 4x8x8 tokens, 1 dual + 1 single block, 2 heads x 16, text 8x32",
+       "HunyuanVideo: 33x90x160 latents (720x1280, 129 frames), 33x45x80 tokens, 20 + 40 blocks",
+       _diffusers_entry("hunyuan-video")),
     _E("sam:vit_b", "segment_anything", "official segment_anything ImageEncoderViT (ViT-B)",
        "256px, 16x16 tokens, dim 64, depth 4, global 1,3, window 8",
        "build_sam_vit_b encoder: 1024px, 64x64 tokens", _sam_vit_b),
