@@ -99,7 +99,8 @@ def test_video_stride_on_an_image_model_warns_once_and_applies_gh_gw():
 def test_stride_larger_than_an_axis_is_skipped_with_the_stride_named():
     m = build(ViT, depth=1)
     x = image(1, 8, 16)  # 4x8 tokens
-    out = compiled(m, stride=(8, 2), grouping="window")(x)
+    with pytest.warns(RuntimeWarning, match=r"stride 8x2 is larger than an image axis.*blocks\.0\.attn"):
+        out = compiled(m, stride=(8, 2), grouping="window")(x)
     row = gridattn_fx.last_report().site(r"blocks\.0\.attn")
     assert row.decision == "skipped" and "query image 4x8 is smaller than the stride 8x2" in row.reason
     assert_close64(out, m(x))  # the untouched model (compiled by inductor: rounding only)

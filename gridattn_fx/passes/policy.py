@@ -196,8 +196,12 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
                     + config.credit("min_image_tokens"))
     for side, layout in (("query", q_layout), ("key", k_layout)):
         if any(n < g for n, g in zip(layout.image_shape, stride)):
-            return skip(f"{side} image {format_stride(layout.image_shape)} is smaller than the stride "
-                        f"{shown_stride}")
+            # Worth a warning, not only a report line: an option that can never apply to a site
+            # would otherwise be a silent no-op (issue 13).
+            return replace(skip(f"{side} image {format_stride(layout.image_shape)} is smaller than the stride "
+                                f"{shown_stride}"),
+                           stride_warning=f"stride {shown_stride}{stride_from} is larger than an image axis, "
+                                          f"so these sites stay dense")
         # The same rule at equality, for keys: a stride that spans the whole key image leaves one
         # image key per group, so every image query would see a single image key (attention
         # degenerates). One query per group is fine (LeViT's downsampling attention: a 2x2 query
