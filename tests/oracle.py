@@ -79,6 +79,23 @@ def stride_tuple(stride, rank: int = 2) -> tuple[int, ...]:
     raise ValueError(f"no stride rule for a rank-{rank} image")
 
 
+def _unravel(index: int, sizes) -> tuple[int, ...]:
+    """Row-major coordinates of ``index`` over ``sizes`` (outermost first)."""
+    coords = []
+    for n in reversed(sizes):
+        index, x = divmod(index, n)
+        coords.append(x)
+    return tuple(reversed(coords))
+
+
+def _to_logical(storage: tuple, order) -> tuple[int, ...]:
+    """Coordinates in storage-axis order -> in logical-axis order (storage axis i is logical ``order[i]``)."""
+    logical = [0] * len(order)
+    for i, o in enumerate(order):
+        logical[o] = storage[i]
+    return tuple(logical)
+
+
 def _coords(layout):
     """(prefix, suffix, [(logical coords, storage coords) of every image token, in sequence order],
     image shape, order)."""
@@ -86,15 +103,8 @@ def _coords(layout):
     storage_shape = [shape[o] for o in order]
     tokens = []
     for t in range(math.prod(shape)):
-        storage = []
-        for n in reversed(storage_shape):  # row-major over the storage axes
-            t, x = divmod(t, n)
-            storage.append(x)
-        storage = tuple(reversed(storage))
-        logical = [0] * len(shape)
-        for i, o in enumerate(order):
-            logical[o] = storage[i]
-        tokens.append((tuple(logical), storage))
+        storage = _unravel(t, storage_shape)
+        tokens.append((_to_logical(storage, order), storage))
     return p, s, tokens, shape, order
 
 
@@ -138,15 +148,7 @@ def shuffled_token_groups(layout, stride, assignment) -> list:
         for x, gi in zip(storage, g_storage):
             offset = offset * gi + x % gi
         gid = int(np.nonzero(a_np[block] == offset)[0][0])
-        offs = []
-        for gi in reversed(g_storage):
-            gid, o = divmod(gid, gi)
-            offs.append(o)
-        offs = tuple(reversed(offs))
-        logical = [0] * len(shape)
-        for i, o in enumerate(order):
-            logical[o] = offs[i]
-        groups.append(tuple(logical))
+        groups.append(_to_logical(_unravel(gid, g_storage), order))
     groups += [None] * s
     return groups
 

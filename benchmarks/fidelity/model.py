@@ -61,6 +61,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def init_linear(m: nn.Module) -> None:
+    """The fidelity models' Linear init (truncated normal, zero bias), for ``module.apply``."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+
+
 class SegViT(nn.Module):
     """Plain ViT segmenter: per-pixel logits (B, num_classes, H, W) for a (B, 3, H, W) image."""
 
@@ -110,13 +117,7 @@ class SegViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes * patch_size * patch_size)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IMAGE_SIZE, NUM_CLASSES
+from .model import init_linear
 
 __all__ = ["SamLike", "add_decomposed_rel_pos", "get_rel_pos"]
 
@@ -169,13 +170,7 @@ class SamLike(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes * self.patch_size**2)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).permute(0, 2, 3, 1)  # (B, 64, 64, dim), as SAM's PatchEmbed

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import NUM_CLASSES
+from .model import init_linear
 
 __all__ = ["SegFormerLike"]
 
@@ -142,13 +143,7 @@ class SegFormerLike(nn.Module):
             nn.Conv2d(decoder_dim * len(dims), decoder_dim, 1, bias=False), nn.BatchNorm2d(decoder_dim), nn.ReLU()
         )
         self.head = nn.Conv2d(decoder_dim, num_classes * self.patch_size**2, 1)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = []

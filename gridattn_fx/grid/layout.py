@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 # (Gh, Gw) for an image, (Gt, Gh, Gw) for a video: one step per image axis, slowest first.
@@ -67,10 +69,7 @@ class TokenLayout:
 
     @property
     def image_tokens(self) -> int:
-        n = 1
-        for size in self.image_shape:
-            n = n * size
-        return n
+        return math.prod(self.image_shape)  # SymInts and traced sizes multiply too
 
     @property
     def length(self) -> int:

@@ -99,10 +99,7 @@ class Tokens:
 
     @property
     def image_tokens(self):
-        n = 1
-        for size in self.image_shape:
-            n = n * size
-        return n
+        return math.prod(self.image_shape)  # SymInts and traced sizes multiply too
 
     @property
     def storage_shape(self) -> tuple:
