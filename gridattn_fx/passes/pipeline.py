@@ -146,9 +146,10 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     for site in sites:
         relative = module_path(site.output)
         path = region.full_path(relative) if region else relative
-        served_paths += region.paths(relative) if region else [path]
-        if region and len(region.sharing) > 1:
-            d, disagreement = _decide_shared(site, layouts, config, region.paths(relative), training)
+        paths = region.paths(relative) if region else [path]  # the site in every module this graph serves
+        served_paths += paths
+        if len(paths) > 1:
+            d, disagreement = _decide_shared(site, layouts, config, paths, training)
             if disagreement:
                 shared_graph.append(f"{path}: {disagreement}")
         else:
