@@ -24,7 +24,9 @@ For each: mIoU, mIoU drop relative to the stride-1 model (``100 * (base - x) / b
 the output moved from the stride-1 model's (relative L2 error of the logits, fraction of pixels
 whose argmax agrees), with the 95% bootstrap interval of the drop over the held-out images; then
 ``gridattn_fx.calibrate`` with the mIoU drop as metric under a 0.5% budget (``--no-calibrate``).
-``--no-finetune`` / ``--no-control`` skip the fine-tuning parts. Prints a table per family, writes
+``--no-finetune`` / ``--no-control`` skip the fine-tuning parts; ``--finetune-seeds K`` repeats the
+fine-tuning and its control with K seeds (own batches and shuffle draws each) and reports the mean
+and spread of both drops and of their difference. Prints a table per family, writes
 ``results.json`` / ``results.csv`` (segvit) and ``results_<family>.json`` / ``.csv`` next to this
 file (``--out-dir`` to change), and ends with one ``fidelity: ...`` summary line per family.
 
@@ -67,6 +69,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "segvit.pt")
 EVAL_BATCH = 16  # the held-out size is a multiple of it: one static shape, one compilation
 FINETUNE_SEED_BASE = 500_000  # fine-tuning batches: seeds disjoint from training and held-out
+FINETUNE_SEED_STRIDE = 10_000  # run k (--finetune-seeds) uses batches FINETUNE_SEED_BASE + 10000 k + step
 FINETUNE_STEPS = 150
 FINETUNE_BATCH = 8
 FINETUNE_LR = 1e-4
@@ -192,6 +195,11 @@ def run_config(name: str, model, images, labels, ref_logits=None, stride: int = 
     return res, logits
 
 
+def finetune_data_seed(seed: int) -> int:
+    """First data seed of fine-tuning run ``seed``: run k draws its batches from its own block of seeds."""
+    return FINETUNE_SEED_BASE + FINETUNE_SEED_STRIDE * seed
+
+
 def finetune(
     model: SegViT,
     stride: int = 2,
@@ -232,7 +240,7 @@ def finetune(
         if distributing is not None:
             options["distributing"] = distributing
         if engine == "rewrite":
-            example, _ = make_batch(FINETUNE_SEED_BASE, batch)
+            example, _ = make_batch(finetune_data_seed(seed), batch)
             compiled, report = gridattn_fx.rewrite(tuned, (example,), grid_config(stride, options))
         else:
             compiled = torch.compile(tuned, backend="gridattn", options=options, dynamic=False)
@@ -242,7 +250,7 @@ def finetune(
     t0 = time.perf_counter()
     report_line = None
     for step in range(steps):
-        images, labels = make_batch(FINETUNE_SEED_BASE + step, batch)
+        images, labels = make_batch(finetune_data_seed(seed) + step, batch)
         scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
@@ -263,7 +271,8 @@ def finetune(
         "batch": batch,
         "lr": lr,
         "schedule": f"linear warmup {warmup} steps, cosine to 0",
-        "data_seeds": f"make_batch({FINETUNE_SEED_BASE} + step, {batch})",
+        "seed": seed,
+        "data_seeds": f"make_batch({finetune_data_seed(seed)} + step, {batch})",
         "wall_s": round(time.perf_counter() - t0, 1),
         "first_loss": round(losses[0], 4),
         "final_loss_mean_last_10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
@@ -407,6 +416,9 @@ def evaluate_family(family: Family, args) -> dict:
             preds[res_c2["name"]] = logits.argmax(1)
 
     base_miou = base["miou"]
+    seeds = None
+    if not args.no_finetune and not args.no_control and args.finetune_seeds > 1:
+        seeds = finetune_seed_study(model, family, args, ft, distributing, images, labels, ref, base_miou, rows)
     base_conf = per_image_confusion(preds["stride1"], labels)
     for r in rows:
         r["miou_drop_pct"] = _drop(base_miou, r["miou"])
@@ -449,6 +461,7 @@ def evaluate_family(family: Family, args) -> dict:
         "finetune": finetune_log,
         "finetune_skipped": args.no_finetune,
         "calibration": calibration,
+        "finetune_seeds": seeds,
         "wall_s": round(total_s, 1),
         "rows": rows,
     }
@@ -466,6 +479,42 @@ def evaluate_family(family: Family, args) -> dict:
                  f"{r['pixel_agreement']:.5f}"] + ["" if v is None else f"{v:.4f}" for v in r["iou_per_class"]]
             )
     out["summary"] = fidelity_line(family, rows)
+    return out
+
+
+def finetune_seed_study(model, family: Family, args, ft: dict, distributing, images, labels, ref, base_miou: float,
+                        rows: list[dict]) -> dict:
+    """Fine-tuning noise: the stride-2 fine-tuning and its control repeated with seeds 1..K-1.
+
+    Seed k draws its own batches (``finetune_data_seed(k)``) and shuffle groups; seed 0 is the run
+    already in ``rows``. Returns per-seed held-out drops of ``finetuned2`` and ``control_ft1@grid2``,
+    and of their difference (what fine-tuning with grid attention buys over plain fine-tuning), with
+    mean and sample standard deviation over the seeds.
+    """
+    by = {r["name"]: r for r in rows}
+    tuned_drops = [_drop(base_miou, by["finetuned2"]["miou"])]
+    control_drops = [_drop(base_miou, by["control_ft1@grid2"]["miou"])]
+    for k in range(1, args.finetune_seeds):
+        tuned, _ = finetune(model, 2, distributing, seed=k, **ft)
+        res, _ = run_config(f"finetuned2 seed {k}", tuned, images, labels, ref, stride=2, options=dict(family.options),
+                            engine=family.engine)
+        tuned_drops.append(_drop(base_miou, res["miou"]))
+        control, _ = finetune(model, 1, None, seed=k, **ft)
+        res, _ = run_config(f"control_ft1@grid2 seed {k}", control, images, labels, ref, stride=2,
+                            options=dict(family.options), engine=family.engine)
+        control_drops.append(_drop(base_miou, res["miou"]))
+    gaps = [c - t for t, c in zip(tuned_drops, control_drops)]
+
+    def stats(xs: list[float]) -> dict:
+        t = torch.tensor(xs, dtype=torch.float64)
+        return {"per_seed": [round(x, 3) for x in xs], "mean": float(t.mean()), "std": float(t.std())}
+
+    out = {"seeds": args.finetune_seeds, "finetuned2_drop_pct": stats(tuned_drops),
+           "control_grid2_drop_pct": stats(control_drops), "recovery_pct": stats(gaps)}
+    print(f"[{family.name} fine-tuning over {args.finetune_seeds} seeds] finetuned2 drop "
+          f"{out['finetuned2_drop_pct']['mean']:.2f}% +-{out['finetuned2_drop_pct']['std']:.2f} (std), control@grid2 "
+          f"{out['control_grid2_drop_pct']['mean']:.2f}% +-{out['control_grid2_drop_pct']['std']:.2f}, recovery "
+          f"{out['recovery_pct']['mean']:.2f} +-{out['recovery_pct']['std']:.2f} points", flush=True)
     return out
 
 
@@ -502,12 +551,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--finetune-steps", type=int, default=None, help="default per family (families.py)")
     parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR)
+    parser.add_argument("--finetune-seeds", type=int, default=1,
+                        help="repeat the fine-tuning and its control with this many seeds (fine-tuning noise)")
     parser.add_argument("--all-rows", action="store_true", help="also finetuned2@stride1 for every family")
     parser.add_argument("--no-calibrate", action="store_true", help="skip calibrate() with the mIoU metric")
     parser.add_argument("--budget", type=float, default=CALIBRATION_BUDGET_PCT, help="calibration budget, %% mIoU drop")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=HERE)
     args = parser.parse_args(argv)
+    if args.finetune_seeds < 1:
+        parser.error("--finetune-seeds must be at least 1")
     if args.n is not None and args.n % EVAL_BATCH:
         parser.error(f"--n must be a multiple of {EVAL_BATCH}")
 
