@@ -115,17 +115,19 @@ def token_groups(layout, stride, grouping: str = "grid") -> list:
     tiles): ``x_i // ceil(n_i / g_i)`` per axis.
     """
     p, s, tokens, shape, _ = _coords(layout)
+    return [None] * p + [coord_group(logical, shape, stride, grouping) for logical, _ in tokens] + [None] * s
+
+
+def coord_group(logical, shape, stride, grouping: str = "grid") -> tuple[int, ...]:
+    """The group of the image token at logical coordinates ``logical`` ((r, c) or (t, r, c)) of an
+    image of logical ``shape``: grid ``x_i % g_i``, window ``x_i // ceil(n_i / g_i)`` per axis, with
+    the stride normalised to the image's rank (:func:`stride_tuple`)."""
     g = stride_tuple(stride, len(shape))
-    groups: list = [None] * p
-    for logical, _ in tokens:
-        if grouping == "grid":
-            groups.append(tuple(x % gi for x, gi in zip(logical, g)))
-        elif grouping == "window":
-            groups.append(tuple(x // -(-n // gi) for x, n, gi in zip(logical, shape, g)))
-        else:
-            raise ValueError(f"unknown grouping {grouping!r}")
-    groups += [None] * s
-    return groups
+    if grouping == "grid":
+        return tuple(x % gi for x, gi in zip(logical, g))
+    if grouping == "window":
+        return tuple(x // -(-n // gi) for x, n, gi in zip(logical, shape, g))
+    raise ValueError(f"unknown grouping {grouping!r}")
 
 
 def shuffled_token_groups(layout, stride, assignment) -> list:

@@ -328,6 +328,10 @@ class LayoutAnalysis:
         fq, fk = self.facts.get(query), self.facts.get(key)
         if fq is None or fk is None:
             return "no proven image on one side"
+        # Frames merged in front of their tokens are read as the video where the layout is read
+        # (:meth:`layout`), and already merged where tokens were glued on (a cat): compare the two
+        # sides as the videos they are, whichever side merged them first.
+        fq, fk = (_frames_merged(f) if isinstance(f, Tokens) and f.lead else f for f in (fq, fk))
         if fq.image != fk.image:
             q_text, k_text = _image_text(fq.image), _image_text(fk.image)
             if q_text == k_text:
@@ -819,7 +823,16 @@ def _permute(fact, perm, name):
     order = sorted(fact.batch, key=lambda b: inverse[b])
     if moved is not None and order != sorted(fact.batch):  # image axes swapped among themselves
         ranks = tuple(sorted(fact.batch).index(b) for b in order)
-        moved = replace(moved, image=moved.image + (("perm", ranks),))
+        image = moved.image
+        if image and image[-1][0] == "perm" and len(image[-1][1]) == len(ranks):
+            # two permutes in a row are one: their composition (none when the second undoes the
+            # first, as the transposes around a sequence-first nn.MultiheadAttention do), so a
+            # tensor and its permuted-back copy keep one identity
+            ranks = tuple(image[-1][1][r] for r in ranks)
+            image = image[:-1]
+        if ranks != tuple(range(len(ranks))):
+            image = image + (("perm", ranks),)
+        moved = replace(moved, image=image)
     return _step(moved, name)
 
 

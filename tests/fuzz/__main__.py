@@ -35,11 +35,14 @@ def main(argv=None) -> int:
         specs = [gen.random_spec(s, compiled=args.compiled) for s in range(args.seed, args.seed + args.cases)]
     counts = collections.Counter()
     decisions = collections.Counter()
+    video_decisions = collections.Counter()   # the sites of video cases (Spec.frames > 0)
     new_failures = []
     start = time.time()
     for spec in specs:
         result = check.run_case(spec)
         decisions.update(result.decisions.values())
+        if spec.frames:
+            video_decisions.update(result.decisions.values())
         if result.ok:
             counts["pass"] += 1
             continue
@@ -51,6 +54,7 @@ def main(argv=None) -> int:
             print(result.describe() if args.verbose else
                   f"seed {spec.seed}: " + "; ".join(str(f) for f in result.failures if f.category not in check.KNOWN_BUGS))
     print(f"\n{len(specs)} cases in {time.time() - start:.1f}s; sites: {dict(decisions)}")
+    print(f"  of which video cases: {sum(1 for s in specs if s.frames)}; their sites: {dict(video_decisions)}")
     for k, n in sorted(counts.items()):
         print(f"  {k}: {n}")
     print(f"cases with failures not explained by KNOWN_BUGS: {len(new_failures)}"

@@ -107,13 +107,36 @@ def categorize(spec: gen.Spec, truth: gen.SiteTruth | None, kind: str) -> str | 
 def expects_rewrite(spec: gen.Spec, truth: gen.SiteTruth) -> bool:
     """Whether the pass must prove and rewrite this site (conservative: skipping anything else is
     allowed, rewriting it wrongly is not)."""
-    gh, gw = stride_tuple(spec.stride)
     names = {o[0] for o in truth.ops_before + truth.kv_ops} - {"tokenize", "cat"}
+    if spec.frames:
+        return _expects_video_rewrite(spec, truth, names)
+    gh, gw = stride_tuple(spec.stride)
     one_token_groups = spec.height < 2 * gh and spec.width < 2 * gw
     return (truth.is_image_self_attention and (gh, gw) != (1, 1)
             and spec.height >= gh and spec.width >= gw and not one_token_groups
             and spec.tokenizer != "mirror" and names <= set(gen.KEEP_OPS)
             # documented as unsupported (the report says so): MHA given an attn_mask
+            and not (truth.spec.form.startswith("mha") and truth.spec.mask != "none"))
+
+
+def _expects_video_rewrite(spec: gen.Spec, truth: gen.SiteTruth, names: set) -> bool:
+    """expects_rewrite for a video case: every video embedding (Conv3d, frames folded into the batch
+    and merged back) with a tokenizer that stores the axes in some order the proof records
+    (VIDEO_PROVABLE_TOKENIZERS; per frame: any 2-D order but a mirrored one), only order-keeping ops,
+    and a stride, normalised to the video's rank (a single frame is its image), that is > 1 on some
+    axis, no larger than any axis, and leaves >= 2 tokens per group."""
+    dims = spec.video_shape if spec.frames > 1 else (spec.height, spec.width)
+    g = stride_tuple(spec.stride, len(dims))
+    provable = (spec.tokenizer in gen.VIDEO_PROVABLE_TOKENIZERS if spec.embed == "conv3d_video"
+                else spec.tokenizer != "mirror")
+    return (truth.is_image_self_attention and any(x > 1 for x in g) and provable
+            and all(n >= x for n, x in zip(dims, g)) and not all(n < 2 * x for n, x in zip(dims, g))
+            and names <= set(gen.KEEP_OPS)
+            # GAP (not a soundness bug): a row or column axis of size 1 (a 4x1x4 video at stride
+            # (2, 1, 2)) loses the layout at the reshape that makes tokens ("lost at flatten"):
+            # passes/layout.py's reshape groups skip size-1 axes, so the Spatial fact's axis has no
+            # group; only a size-1 frame axis is dropped on purpose (a single frame is its image)
+            and min(spec.height, spec.width) > 1
             and not (truth.spec.form.startswith("mha") and truth.spec.mask != "none"))
 
 
@@ -149,7 +172,7 @@ def _expected(model, inputs, truths, stride, rewritten_blocks):
 
 def _options(spec: gen.Spec, **extra) -> dict:
     return dict(stride=spec.stride, min_image_tokens=0, move_regrouping=spec.move_regrouping,
-                implementation=spec.implementation, **extra)
+                implementation=spec.implementation, grouping=spec.grouping, **extra)
 
 
 def _rewrite(model, inputs, spec, **extra):

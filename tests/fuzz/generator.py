@@ -2,11 +2,18 @@
 
 A case is a :class:`Spec` (plain data; its ``repr`` is the reproducible spec text). ``build(spec)``
 makes the model and its inputs and, by simulating the token order through every op, the
-:class:`SiteTruth` of each attention module: which original token (prefix/suffix/extra, or image
-pixel ``(r, c)``) sits at each sequence position of its queries and keys. From that order alone
-the fuzzer decides whether a site is an image (any row-/column-major raster, possibly mirrored:
-mirroring maps grid groups one-to-one, so the grid mask is the same) and builds the oracle mask
-``log M`` with groups taken from the original pixel coordinates.
+:class:`SiteTruth` of each attention module: which original token (prefix/suffix/extra, image
+pixel ``(r, c)``, or video token :class:`Voxel` ``(t, r, c)``) sits at each sequence position of
+its queries and keys. From that order alone the fuzzer decides whether a site is an image (any
+raster: the image axes stored in any order, possibly mirrored - mirroring maps grid groups
+one-to-one, so the grid mask is the same; not window tiles, so a mirrored raster is no image under
+window grouping) and builds the oracle mask ``log M`` with groups taken from the original pixel
+coordinates (tests/oracle.py ``coord_group``; docs/design.md section 1).
+
+Video cases (``Spec.frames > 0``): a clip ``(B, 3, T*pt, H*p, W*p)`` through a Conv3d patch
+embedding (or frames folded into the batch for a per-frame conv and merged back, CogVideoX), then
+a video tokenizer; the token order right after the embedding is read by running the tokenizer on a
+tensor of token ids (:func:`traced_order`), so a tokenizer cannot be described wrongly.
 
 Every attention module has ``self.oracle = None``; the checker sets it to an additive
 ``(Lq, Lk)`` tensor and the module adds it to its own scores/mask (eager only). Like
@@ -15,16 +22,17 @@ tests/models.py, this module must not import gridattn_fx.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oracle import as_additive, mask_from_groups, stride_tuple
+from oracle import as_additive, coord_group, mask_from_groups, stride_tuple
 
 DIM = 16
 
@@ -46,14 +54,45 @@ EMBEDDINGS = {
     "conv3d_t1": "Conv3d(3, C, (1, p, p)) on img.unsqueeze(2), then flatten(2, 3)",
     "conv3d_frames": "Conv3d(3, C, (1, p, p)) on the batch as one clip's frames, permute + flatten(0, 1)",
 }
+# Video cases: the patch embedding of a clip (B, 3, T*pt, H*p, W*p), ending in (B, T*H*W, C) tokens.
+VIDEO_EMBEDDINGS = {
+    "conv3d_video": "Conv3d(3, C, (pt, p, p)) -> (B, C, T, H, W), then a VIDEO_TOKENIZERS entry",
+    "conv3d_frames_merged": "Conv3d(3, C, (pt, p, p)), frames folded into the batch (B*T, C, H, W), "
+                            "a TOKENIZERS entry per frame, reshape(B, T*H*W, C)",
+    "frames_conv2d": "clip as (B*T, 3, H*p, W*p) frames, Conv2d(3, C, p, p), a TOKENIZERS entry per frame, "
+                     "view(B, T, H*W, C).flatten(1, 2)   (CogVideoX; pt = 1)",
+}
+# Token orders of a (B, C, T, H, W) video -> (B, L, C); the storage order of (t, h, w) in brackets.
+VIDEO_TOKENIZERS = {
+    "v_nchw": "flatten(2).transpose(1, 2)   (t, h, w): row-major",
+    "v_nhwc": "permute(0, 2, 3, 4, 1).reshape(B, T*H*W, C)   (t, h, w)",
+    "v_nhwc_flat": "permute(0, 2, 3, 4, 1).flatten(1, 3)   (t, h, w)",
+    "v_cols": "permute(0, 2, 4, 3, 1).reshape(B, T*W*H, C)   (t, w, h): column-major frames",
+    "v_th": "transpose(2, 3).flatten(2).transpose(1, 2)   (h, t, w): frames inside rows",
+    "v_rev": "permute(0, 4, 3, 2, 1).reshape(B, W*H*T, C)   (w, h, t)",
+    "v_mirror": "flip(2).flatten(2).transpose(1, 2)   (time reversed: still a raster)",
+    # (B, T, H, W, C) read as (B, H, T, W, C) (no data moved) and permuted back: frames and rows
+    # scrambled (T != H), not a raster; T == H happens to be the (h, t, w) order
+    "v_scramble": "permute(0, 2, 3, 4, 1).reshape(B, H, T, W, C).permute(0, 2, 1, 3, 4).reshape(B, L, C)",
+}
+# Tokenizers whose order the pass documents it proves (docs/design.md section 1: the storage order
+# of the image axes is recorded when the dataflow proves it): a skip is a missed rewrite.
+VIDEO_PROVABLE_TOKENIZERS = ("v_nchw", "v_nhwc", "v_nhwc_flat", "v_cols", "v_th", "v_rev")
+# video strides: int G and pairs mean Gt = 1, a triple is (Gt, Gh, Gw) (docs/design.md section 1)
+VIDEO_STRIDES = (1, 2, (2, 3), (2, 2, 2), (1, 2, 2), (2, 1, 2), (2, 2, 1), (3, 2, 2))
+VIDEO_STRIDE_WEIGHTS = (1, 3, 2, 3, 2, 2, 1, 1)
+GROUPINGS = ("grid", "window")
+
 # Per-token ops on (B, L, C) that keep every token where it is (the proof should go through).
 KEEP_OPS = ("ln", "linear", "gelu", "affine", "pos", "view_split", "transpose_rt", "channel_slice",
             "append_slice", "drop_front", "add_prefix", "add_suffix",
             # tokens (no prefix/suffix) -> (B, C, H, W) -> depthwise conv -> tokens: a new row-major
-            # image whatever the order was (a no-op where the stream has other tokens)
+            # image whatever the order was (a no-op where the stream has other tokens); on a video
+            # (B, C, T, H, W) and a depthwise Conv3d: a new row-major video
             "conv_roundtrip")
 # Image tokens (no prefix/suffix) -> (B, C, h, w) -> 2x2 stride-2 conv -> tokens of an image of
-# half the size (SegFormer's reduced keys on the key/value side, a downsampling stage on the stream).
+# half the size (SegFormer's reduced keys on the key/value side, a downsampling stage on the stream);
+# on a video a (kt, 2, 2) stride-(kt, 2, 2) Conv3d, kt in {1, 2}.
 REDUCE_OPS = ("sr_conv",)
 # Ops that move tokens: the generator tracks the new order; most leave no raster image.
 REORDER_OPS = ("roll", "gather", "index_select", "flip", "inplace_roll", "index_copy")
@@ -103,7 +142,16 @@ class Spec:
     implementation: str = "grouped"
     compiled: bool = False     # also run through torch.compile(backend="gridattn")
     outputs: str = "last"      # "last" | "all": also return every stage's tokens (other readers)
-    embed: str = "conv2d"      # EMBEDDINGS
+    embed: str = "conv2d"      # EMBEDDINGS (VIDEO_EMBEDDINGS for a video case)
+    # drawn after everything above (random_spec), so their defaults leave every older spec as it was
+    grouping: str = "grid"     # GROUPINGS, the config's ``grouping``
+    frames: int = 0            # a video case: T frames of tokens (0: an image case)
+    tpatch: int = 1            # temporal patch pt of a video's Conv3d embedding
+
+    @property
+    def video_shape(self) -> tuple:
+        """The token grid right after the patch embedding: (T, H, W) of a video, (H, W) of an image."""
+        return (self.frames, self.height, self.width) if self.frames else (self.height, self.width)
 
     def text(self) -> str:
         return repr(self)
@@ -127,7 +175,7 @@ def random_spec(seed: int, compiled: bool = False) -> Spec:
     blocks = []
     for i in range(depth):
         blocks.append(_random_block(rng, first=(i == 0), cross=(i == cross_at)))
-    return Spec(
+    spec = Spec(
         seed=seed,
         dtype=rng.choice(("float64", "float64", "float64", "float32")),
         batch=rng.choice((1, 2)),
@@ -146,6 +194,35 @@ def random_spec(seed: int, compiled: bool = False) -> Spec:
         # drawn last: the fields above stay what they were for every seed
         embed=rng.choice(("conv2d",) * 4 + ("conv3d_t1", "conv3d_frames")),
     )
+    # Drawn after every field above (the same rule again): a seed whose new draws are the defaults
+    # (grid grouping, an image) builds the model it always built.
+    if rng.random() < 0.15:
+        spec = replace(spec, grouping="window")
+    if rng.random() < 0.3:
+        spec = _video_spec(rng, spec)
+    return spec
+
+
+def _video_spec(rng: random.Random, spec: Spec) -> Spec:
+    """``spec`` made a video case: stride, sizes, embedding and tokenizer redrawn for a clip (the
+    blocks, dtype, prefix/suffix and options drawn for the image stay)."""
+    stride = rng.choices(VIDEO_STRIDES, VIDEO_STRIDE_WEIGHTS)[0]
+    gt, gh, gw = stride_tuple(stride, 3)
+    # mostly a real video with >= 2 tokens per group along each axis; sometimes T = 1 (an image),
+    # or axes as small as the stride (one token per group along them) or smaller
+    frames = rng.choice((1, max(2, gt), 2 * gt, 2 * gt, 2 * gt + 1)) if rng.random() < 0.85 else rng.randint(1, 3)
+    if rng.random() < 0.85:
+        height, width = rng.randint(2 * gh, 2 * gh + 2), rng.randint(2 * gw, 2 * gw + 2)
+    else:
+        height, width = rng.randint(max(1, gh - 1), gh + 1), rng.randint(max(1, gw - 1), gw + 2)
+    embed = rng.choice(("conv3d_video",) * 3 + ("conv3d_frames_merged", "frames_conv2d"))
+    if embed == "conv3d_video":
+        tokenizer = rng.choice(("v_nchw",) * 3 + tuple(VIDEO_TOKENIZERS))
+    else:  # tokens per frame, then the frames merged into the sequence
+        tokenizer = rng.choice(("nchw", "nchw", "nchw_T", "nhwc", "nhwc_T", "nhwc_flat", "mirror"))
+    return replace(spec, stride=stride, frames=frames, height=height, width=width, embed=embed,
+                   tokenizer=tokenizer, tpatch=1 if embed == "frames_conv2d" else rng.choice((1, 2)),
+                   patch=rng.choice((1, 2)))
 
 
 def _random_block(rng: random.Random, first: bool, cross: bool) -> BlockSpec:
@@ -172,16 +249,40 @@ def _random_op(rng: random.Random) -> tuple:
 
 
 # --- ground truth ------------------------------------------------------------------------------
+@dataclass(frozen=True, order=True)
+class Voxel:
+    """A token of a video: frame ``t``, row ``r``, column ``c`` of the clip's token grid (of the
+    clip reduced ``level`` times). A class of its own, so that no image token ``(r, c)`` /
+    ``(r, c, level)`` and no non-image token can ever be read as one."""
+    t: int
+    r: int
+    c: int
+    level: int = 0
+
+    def __str__(self):
+        return f"t{self.t},{self.r},{self.c}" + (f"@{self.level}" if self.level else "")
+
+
 def _is_pixel(tok) -> bool:
-    """Image tokens are (r, c) of the input image or (r, c, level) of a reduced image."""
-    return isinstance(tok[0], int)
+    """Image tokens are (r, c) of the input image or (r, c, level) of a reduced image; video tokens
+    are Voxels."""
+    return isinstance(tok, Voxel) or isinstance(tok[0], int)
 
 
 def _level(tok) -> int:
+    if isinstance(tok, Voxel):
+        return tok.level
     return tok[2] if len(tok) == 3 else 0
 
 
+def _coords(tok) -> tuple:
+    """Logical coordinates of an image token: (t, r, c) of a video, (r, c) of an image."""
+    return (tok.t, tok.r, tok.c) if isinstance(tok, Voxel) else tuple(tok[:2])
+
+
 def _raster(dims: tuple, level: int) -> list:
+    if len(dims) == 3:
+        return [Voxel(t, r, c, level) for t, r, c in np.ndindex(*dims)]
     h, w = dims
     return [(r, c) if level == 0 else (r, c, level) for r in range(h) for c in range(w)]
 
@@ -211,20 +312,42 @@ class SiteTruth:
     ops_before: tuple          # every token op on the provenance path from the patch embedding
     kv_ops: tuple              # ops on the key/value side only
     batch: int                 # batch of the attention's queries
+    levels: dict | None = None  # {level: image sizes}: (H, W) or (T, H, W) of each image (reduction)
+    roots: dict | None = None  # {level: root level}: levels of one root are one image (or its reductions)
+    grouping: str = "grid"
 
     @property
     def causal(self) -> bool:
         return self.spec.form == "sdpa_causal"
 
     @property
+    def mirrored_window(self) -> bool:
+        """A mirrored raster under window grouping: its tiles are not the image's tiles (x // tile
+        differs from (n - 1 - x) // tile where the tile does not divide n), so it is no image here."""
+        return self.grouping == "window" and any(side is not None and side[3] for side in (self.q_image, self.k_image))
+
+    @property
+    def other_images(self) -> bool:
+        """Queries and keys are rasters of different images (one a conv of reordered tokens)."""
+        def root(order):
+            lv = next((_level(t) for t in order if _is_pixel(t)), 0)
+            return (self.roots or {}).get(lv, 0)
+        return self.q_image is not None and self.k_image is not None and root(self.q_order) != root(self.k_order)
+
+    @property
     def is_image_self_attention(self) -> bool:
-        return self.q_image is not None and self.k_image is not None and not self.cross and not self.causal
+        return (self.q_image is not None and self.k_image is not None and not self.cross and not self.causal
+                and not self.mirrored_window and not self.other_images)
 
     def describe(self) -> str:
         if self.cross:
             return "cross-image (queries and keys from different images)"
         if self.causal:
             return "causal attention (is_causal=True)"
+        if self.other_images:
+            return f"q {self.q_image[2]} and k {self.k_image[2]} are different images (a conv of reordered tokens)"
+        if self.mirrored_window:
+            return f"a mirrored raster under window grouping (q {self.q_image[2]}, k {self.k_image[2]})"
         if self.q_image is None:
             return f"queries not an image (token order {_short(self.q_order)})"
         if self.k_image is None:
@@ -234,25 +357,28 @@ class SiteTruth:
         return f"q {self.q_image[2]}, k {self.k_image[2]}"
 
     def log_mask(self, stride, dtype) -> torch.Tensor:
-        """log M for this site's true token order (groups from the original pixel coordinates)."""
+        """log M for this site's true token order (groups from the original pixel coordinates, each
+        side on its own image, with the site's grouping)."""
         assert self.is_image_self_attention
-        gh, gw = stride_tuple(stride)
 
         def groups(order):
-            return [(t[0] % gh, t[1] % gw) if _is_pixel(t) else None for t in order]
+            return [coord_group(_coords(t), self.levels[_level(t)], stride, self.grouping) if _is_pixel(t)
+                    else None for t in order]
 
         m = mask_from_groups(groups(self.q_order), groups(self.k_order))
         return torch.from_numpy(np.where(m, 0.0, -np.inf)).to(dtype)
 
 
 def _short(order, n=12) -> str:
-    toks = [",".join(map(str, t)) if _is_pixel(t) else f"{t[0]}{t[1]}" for t in order[:n]]
+    toks = [str(t) if isinstance(t, Voxel) else ",".join(map(str, t)) if _is_pixel(t) else f"{t[0]}{t[1]}"
+            for t in order[:n]]
     return "[" + " ".join(toks) + (" ...]" if len(order) > n else "]")
 
 
 def classify_image(order, levels):
-    """(prefix, suffix, description) when ``order`` is non-image tokens, a raster image, non-image
-    tokens; None otherwise. ``levels``: {level: (height, width)} of the images (or one (h, w))."""
+    """(prefix, suffix, description, mirrored) when ``order`` is non-image tokens, a raster image,
+    non-image tokens; None otherwise. ``levels``: {level: (height, width) or (T, H, W)} of the images
+    (or one such shape)."""
     if isinstance(levels, tuple):
         levels = {0: levels}
     pos = [i for i, t in enumerate(order) if _is_pixel(t)]
@@ -260,6 +386,8 @@ def classify_image(order, levels):
     if len(lvs) != 1:
         return None
     lv = lvs.pop()
+    if len(levels[lv]) == 3:
+        return _classify_video(order, pos, levels[lv], lv)
     height, width = levels[lv]
     n = height * width
     if len(pos) != n or (n and pos[-1] - pos[0] != n - 1):
@@ -281,8 +409,35 @@ def classify_image(order, levels):
                     p = pos[0] if n else len(order)
                     s = len(order) - p - n
                     how = f"{major}-major" + (" mirrored" if flip_r or flip_c else "") + (
-                        f", image reduced {lv}x" if lv else "")
-                    return p, s, f"{p}+{height}x{width}+{s} ({how})"
+                        f", image level {lv}" if lv else "")
+                    return p, s, f"{p}+{height}x{width}+{s} ({how})", flip_r or flip_c
+    return None
+
+
+def _classify_video(order, pos, dims, lv):
+    """classify_image for a video: the Voxels must be one T x H x W raster, the axes (t, h, w)
+    stored in any order, each possibly mirrored."""
+    n = math.prod(dims)
+    if len(pos) != n or (n and pos[-1] - pos[0] != n - 1):
+        return None
+    pixels = [order[i] for i in pos]
+    if len(set(pixels)) != n:
+        return None
+    for storage in itertools.permutations(range(3)):
+        for flips in itertools.product((False, True), repeat=3):
+            cand = []
+            for idx in np.ndindex(*(dims[a] for a in storage)):
+                logical = [0, 0, 0]
+                for a, x in zip(storage, idx):
+                    logical[a] = dims[a] - 1 - x if flips[a] else x
+                cand.append(Voxel(*logical, lv))
+            if cand == pixels:
+                p = pos[0] if n else len(order)
+                s = len(order) - p - n
+                how = "storage (" + ", ".join("thw"[a] for a in storage) + ")" + (
+                    " mirrored " + "".join("thw"[a] for a in range(3) if flips[a]) if any(flips) else "") + (
+                    f", video level {lv}" if lv else "")
+                return p, s, f"{p}+{'x'.join(map(str, dims))}+{s} (video, {how})", any(flips)
     return None
 
 
@@ -314,15 +469,86 @@ def _tokenized_order(how: str, height: int, width: int) -> list:
     raise ValueError(how)
 
 
+def _tokenize_video(y: torch.Tensor, how: str) -> torch.Tensor:
+    """VIDEO_TOKENIZERS: (B, C, T, H, W) -> (B, L, C)."""
+    B, C, T, H, W = y.shape
+    if how == "v_nchw":
+        return y.flatten(2).transpose(1, 2)
+    if how == "v_nhwc":
+        return y.permute(0, 2, 3, 4, 1).reshape(B, T * H * W, C)
+    if how == "v_nhwc_flat":
+        return y.permute(0, 2, 3, 4, 1).flatten(1, 3)
+    if how == "v_cols":
+        return y.permute(0, 2, 4, 3, 1).reshape(B, T * W * H, C)
+    if how == "v_th":
+        return y.transpose(2, 3).flatten(2).transpose(1, 2)
+    if how == "v_rev":
+        return y.permute(0, 4, 3, 2, 1).reshape(B, W * H * T, C)
+    if how == "v_mirror":
+        return y.flip(2).flatten(2).transpose(1, 2)
+    if how == "v_scramble":
+        return y.permute(0, 2, 3, 4, 1).reshape(B, H, T, W, C).permute(0, 2, 1, 3, 4).reshape(B, T * H * W, C)
+    raise ValueError(how)
+
+
+def video_tokens(y: torch.Tensor, embed: str, tokenizer: str, batch: int) -> torch.Tensor:
+    """A video embedding's output -> (B, T*H*W, C) tokens: ``y`` is (B, C, T, H, W) for the Conv3d
+    embeddings and (B*T, C, H, W) frames for frames_conv2d."""
+    if embed == "conv3d_video":
+        return _tokenize_video(y, tokenizer)
+    if embed == "conv3d_frames_merged":  # frames folded into the batch, tokens per frame, merged back
+        B, C, T, H, W = y.shape
+        return _tokenize(y.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W), tokenizer).reshape(B, T * H * W, C)
+    if embed == "frames_conv2d":  # CogVideoX
+        BT, C, H, W = y.shape
+        return _tokenize(y, tokenizer).view(batch, BT // batch, H * W, C).flatten(1, 2)
+    raise ValueError(embed)
+
+
+def traced_order(embed: str, tokenizer: str, dims: tuple, channels: int = 4) -> list:
+    """The original token at each position after ``video_tokens``: run it on a tensor of ids (2
+    clips, ``channels`` features; every entry names its clip, feature and (t, r, c)) and read each
+    position back. A position that does not hold one token's features in order is a mixed token."""
+    T, H, W = dims
+    B = 2
+    ids = torch.arange(B * channels * T * H * W, dtype=torch.float64).view(B, channels, T, H, W)
+    if embed == "frames_conv2d":
+        ids = ids.permute(0, 2, 1, 3, 4).reshape(B * T, channels, H, W)
+    out = video_tokens(ids, embed, tokenizer, B)
+    order = []
+    for i in range(out.shape[1]):
+        toks = set()
+        for b in range(B):
+            for ch in range(channels):
+                n = int(out[b, i, ch])
+                n, c = divmod(n, W)
+                n, r = divmod(n, H)
+                n, t = divmod(n, T)
+                bb, cc = divmod(n, channels)
+                toks.add((t, r, c) if (bb, cc) == (b, ch) else None)
+        order.append(Voxel(*toks.pop()) if len(toks) == 1 and None not in toks else ("m", i))
+    return order
+
+
 class TokenOp(nn.Module):
     """One op on the (B, L, C) token stream; ``order_after`` says where the tokens went."""
 
-    def __init__(self, name: str, param: int, order: list, extra_id: list, levels: dict):
+    def __init__(self, name: str, param: int, order: list, extra_id: list, levels: dict, roots: dict | None = None):
         super().__init__()
+        roots = {} if roots is None else roots
         self.name = name
         span = image_span(order, levels)
         self.start, level = span if span else (0, None)
-        self.hw = levels[level] if level is not None else None
+        self.hw = levels[level] if level is not None else None  # (H, W), or (T, H, W) of a video
+        video = len(levels[0]) == 3
+        # a conv over the image's tokens reshaped to their image is that image again (a conv
+        # projection, or a reduction: a level of the same root) only when they were in raster order;
+        # reshaping reordered tokens makes a different image (a root of its own)
+        in_raster = level is not None and order[self.start:self.start + math.prod(self.hw)] == _raster(self.hw, level)
+        self.out_level = level
+        if name == "conv_roundtrip" and level is not None and not in_raster:
+            self.out_level = max(levels) + 1
+            levels[self.out_level], roots[self.out_level] = self.hw, self.out_level
         rng = random.Random(param)
         L = len(order)
         self.shift = 0
@@ -336,13 +562,22 @@ class TokenOp(nn.Module):
             self.fc = nn.Linear(DIM, 2 * DIM)
         elif name == "conv_roundtrip":
             self.active = level is not None
-            self.conv = nn.Conv2d(DIM, DIM, 3, padding=1, groups=DIM)
+            self.conv = (nn.Conv3d if video else nn.Conv2d)(DIM, DIM, 3, padding=1, groups=DIM)
+        elif name == "sr_conv" and video:  # the video twin: rows and columns halved, frames maybe
+            kt = 2 if rng.random() < 0.5 and self.hw is not None and self.hw[0] >= 2 else 1
+            self.active = level is not None and min(self.hw[1:]) >= 2
+            self.conv = nn.Conv3d(DIM, DIM, (kt, 2, 2), (kt, 2, 2))
+            if self.active:
+                self.level = max(levels) + 1
+                self.new_hw = levels[self.level] = (self.hw[0] // kt, self.hw[1] // 2, self.hw[2] // 2)
+                roots[self.level] = roots.get(level, 0) if in_raster else self.level
         elif name == "sr_conv":
             self.active = level is not None and min(self.hw) >= 2
             self.conv = nn.Conv2d(DIM, DIM, 2, 2)
             if self.active:
                 self.level = max(levels) + 1
                 self.new_hw = levels[self.level] = (self.hw[0] // 2, self.hw[1] // 2)
+                roots[self.level] = roots.get(level, 0) if in_raster else self.level
         elif name in ("add_prefix", "add_suffix"):
             self.token = nn.Parameter(torch.randn(1, 1, DIM))
         elif name in ("roll", "inplace_roll"):
@@ -360,10 +595,10 @@ class TokenOp(nn.Module):
         if n == "mix_reshape":
             return [("m", i) for i in range(len(order))]
         if n == "conv_roundtrip" and self.active:
-            n_img = self.hw[0] * self.hw[1]
-            return order[:self.start] + _raster(self.hw, _level(order[self.start])) + order[self.start + n_img:]
+            n_img = math.prod(self.hw)
+            return order[:self.start] + _raster(self.hw, self.out_level) + order[self.start + n_img:]
         if n == "sr_conv" and self.active:
-            n_img = self.hw[0] * self.hw[1]
+            n_img = math.prod(self.hw)
             return order[:self.start] + _raster(self.new_hw, self.level) + order[self.start + n_img:]
         if n == "dup_tokens":
             return list(order) + list(order)
@@ -446,7 +681,7 @@ class TokenOp(nn.Module):
         if n in ("conv_roundtrip", "sr_conv"):
             if not self.active:
                 return x
-            p, n_img = self.start, self.hw[0] * self.hw[1]
+            p, n_img = self.start, math.prod(self.hw)
             img = x[:, p:p + n_img]
             y = self.conv(img.transpose(1, 2).reshape(B, C, *self.hw)).flatten(2).transpose(1, 2)
             return torch.cat([x[:, :p], y, x[:, p + n_img:]], dim=1) if n_img != L else y
@@ -626,31 +861,37 @@ class FuzzModel(nn.Module):
         super().__init__()
         self.spec = spec
         p = spec.patch
-        self.embed = nn.Conv2d(3, DIM, p, p) if spec.embed == "conv2d" else nn.Conv3d(3, DIM, (1, p, p), (1, p, p))
+        if spec.frames:
+            pt = spec.tpatch
+            self.embed = (nn.Conv2d(3, DIM, p, p) if spec.embed == "frames_conv2d"
+                          else nn.Conv3d(3, DIM, (pt, p, p), (pt, p, p)))
+        else:
+            self.embed = nn.Conv2d(3, DIM, p, p) if spec.embed == "conv2d" else nn.Conv3d(3, DIM, (1, p, p), (1, p, p))
         self.prefix_tokens = nn.Parameter(torch.randn(1, spec.prefix, DIM)) if spec.prefix else None
         self.suffix_tokens = nn.Parameter(torch.randn(1, spec.suffix, DIM)) if spec.suffix else None
         self.stages = nn.ModuleList()
         self.norm = nn.LayerNorm(DIM)
         gen = torch.Generator().manual_seed(spec.seed)
-        order = ([("p", i) for i in range(spec.prefix)]
-                 + _tokenized_order(spec.tokenizer, spec.height, spec.width)
-                 + [("s", i) for i in range(spec.suffix)])
+        image = (traced_order(spec.embed, spec.tokenizer, spec.video_shape) if spec.frames
+                 else _tokenized_order(spec.tokenizer, spec.height, spec.width))
+        order = [("p", i) for i in range(spec.prefix)] + image + [("s", i) for i in range(spec.suffix)]
         path_ops = (("tokenize", spec.tokenizer),) + ((("cat", "prefix/suffix"),) if spec.prefix or spec.suffix else ())
         extra_id = [0]
-        levels = {0: (spec.height, spec.width)}  # image sizes by reduction level
+        levels = {0: spec.video_shape}  # image (or video) sizes by level (reductions, new images)
+        roots = {0: 0}  # level -> the level of the image it is (a reduction of)
         batch = spec.batch * (2 if any(b.cross for b in spec.blocks) else 1)
         for i, blk in enumerate(spec.blocks):
             stage = nn.Module()
             stage.ops = nn.ModuleList()
             for name, param in blk.ops:
-                op = TokenOp(name, param, order, extra_id, levels)
+                op = TokenOp(name, param, order, extra_id, levels, roots)
                 stage.ops.append(op)
                 order = op.order_after
                 path_ops += ((name, param),)
             k_order = list(order)
             kv_ops = nn.ModuleList()
             for name, param in blk.kv_ops:
-                op = TokenOp(name, param, k_order, extra_id, levels)
+                op = TokenOp(name, param, k_order, extra_id, levels, roots)
                 kv_ops.append(op)
                 k_order = op.order_after
             q_batch = batch // 2 if blk.cross else batch
@@ -660,7 +901,8 @@ class FuzzModel(nn.Module):
                               k_order=k_order, cross=blk.cross or kv_batch_flipped,
                               q_image=classify_image(order, levels),
                               k_image=classify_image(k_order, levels),
-                              ops_before=path_ops, kv_ops=tuple(blk.kv_ops), batch=q_batch)
+                              ops_before=path_ops, kv_ops=tuple(blk.kv_ops), batch=q_batch,
+                              levels=levels, roots=roots, grouping=spec.grouping)
             truth_mask = None
             if truth.is_image_self_attention:
                 truth_mask = torch.isfinite(truth.log_mask(spec.stride, torch.float64))
@@ -677,8 +919,18 @@ class FuzzModel(nn.Module):
         clip = self.embed(img.transpose(0, 1).unsqueeze(0))  # (1, C, B, h, w): the batch as frames
         return clip.permute(0, 2, 1, 3, 4).flatten(0, 1)
 
+    def _tokens(self, img):
+        spec = self.spec
+        if not spec.frames:
+            return _tokenize(self._embed(img), spec.tokenizer)
+        if spec.embed == "frames_conv2d":  # (B, 3, T, h, w) clip -> (B*T, 3, h, w) frames
+            B, C3, T, h, w = img.shape
+            return video_tokens(self.embed(img.permute(0, 2, 1, 3, 4).reshape(B * T, C3, h, w)),
+                                spec.embed, spec.tokenizer, B)
+        return video_tokens(self.embed(img), spec.embed, spec.tokenizer, img.shape[0])
+
     def forward(self, img):
-        x = _tokenize(self._embed(img), self.spec.tokenizer)
+        x = self._tokens(img)
         B = x.shape[0]
         parts = [x]
         if self.prefix_tokens is not None:
@@ -708,7 +960,8 @@ def build(spec: Spec):
     model = FuzzModel(spec, truths).to(DTYPES[spec.dtype]).eval()
     batch = spec.batch * (2 if any(b.cross for b in spec.blocks) else 1)
     gen = torch.Generator().manual_seed(spec.seed + 1)
-    img = torch.randn(batch, 3, spec.height * spec.patch, spec.width * spec.patch, generator=gen,
+    clip = (spec.frames * spec.tpatch,) if spec.frames else ()  # a video: (B, 3, T*pt, H*p, W*p)
+    img = torch.randn(batch, 3, *clip, spec.height * spec.patch, spec.width * spec.patch, generator=gen,
                       dtype=torch.float64).to(DTYPES[spec.dtype])
     return model, (img,), truths
 

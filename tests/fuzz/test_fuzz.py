@@ -10,6 +10,7 @@ any other failure fails with the case's seed, spec text and report.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -107,6 +108,23 @@ def test_ci_seeds_cover_the_vocabulary():
     assert any(not s.move_regrouping for s in specs) and any(s.implementation == "masked" for s in specs)
 
 
+def test_ci_seeds_cover_the_video_vocabulary():
+    """The fixed seed set holds video cases of every embedding, tokenizer and video stride, real
+    videos and single frames, both temporal patches, window grouping on images and videos, and the
+    2-D ops' video twins."""
+    specs = [gen.random_spec(s) for s in range(FIRST_SEED, FIRST_SEED + CASES)]
+    if CASES < CI_CASES:
+        pytest.skip("coverage is asserted for the CI seed set or larger")
+    videos = [s for s in specs if s.frames]
+    assert {s.embed for s in videos} == set(gen.VIDEO_EMBEDDINGS)
+    assert {s.tokenizer for s in videos if s.embed == "conv3d_video"} == set(gen.VIDEO_TOKENIZERS)
+    assert {repr(s.stride) for s in videos} == {repr(g) for g in gen.VIDEO_STRIDES}
+    assert {s.frames == 1 for s in videos} == {True, False} and {s.tpatch for s in videos} == {1, 2}
+    assert {(bool(s.frames), s.grouping) for s in specs} == {(v, g) for v in (False, True) for g in gen.GROUPINGS}
+    ops = {o[0] for s in videos for b in s.blocks for o in b.ops + b.kv_ops}
+    assert {"conv_roundtrip", "sr_conv"} <= ops and ops & set(gen.REORDER_OPS) and ops & set(gen.BREAK_OPS)
+
+
 def test_specs_and_models_are_deterministic():
     a, b = gen.random_spec(7), gen.random_spec(7)
     assert a == b and a.text() == b.text()
@@ -131,6 +149,84 @@ def test_ground_truth_layouts():
     reduced = [(0, 0, 1), (0, 1, 1)]
     assert gen.classify_image([cls] + reduced, {0: (2, 3), 1: (1, 2)})[:2] == (1, 0)
     assert gen.classify_image(row[:3] + reduced, {0: (2, 3), 1: (1, 2)}) is None  # two images
+
+
+def test_video_ground_truth():
+    """Video tokens are Voxels, never image pixels; the order after a video tokenizer is read off the
+    tokenizer itself, the storage order of (t, h, w) and mirroring are recognised, a scramble is no
+    video, and groups come from (t, r, c) with the stride normalised to rank 3."""
+    dims = (2, 3, 2)
+    row = gen.traced_order("conv3d_video", "v_nchw", dims)
+    assert row == [gen.Voxel(t, r, c) for t in range(2) for r in range(3) for c in range(2)]
+    assert all(gen._is_pixel(v) and not isinstance(v, tuple) for v in row)
+    assert gen.traced_order("conv3d_video", "v_nhwc", dims) == row
+    assert gen.traced_order("conv3d_frames_merged", "nchw", dims) == row
+    assert gen.traced_order("frames_conv2d", "nhwc_flat", dims) == row
+    th = gen.traced_order("conv3d_video", "v_th", dims)
+    assert th == [gen.Voxel(t, r, c) for r in range(3) for t in range(2) for c in range(2)]
+    assert "storage (h, t, w)" in gen.classify_image(th, dims)[2]
+    assert "storage (t, w, h)" in gen.classify_image(gen.traced_order("frames_conv2d", "nchw_T", dims), dims)[2]
+    mirrored = gen.classify_image(gen.traced_order("conv3d_video", "v_mirror", dims), dims)
+    assert mirrored[3] and "mirrored t" in mirrored[2]
+    assert gen.classify_image(gen.traced_order("conv3d_video", "v_scramble", dims), dims) is None
+    cls = ("p", 0)
+    assert gen.classify_image([cls] + row, dims)[:2] == (1, 0)
+    assert gen.classify_image(row[1:] + row[:1], dims) is None
+    assert gen.classify_image([cls] + row[:6], {0: (1, 3, 2)})[:2] == (1, 0)   # a single frame
+    # a video token is no image token of the same numbers: a 2-D image of the 3 x 2 frame is not found
+    assert gen.classify_image(row[:6], {0: (3, 2)}) is None
+    truth = gen.SiteTruth("a", 0, gen.BlockSpec(), [cls] + th, [cls] + th, False,
+                          gen.classify_image([cls] + th, dims), gen.classify_image([cls] + th, dims),
+                          (), (), 1, levels={0: dims})
+    m = torch.isfinite(truth.log_mask((2, 2, 2), torch.float64))
+    for i, a in enumerate(th):
+        for j, b in enumerate(th):
+            same = (a.t % 2, a.r % 2, a.c % 2) == (b.t % 2, b.r % 2, b.c % 2)
+            assert bool(m[i + 1, j + 1]) == same
+    assert m[0].all() and m[:, 0].all()
+    flat = torch.isfinite(truth.log_mask(2, torch.float64))   # an int stride: every group spans all frames
+    assert bool(flat[1 + th.index(gen.Voxel(0, 0, 0)), 1 + th.index(gen.Voxel(1, 2, 0))])
+    window = replace(truth, grouping="window")
+    wm = torch.isfinite(window.log_mask((1, 2, 2), torch.float64))   # tiles of ceil(3/2) = 2 rows, 1 column
+    assert bool(wm[1 + th.index(gen.Voxel(0, 0, 0)), 1 + th.index(gen.Voxel(1, 1, 0))])
+    assert not bool(wm[1 + th.index(gen.Voxel(0, 1, 0)), 1 + th.index(gen.Voxel(0, 2, 0))])
+    assert replace(window, q_image=mirrored, k_image=mirrored).is_image_self_attention is False
+
+
+VIDEO_SPEC = gen.Spec(seed=3, height=4, width=4, frames=4, tpatch=2, prefix=1, embed="conv3d_video",
+                      tokenizer="v_nchw", blocks=(gen.BlockSpec(form="m_qscale"), gen.BlockSpec(ops=(("ln", 0),))),
+                      stride=(2, 2, 2))
+
+
+@pytest.mark.parametrize("embed,tokenizer", [("conv3d_video", "v_nchw"), ("conv3d_video", "v_th"),
+                                             ("conv3d_frames_merged", "nhwc"), ("frames_conv2d", "nchw_T")])
+@pytest.mark.parametrize("grouping", ["grid", "window"])
+def test_video_cases_are_rewritten_exactly(embed, tokenizer, grouping):
+    """Real videos (T = 4, temporal patch 2 where a Conv3d embeds) through each embedding, row-major
+    and with the axes stored in another order, at stride (2, 2, 2): rewritten and equal to the oracle
+    of the true (t, r, c) of every token."""
+    spec = replace(VIDEO_SPEC, embed=embed, tokenizer=tokenizer, grouping=grouping,
+                   tpatch=1 if embed == "frames_conv2d" else 2)
+    result = check.run_case(spec)
+    assert result.ok, result.describe()
+    assert set(result.decisions.values()) == {"rewritten"}, result.describe()
+    assert "2x2x2" in result.report
+
+
+def test_the_checker_has_video_teeth(monkeypatch):
+    """A checker that dropped the temporal stride, or read the (h, t, w) tokens as row-major, must
+    be caught."""
+    assert check.run_case(VIDEO_SPEC).ok
+    truth_mask = gen.SiteTruth.log_mask
+    with monkeypatch.context() as m:
+        m.setattr(gen.SiteTruth, "log_mask", lambda self, stride, dtype: truth_mask(self, (1, 2, 2), dtype))
+        result = check.run_case(VIDEO_SPEC)
+        assert result.failures and {f.kind for f in result.failures} == {"wrong-result"}, result.describe()
+    spec = replace(VIDEO_SPEC, tokenizer="v_th", stride=(2, 1, 2))  # T == H: only the strides tell t from h
+    assert check.run_case(spec).ok
+    monkeypatch.setattr(gen, "traced_order", lambda embed, tokenizer, dims: gen._raster(dims, 0))
+    result = check.run_case(spec)
+    assert result.failures and {f.kind for f in result.failures} == {"wrong-result"}, result.describe()
 
 
 def test_the_checker_has_teeth(monkeypatch):
