@@ -118,3 +118,19 @@ def test_committed_family_weights_load_and_are_small(family):
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))  # the low-resolution path (interpolated positions)
     assert out.shape == (1, 4, 64, 64) and torch.isfinite(out).all()
+
+
+def test_finetune_seeds_draw_disjoint_batches():
+    """Seed 0 keeps the committed results' batches; seed k's batches overlap no other run's, nor the
+    held-out or calibration seeds (evaluate --finetune-seeds)."""
+    from benchmarks.fidelity import evaluate
+    from benchmarks.fidelity.families import FAMILIES
+    from benchmarks.fidelity.metrics import HELDOUT_SEED
+
+    assert evaluate.finetune_data_seed(0) == evaluate.FINETUNE_SEED_BASE
+    steps = max(f.finetune_steps for f in FAMILIES.values())
+    blocks = [range(evaluate.finetune_data_seed(k), evaluate.finetune_data_seed(k) + steps) for k in range(10)]
+    for a, b in zip(blocks, blocks[1:]):
+        assert a[-1] < b[0]
+    for seed in (HELDOUT_SEED, evaluate.CALIBRATION_SEED):
+        assert all(seed not in r for r in blocks)

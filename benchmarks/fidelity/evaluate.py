@@ -168,10 +168,8 @@ def run_config(name: str, model, images, labels, ref_logits=None, stride: int = 
     torch._dynamo.reset()
     rewritten: list[str] = []
     t0 = time.perf_counter()
-    if options is None:
+    if options is None:  # eager: nothing to build, so no warm-up call (it cost ~15 s per sam row)
         runner = model
-        with torch.no_grad():
-            model(images[:EVAL_BATCH])
         summary = "eager, unmodified"
     elif engine == "rewrite":
         runner, report = gridattn_fx.rewrite(model, (images[:EVAL_BATCH],), grid_config(stride, options))
