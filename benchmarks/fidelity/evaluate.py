@@ -51,7 +51,7 @@ import gridattn_fx
 
 from .data import CLASSES, NUM_CLASSES, make_batch
 from .families import FAMILIES, Family
-from .metrics import HELDOUT_SEED, HELDOUT_SIZE, confusion, heldout, iou_per_class, miou
+from .metrics import HELDOUT_SEED, confusion, heldout, iou_per_class, miou, per_image_confusion
 from .model import SegViT, predict
 
 __all__ = [
@@ -79,30 +79,24 @@ BOOTSTRAP_DRAWS = 200          # held-out resamples for the noise of each drop
 
 
 def load_model(path: str = WEIGHTS, **config) -> SegViT:
-    """The trained SegViT in eval mode.
+    """The trained SegViT in eval mode (:func:`load_family` for ``segvit``), constructor arguments
+    overridden by ``config``."""
+    return load_family(FAMILIES["segvit"], path, **config)
 
-    The constructor arguments are the ``segvit_kwargs`` of the ``train_log.json`` next to the
-    weights when there is one (SegViT's defaults otherwise), overridden by ``config``.
+
+def load_family(family: Family, path: str | None = None, **config) -> torch.nn.Module:
+    """A family's trained model in eval mode.
+
+    The constructor arguments are the ones its training log next to the weights records (the
+    family's ``model_config`` when there is no log), overridden by ``config``.
     """
-    log = os.path.join(os.path.dirname(os.path.abspath(path)), "train_log.json")
-    kwargs = {}
-    if os.path.exists(log):
-        with open(log) as f:
-            kwargs = json.load(f).get("segvit_kwargs", {})
-    model = SegViT(**{**kwargs, **config})
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
-def load_family(family: Family, path: str | None = None) -> torch.nn.Module:
-    """A family's trained model in eval mode (constructor arguments from its training log)."""
     path = path or os.path.join(HERE, family.weights)
     log = os.path.join(os.path.dirname(os.path.abspath(path)), family.train_log)
     kwargs = dict(family.model_config)
     if os.path.exists(log):
         with open(log) as f:
             kwargs = json.load(f).get(family.kwargs_key, kwargs)
-    model = family.build(**kwargs)
+    model = family.build(**{**kwargs, **config})
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.eval()
@@ -284,15 +278,6 @@ def finetune(
 
 def _drop(base: float, x: float) -> float:
     return 100.0 * (base - x) / base
-
-
-def per_image_confusion(pred: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """(N, C, C) confusion matrices, one per image (rows = true class)."""
-    n = labels.shape[0]
-    idx = labels.reshape(n, -1) * num_classes + pred.reshape(n, -1)
-    idx = idx + (torch.arange(n)[:, None] * num_classes * num_classes)
-    counts = torch.bincount(idx.reshape(-1), minlength=n * num_classes * num_classes)
-    return counts.reshape(n, num_classes, num_classes)
 
 
 def bootstrap_drop(base_conf: torch.Tensor, conf: torch.Tensor, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> tuple[float, float]:

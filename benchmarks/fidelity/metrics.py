@@ -6,7 +6,7 @@ import torch
 
 from .data import NUM_CLASSES, make_batch
 
-__all__ = ["HELDOUT_SEED", "HELDOUT_SIZE", "confusion", "heldout", "iou_per_class", "miou"]
+__all__ = ["HELDOUT_SEED", "HELDOUT_SIZE", "confusion", "heldout", "iou_per_class", "miou", "per_image_confusion"]
 
 # Training batches use seeds 0, 1, 2, ... (one per step); the held-out set is far away from them.
 HELDOUT_SEED = 1_000_003
@@ -22,6 +22,15 @@ def confusion(pred: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_C
     """(num_classes, num_classes) int64 confusion matrix, rows = true class, columns = predicted."""
     idx = labels.reshape(-1).long() * num_classes + pred.reshape(-1).long()
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_image_confusion(pred: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """(N, C, C) confusion matrices, one per image (rows = true class)."""
+    n = labels.shape[0]
+    idx = labels.reshape(n, -1) * num_classes + pred.reshape(n, -1)
+    idx = idx + (torch.arange(n)[:, None] * num_classes * num_classes)
+    counts = torch.bincount(idx.reshape(-1), minlength=n * num_classes * num_classes)
+    return counts.reshape(n, num_classes, num_classes)
 
 
 def iou_per_class(conf: torch.Tensor) -> torch.Tensor:

@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         model_config["stem"] = args.stem
     model = family.build(**model_config)
     n_params = sum(p.numel() for p in model.parameters())
-    # position embeddings (segvit/sam pos_embed, sam's rel_pos_h/w tables) are not decayed
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n.rsplit(".", 1)[-1]]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n.rsplit(".", 1)[-1])]
+    # biases, norms and position embeddings (segvit/sam pos_embed, sam's rel_pos_h/w tables) are not decayed
+    decayed = {n for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n.rsplit(".", 1)[-1]}
+    decay = [p for n, p in model.named_parameters() if n in decayed]
+    no_decay = [p for n, p in model.named_parameters() if n not in decayed]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
