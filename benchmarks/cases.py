@@ -75,7 +75,7 @@ def _compile(cfg: Config):
 def run_case(case: str, size: str, configs: list[Config], inputs: tuple, *, runs: int, warmup: int,
              echo: Callable[[str], None] = print, memory: bool = True) -> list[Row]:
     """Compile (timed), check outputs, time interleaved, then measure memory and FLOPs."""
-    from gridattn_fx.flops import count_flops
+    from gridattn_fx.tools.flops import count_flops
 
     torch._dynamo.reset()
     rows = {c.name: Row(case, size, c.name) for c in configs}
@@ -230,7 +230,7 @@ def dynamic_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, memo
     """Case 6: the symbolic-size rewrite against the static one at one resolution: the attention
     block compiled with dynamic=True vs dynamic=False (gridattn stride 2; inductor both ways for
     reference). The static rewrite moves its regrouping across the projections; the symbolic one
-    keeps it at the attention call (passes/regroup_motion.py), so the static at-site form is timed too."""
+    keeps it at the attention call (passes/motion.py), so the static at-site form is timed too."""
     from .models import AttentionBlock
 
     rows: list[Row] = []

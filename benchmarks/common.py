@@ -115,7 +115,7 @@ def pass_timer(reports: Optional[list] = None):
 
     Yields a list whose single element is the seconds spent so far; the pass's reports (one per
     graph) are appended to ``reports``."""
-    import gridattn_fx.dynamo_backend as backend_module
+    import gridattn_fx.frontends.backend as backend_module
 
     spent = [0.0]
     original = getattr(backend_module, "apply_pass", None)

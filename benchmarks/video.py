@@ -231,7 +231,7 @@ def video_block_case(shape=(8, 32, 32), *, heads=2, head_dim=32, runs, warmup, e
 
 def _flex_flops(block, flex, x, dense):
     def f():
-        from gridattn_fx.flops import count_flops
+        from gridattn_fx.tools.flops import count_flops
 
         # the block's dense FLOPs, less the attention FLOPs the block mask skips
         return (count_flops(block, (x,)) - dense * (1 - flex.attention_density())) / 1e9, "block-mask density"

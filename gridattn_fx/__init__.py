@@ -7,13 +7,13 @@
     gridattn_fx.prepare(model, (images,))   # layouts for regional compilation and graph breaks
 """
 
-from .api import capture, rewrite
-from .calibrate import Calibration, calibrate
-from .config import GridAttnConfig
-from .declarations import ImageTokens
-from .dynamo_backend import backend
+from .frontends.api import capture, rewrite
+from .tools.calibrate import Calibration, calibrate
+from .config.options import GridAttnConfig
+from .crossgraph.declarations import ImageTokens
+from .frontends.backend import backend
 from .grid import TokenLayout, cluster, grid_mask, grouped_attention, masked_attention, recover
-from .prepare import prepare, prepared_layouts, unprepare
+from .crossgraph.prepare import prepare, prepared_layouts, unprepare
 from .report import Report, SiteReport, last_report, report_history
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gridattn_fx.demo import add_demo_arguments
+    from gridattn_fx.tools.demo import add_demo_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m gridattn_fx",
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_demo_arguments(demo)
-    from gridattn_fx.model_report import add_report_arguments
+    from gridattn_fx.tools.report_cli import add_report_arguments
 
     report = sub.add_parser(
         "report",
@@ -64,11 +64,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger("gridattn_fx").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
 
     if args.command == "demo":
-        from gridattn_fx.demo import demo_from_args
+        from gridattn_fx.tools.demo import demo_from_args
 
         return demo_from_args(args, echo=lambda line: print(line, flush=True))
     if args.command == "report":
-        from gridattn_fx.model_report import ReportError, run_report
+        from gridattn_fx.tools.report_cli import ReportError, run_report
 
         try:
             return run_report(args, echo=lambda line: print(line, flush=True))

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 from .grid import TokenLayout, format_stride
-from .torch_logs import report_log
+from .frontends.torch_logs import report_log
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -31,9 +31,9 @@ class SiteReport:
     stride: tuple[int, ...] | None
     flops_before: int | None
     flops_after: int | None
-    regrouping: str = ""   # rewritten sites: where the cluster / recover went (passes/regroup_motion.py)
+    regrouping: str = ""   # rewritten sites: where the cluster / recover went (passes/motion.py)
     # Where the query's layout came from: "proven in this graph", "remembered by prepare",
-    # "declared" or "handed over across a split" (passes/layout.py: layout_source).
+    # "declared" or "handed over across a split" (layout/analysis.py: layout_source).
     layout_source: str = ""
     grouping: str = "grid"   # rewritten sites: "grid" or "window" (the stride column names a window)
 
@@ -138,7 +138,7 @@ def record(report: Report) -> None:
     _history.append(report)
     del _history[:-_HISTORY_LIMIT]
     # A child of the gridattn_fx logger (same output as before), and the torch artifact
-    # "gridattn_report": TORCH_LOGS="gridattn_report" shows the reports alone (gridattn_fx/torch_logs.py).
+    # "gridattn_report": TORCH_LOGS="gridattn_report" shows the reports alone (gridattn_fx/frontends/torch_logs.py).
     report_log.info("gridattn rewrite report:\n%s", report)
 
 

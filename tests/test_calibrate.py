@@ -8,7 +8,7 @@ from oracle import assert_close64, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx import GridAttnConfig  # noqa: E402
-from gridattn_fx.calibrate import relative_error  # noqa: E402
+from gridattn_fx.tools.calibrate import relative_error  # noqa: E402
 
 LAYOUT = (1, 8, 8)
 

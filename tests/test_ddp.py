@@ -1,7 +1,7 @@
 """Fine-tuning under DistributedDataParallel (gloo, 2 processes on loopback) through the backend.
 
 DDPOptimizer splits the captured graph at bucket boundaries (tests/ddp_worker.py picks sizes so it
-does); sites in a later piece must still be proven (passes/split_handoff.py) and rewritten exactly
+does); sites in a later piece must still be proven (crossgraph/split_handoff.py) and rewritten exactly
 as on one process, and the averaged gradients must equal the single-process gradients.
 """
 

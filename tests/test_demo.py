@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import gridattn_fx.demo as demo
+import gridattn_fx.tools.demo as demo
 from gridattn_fx.__main__ import main
-from gridattn_fx.demo_model import build_demo_model
+from gridattn_fx.tools.demo_model import build_demo_model
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2)
 

@@ -13,8 +13,8 @@ from models import ViT, build, image
 from oracle import assert_close64, assert_differs, assert_equal_exact, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
-from gridattn_fx.config import GridAttnConfig  # noqa: E402
-from gridattn_fx.dynamo_backend import apply_pass  # noqa: E402
+from gridattn_fx.config.options import GridAttnConfig  # noqa: E402
+from gridattn_fx.frontends.backend import apply_pass  # noqa: E402
 
 OPTS = {"stride": 2, "min_image_tokens": 0}
 SITE = r"blocks\.0\.attn"
@@ -132,7 +132,7 @@ def test_batch_and_resolution_both_symbolic():
 def test_shuffle_with_symbolic_sizes_warns_once_per_graph():
     # shuffle distributing is rewritten for static sizes only: the site stays dense, and every
     # graph that leaves it dense says so (not once per process)
-    from gridattn_fx.dynamo_backend import _warn_symbolic
+    from gridattn_fx.frontends.backend import _warn_symbolic
 
     backend = PassBackend(training=True, distributing="shuffle")
     for _ in range(2):
@@ -167,7 +167,7 @@ def test_real_backend_across_resolutions():
 def test_reshape_proof_needs_symbolic_equality_not_equal_hints():
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from gridattn_fx.passes.layout import _reshape_groups
+    from gridattn_fx.layout.analysis import _reshape_groups
 
     env = ShapeEnv(duck_shape=False)
     from torch._dynamo.source import ConstantSource

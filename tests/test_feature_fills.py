@@ -1,4 +1,4 @@
-"""Fresh tensors filled along trailing axes (passes/layout.py ``_feature_fills``).
+"""Fresh tensors filled along trailing axes (layout/analysis.py ``_feature_fills``).
 
 Interleaved rotary embeddings write their output into a new tensor, feature slice by feature slice
 (diffusers' Wan: ``out = torch.empty_like(x); out[..., 0::2] = ...; out[..., 1::2] = ...``). Such a

@@ -1,12 +1,12 @@
-"""Whole-model FLOPs (gridattn_fx.flops): the CPU flash-SDPA op is counted, fake and real runs agree,
+"""Whole-model FLOPs (gridattn_fx.tools.flops): the CPU flash-SDPA op is counted, fake and real runs agree,
 and a rewritten graph costs exactly the attention FLOPs the report says it saves."""
 
 import torch
 import torch.nn.functional as F
 
 import gridattn_fx
-from gridattn_fx.demo_model import build_demo_model
-from gridattn_fx.flops import count_flops, register_cpu_sdpa_flops
+from gridattn_fx.tools.demo_model import build_demo_model
+from gridattn_fx.tools.flops import count_flops, register_cpu_sdpa_flops
 
 
 def test_cpu_sdpa_is_counted():

@@ -357,7 +357,7 @@ def test_a_pass_that_fails_part_way_still_reports_every_site(monkeypatch):
 def test_a_dynamo_restart_in_the_pass_propagates(monkeypatch):
     from torch._dynamo.exc import TensorifyScalarRestartAnalysis
 
-    import gridattn_fx.dynamo_backend as backend_module
+    import gridattn_fx.frontends.backend as backend_module
 
     real, calls = backend_module.run_pass, []
 

@@ -1,4 +1,4 @@
-"""The op catalogue (gridattn_fx/patterns/op_rules.py): one place says what each op does to token
+"""The op catalogue (gridattn_fx/ir/op_catalogue.py): one place says what each op does to token
 axes, and the layout proof, the regrouping motion and the manual-form reader all read it.
 
 The tests check the catalogue itself, that its consumers hold no second copy, and the cases where
@@ -16,8 +16,8 @@ from models import DIM, HEADS, attend, build, image
 from oracle import assert_close64, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
-from gridattn_fx.patterns import op_rules  # noqa: E402
-from gridattn_fx.patterns.op_rules import RULES, OpRule, source_rank  # noqa: E402
+from gridattn_fx.ir import op_catalogue as op_rules  # noqa: E402
+from gridattn_fx.ir.op_catalogue import RULES, OpRule, source_rank  # noqa: E402
 
 
 def test_every_kind_is_known_and_every_op_has_one_rule():
@@ -51,7 +51,8 @@ def test_source_rank(name, ndim, rank):
 
 
 def test_consumers_hold_no_second_copy():
-    from gridattn_fx.passes import layout, regroup_motion
+    from gridattn_fx.layout import analysis as layout
+    from gridattn_fx.passes import motion as regroup_motion
     from gridattn_fx.patterns import manual
 
     assert manual._CASTS is op_rules.CASTS and manual._VIEWS is op_rules.SHAPED_RESHAPES

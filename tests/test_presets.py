@@ -4,7 +4,7 @@ import pytest
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx import GridAttnConfig  # noqa: E402
-from gridattn_fx.presets import PRESETS, preset_for_model  # noqa: E402
+from gridattn_fx.config.presets import PRESETS, preset_for_model  # noqa: E402
 
 from models import ViT, build, image  # noqa: E402
 

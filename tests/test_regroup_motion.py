@@ -1,4 +1,4 @@
-"""Regrouping moved across per-token ops (gridattn_fx/passes/regroup_motion.py).
+"""Regrouping moved across per-token ops (gridattn_fx/passes/motion.py).
 
 The pass may put a site's Grid Clustering above the ops that make q/k/v and its Grid Recovering
 below the ops that consume the output. These tests check that the result is still exactly the
@@ -16,14 +16,14 @@ from oracle import assert_close64, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx import GridAttnConfig, TokenLayout  # noqa: E402
-from gridattn_fx.api import capture  # noqa: E402
+from gridattn_fx.frontends.api import capture  # noqa: E402
 from gridattn_fx.grid import cluster, cluster_axis, recover_axis  # noqa: E402
-from gridattn_fx.passes.layout import LayoutAnalysis, module_path  # noqa: E402
+from gridattn_fx.layout.analysis import LayoutAnalysis, module_path  # noqa: E402
 from gridattn_fx.passes.pipeline import ensure_values  # noqa: E402
 from gridattn_fx.passes.policy import decide  # noqa: E402
-from gridattn_fx.passes.regroup_motion import plan_motion  # noqa: E402
+from gridattn_fx.passes.motion import plan_motion  # noqa: E402
 from gridattn_fx.patterns import find_attention_sites  # noqa: E402
-from gridattn_fx.patterns.ops import op_name  # noqa: E402
+from gridattn_fx.ir.ops import op_name  # noqa: E402
 
 
 def rewrite(model, inputs, **opts):

@@ -14,7 +14,7 @@ from models import ViT, build, image
 from oracle import assert_close64, assert_differs, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
-from gridattn_fx.api import capture, check_input_shapes  # noqa: E402
+from gridattn_fx.frontends.api import capture, check_input_shapes  # noqa: E402
 
 OPTS = {"stride": 2, "min_image_tokens": 0}
 
@@ -61,7 +61,7 @@ def test_check_keeps_parameters_and_survives_copies_and_dead_code_elimination():
     model = _vit()
     x = image(2, 16, 16)
     gm, _ = gridattn_fx.rewrite(model, (x,), **OPTS)
-    # the model's own names (gridattn_fx/state_dict.py), untouched by the inserted check
+    # the model's own names (gridattn_fx/frontends/state_dict.py), untouched by the inserted check
     assert list(gm.state_dict()) == list(model.state_dict())
     assert [n for n, _ in gm.named_parameters()] == [n for n, _ in model.named_parameters()]
     assert len(_checks(gm)) == 1

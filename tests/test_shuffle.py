@@ -177,7 +177,7 @@ def test_compiled_training_is_reproducible_without_recompiles_and_eval_is_straig
     model, compiled = _compiled_vit()  # inductor's own RNG this time
     x = image(2, 16, 16)
     calls = []
-    import gridattn_fx.dynamo_backend as backend_module
+    import gridattn_fx.frontends.backend as backend_module
 
     original = backend_module.apply_pass
 
@@ -205,7 +205,7 @@ def test_compiled_training_is_reproducible_without_recompiles_and_eval_is_straig
 
 
 def test_shuffle_needs_a_module_to_know_the_mode(monkeypatch):
-    import gridattn_fx.dynamo_backend as backend_module
+    import gridattn_fx.frontends.backend as backend_module
 
     monkeypatch.setattr(backend_module, "_warned", set())
     model = build(ViT, depth=1, n_cls=1, grid=(8, 8)).train()

@@ -1,7 +1,7 @@
 """Video (rank-3) sites through the policy and the rewrite (issue 13), grid and window grouping.
 
 The layout proof of T x H x W tokens (Conv3d sources, 5-D reshapes) is another part of issue 13
-(passes/layout.py); here the video layout is supplied to the pass by a test-only LayoutAnalysis
+(layout/analysis.py); here the video layout is supplied to the pass by a test-only LayoutAnalysis
 that answers, for the sequence axis of a flattened ``(B, [prefix +] T*H*W, C)`` input, the layout the
 test declares. Everything after the proof runs as in production: the policy's decisions and
 report text, the plan, the inserted regrouping (at the call and moved to the projections),
@@ -19,7 +19,7 @@ gridattn_fx = pytest.importorskip("gridattn_fx")
 import gridattn_fx.passes.pipeline as pipeline  # noqa: E402
 from gridattn_fx import TokenLayout  # noqa: E402
 from gridattn_fx.grid import draw_assignment  # noqa: E402
-from gridattn_fx.passes.layout import LayoutAnalysis  # noqa: E402
+from gridattn_fx.layout.analysis import LayoutAnalysis  # noqa: E402
 
 
 class VideoTokens(nn.Module):

@@ -1,4 +1,4 @@
-"""Video token layouts (T x H x W) proven from the graph's dataflow (passes/layout.py, issue 13).
+"""Video token layouts (T x H x W) proven from the graph's dataflow (layout/analysis.py, issue 13).
 
 Sources: a Conv3d (or 3-D pool) output; frames folded into the batch and merged back into the
 sequence (CogVideoX); 5-D reshapes and permutes; text prefix tokens. The tests assert the proven

@@ -148,7 +148,7 @@ def test_unmatched_site_groupings_key_is_reported():
 def test_window_grouping_with_symbolic_sizes(implementation):
     """dynamic=True: the window tiles are computed from symbolic sizes (guarded as for grid), and
     every resolution, divisible or not, equals its oracle."""
-    from gridattn_fx.dynamo_backend import apply_pass
+    from gridattn_fx.frontends.backend import apply_pass
 
     config, _ = GridAttnConfig.from_options({"stride": 2, "min_image_tokens": 0, "grouping": "window",
                                              "implementation": implementation})

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # The demo model's global multi-head SDPA attention (qkv -> heads -> SDPA -> proj), same weights layout.
-from gridattn_fx.demo_model import Attention
+from gridattn_fx.tools.demo_model import Attention
 
 from .data import IMAGE_SIZE, NUM_CLASSES
 

@@ -1,7 +1,7 @@
 """The grid semantics as plain tensor functions (a package: one concept per module).
 
 Everything here runs eagerly on real tensors *and* is what the rewrite inserts into graphs:
-``passes/grid_rewrite.py`` traces :meth:`GridPlan.grouped` / :meth:`GridPlan.masked` with
+``passes/rewrite.py`` traces :meth:`GridPlan.grouped` / :meth:`GridPlan.masked` with
 ``torch.fx`` and inlines the result, so the code tested directly is the code that runs compiled.
 For that reason every shape decision here depends only on plan constants (layouts, stride, ranks),
 never on ``tensor.shape`` read at run time; batch and head sizes flow through ``-1`` and

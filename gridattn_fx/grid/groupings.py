@@ -19,7 +19,7 @@ Shuffle distributing (grid grouping only) permutes, inside every ``g_0 x g_1 x .
 offset goes to which group (:func:`draw_assignment`); window grouping has no blocks to shuffle.
 
 Every size decision depends only on the sizes passed in (plan constants, possibly symbolic: see
-passes/grid_rewrite.py), never on ``tensor.shape`` read at run time, and every axis is addressed
+passes/rewrite.py), never on ``tensor.shape`` read at run time, and every axis is addressed
 from the end, so leading batch/head axes of any number pass through.
 """
 
@@ -123,7 +123,7 @@ def layout_padded(layout: TokenLayout, stride: Stride) -> bool:
 def _split_axis(x, dim: int, sizes: tuple):
     """``x.unflatten(dim, sizes)`` for a negative ``dim``.
 
-    With symbolic sizes (passes/grid_rewrite.py) the split is spelled as a strided view instead: a
+    With symbolic sizes (passes/rewrite.py) the split is spelled as a strided view instead: a
     reshape's symbolic shape rule derives every inner size by floor division (``H*H // H``,
     ``H // (H // 2)``), which sympy leaves unsimplified, and those divisions then sit in every index
     of the generated kernels (they made the dynamic-shape rewrite 1.6x slower than the static one).

@@ -138,6 +138,6 @@ def format_stride(stride) -> str:
 
 def _ceil_div(n: int, d: int) -> int:
     """ceil(n / d), written for sizes that may be symbolic."""
-    # Symbolic sizes (passes/grid_rewrite.py): `n % d == 0` is the guard the padding decision takes
+    # Symbolic sizes (passes/rewrite.py): `n % d == 0` is the guard the padding decision takes
     # anyway, and `n // d` / `(n + d - 1) // d` stay expressions the ShapeEnv simplifies.
     return n // d if n % d == 0 else (n + d - 1) // d

@@ -45,7 +45,7 @@ class GridPlan:
     # Shuffle distributing: every call draws a fresh assignment (training only; the pass decides).
     shuffle: bool = False
     # q, k, v arrive with their image tokens already in group-major order (:func:`cluster_axis`,
-    # moved above the projections by passes/regroup_motion.py) and the output leaves in that order.
+    # moved above the projections by passes/motion.py) and the output leaves in that order.
     pregrouped: bool = False
     grouping: Grouping = GRID
 

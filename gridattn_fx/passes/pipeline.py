@@ -10,17 +10,17 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..config import GridAttnConfig, site_stride_names
+from ..config.options import GridAttnConfig, site_stride_names
 from ..patterns import AttentionSite, find_attention_sites
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
-from .grid_rewrite import fake_evaluation, plan_sizes, rewrite_site
-from ..patterns.values import value_of as _val
-from .layout import LayoutAnalysis, _hint, layout_source, module_path
-from .layout_hints import strip_layout_hints
+from .rewrite import fake_evaluation, plan_sizes, rewrite_site
+from ..ir.values import value_of as _val
+from ..layout.analysis import LayoutAnalysis, _hint, layout_source, module_path
+from ..crossgraph.hints import strip_layout_hints
 from .policy import at_hints, decide
-from .region import find_region
-from .regroup_motion import apply_motion, check_motion, plan_motion
-from .split_handoff import inherited_facts, leave_facts
+from ..crossgraph.region import find_region
+from .motion import apply_motion, check_motion, plan_motion
+from ..crossgraph.split_handoff import inherited_facts, leave_facts
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -95,12 +95,12 @@ def is_dynamo_restart(err: BaseException) -> bool:
 
 def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConfig) -> str:
     """Rewrite one site, with its regrouping moved to the neighbouring per-token ops where that is
-    exact (passes/regroup_motion.py); returns where the regrouping went, for the report. Raises
+    exact (passes/motion.py); returns where the regrouping went, for the report. Raises
     :class:`ReplacementCheckFailed` (graph untouched) when the replacement fails its check."""
     why = "move_regrouping=False" if not config.move_regrouping else (
         "implementation='masked'" if config.implementation != "grouped" else "")
     if not why and site.value_dim % plan.ndim != plan.ndim - 2:
-        # passes/regroup_motion.py tracks v on axis -2: a channels-first v (``v @ P^T``) stays put
+        # passes/motion.py tracks v on axis -2: a channels-first v (``v @ P^T``) stays put
         why = "the value and output are channels-first (v @ P^T)"
     if not why:
         try:
@@ -207,7 +207,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
 def _decide_shared(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, paths: list[str],
                    training: bool):
     """The decision for a site of a graph that serves the modules at ``paths`` (regional
-    compilation, passes/region.py): one decision that holds for all of them, or the site left dense
+    compilation, crossgraph/region.py): one decision that holds for all of them, or the site left dense
     when options that depend on the path tell them apart. Returns (decision, why it is dense)."""
     decisions = [decide(site, layouts, config, path, training) for path in paths]
     first = decisions[0]

@@ -7,13 +7,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import GridAttnConfig
+from ..config.options import GridAttnConfig
 from ..grid import GridPlan, TokenLayout, attention_flops, format_stride, grouping_named, normalize_stride
 from ..patterns import AttentionSite
-from .layout import LayoutAnalysis, _hint, _same_size
+from ..layout.analysis import LayoutAnalysis, _hint, _same_size
 
 # Reasons of sites left dense only because their image sizes are symbolic start with this; the
-# backend warns about them (dynamo_backend.py) and the README says what to do.
+# backend warns about them (frontends/backend.py) and the README says what to do.
 SYMBOLIC_UNSUPPORTED = "symbolic image size"
 
 

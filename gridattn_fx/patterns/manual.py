@@ -32,13 +32,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .op_rules import CASTS, SHAPED_RESHAPES
-from .ops import op_name
+from ..ir.op_catalogue import CASTS, SHAPED_RESHAPES
+from ..ir.ops import op_name
 from .site import AttentionSite
-from .values import shape_of, value_of
+from ..ir.values import shape_of, value_of
 
 # Casts the reading looks through, and the reshapes it reads (given a whole target shape): from the
-# op catalogue (op_rules.py), which says why detach and flatten-like reshapes are not among them.
+# op catalogue (ir/op_catalogue.py), which says why detach and flatten-like reshapes are not among them.
 _CASTS = CASTS
 _PRODUCTS = {"matmul", "bmm", "baddbmm", "einsum"}
 _VIEWS = SHAPED_RESHAPES
@@ -397,7 +397,7 @@ def _read_product(prod: fx.Node, reading: _Reading):
     q = _strip_scale(a, reading)
     if reading.channels_first:
         # The output's token axis is the last one: the query must be given on that axis too, so
-        # that the output inherits the query's layout on the right axis (passes/layout.py).
+        # that the output inherits the query's layout on the right axis (layout/analysis.py).
         q, explicit_q = _untranspose(q, reading)
         if not explicit_q:
             raise Unsupported("v @ P^T whose query is not a transposed channels-first (..., d, N) tensor")

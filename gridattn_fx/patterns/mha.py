@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .site import AttentionSite
-from .values import shape_of
+from ..ir.values import shape_of
 
 _MHA_PARAMS = list(inspect.signature(F.multi_head_attention_forward).parameters)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .manual import call_plan_relpos, relpos_bias_terms, relpos_grid
 from .site import AttentionSite, call_plan
-from .values import shape_of, value_of
+from ..ir.values import shape_of, value_of
 
 _SDPA_TARGETS = {
     F.scaled_dot_product_attention,

@@ -135,7 +135,7 @@ def _expects_video_rewrite(spec: gen.Spec, truth: gen.SiteTruth, names: set) -> 
             and names <= set(gen.KEEP_OPS)
             # GAP (not a soundness bug): a row or column axis of size 1 (a 4x1x4 video at stride
             # (2, 1, 2)) loses the layout at the reshape that makes tokens ("lost at flatten"):
-            # passes/layout.py's reshape groups skip size-1 axes, so the Spatial fact's axis has no
+            # layout/analysis.py's reshape groups skip size-1 axes, so the Spatial fact's axis has no
             # group; only a size-1 frame axis is dropped on purpose (a single frame is its image)
             and min(spec.height, spec.width) > 1
             and not (truth.spec.form.startswith("mha") and truth.spec.mask != "none"))

@@ -12,8 +12,8 @@ import torch
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx import zoo  # noqa: E402
-from gridattn_fx.config import GridAttnConfig  # noqa: E402
-from gridattn_fx.dynamo_backend import apply_pass  # noqa: E402
+from gridattn_fx.config.options import GridAttnConfig  # noqa: E402
+from gridattn_fx.frontends.backend import apply_pass  # noqa: E402
 
 from oracle import assert_close64, assert_differs, assert_equal_exact  # noqa: E402
 

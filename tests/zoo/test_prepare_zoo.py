@@ -18,7 +18,7 @@ import torch
 gridattn_fx = pytest.importorskip("gridattn_fx")
 pytest.importorskip("diffusers")
 from gridattn_fx import GridAttnConfig, ImageTokens, zoo  # noqa: E402
-from gridattn_fx.dynamo_backend import apply_pass  # noqa: E402
+from gridattn_fx.frontends.backend import apply_pass  # noqa: E402
 from oracle import assert_close64, assert_differs, log_grid_mask  # noqa: E402
 
 OPTS = {"stride": 2, "min_image_tokens": 1, "strict": True}

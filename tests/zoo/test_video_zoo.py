@@ -24,7 +24,7 @@ import torch
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx import GridAttnConfig, zoo  # noqa: E402
-from gridattn_fx.dynamo_backend import apply_pass  # noqa: E402
+from gridattn_fx.frontends.backend import apply_pass  # noqa: E402
 from gridattn_fx.grid import TokenLayout  # noqa: E402
 from oracle import assert_close64, assert_differs, oracle_mask  # noqa: E402
 from zoo_required import missing_library  # noqa: E402

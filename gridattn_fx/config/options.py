@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
-from .grid import GROUPINGS, Stride, normalize_stride
+from ..grid import GROUPINGS, Stride, normalize_stride
 from .presets import preset_options
 
 IMPLEMENTATIONS = ("grouped", "masked")
@@ -34,7 +34,7 @@ class GridAttnConfig:
     implementation    "grouped" (regrouped attention, G times fewer FLOPs) or "masked" (dense
                       SDPA with the grid mask: the exact oracle, for checking).
     strict            raise when the pass fails instead of compiling the original graph.
-    preset            a named bundle of the options above (gridattn_fx.presets.PRESETS); explicit
+    preset            a named bundle of the options above (gridattn_fx.config.presets.PRESETS); explicit
                       options override it. ``GridAttnConfig(preset=...)`` and
                       :meth:`from_preset` agree, except that the constructor cannot tell an option
                       left at its default from one set to the default value: there, every field

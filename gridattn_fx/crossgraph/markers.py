@@ -1,10 +1,10 @@
 """The ``gridattn::layout_hint`` marker: a token layout attached to a tensor inside a traced graph.
 
-``gridattn_fx.prepare`` (prepare.py) puts it, through forward pre-hooks, on the inputs of the
+``gridattn_fx.prepare`` (crossgraph/prepare.py) puts it, through forward pre-hooks, on the inputs of the
 modules whose tokens carry an image layout, so that a graph that starts at tokens (a regionally
 compiled block, the piece after a graph break) still knows what they are. It is an alias of its
 input (CompositeImplicitAutograd: any backend other than ``gridattn`` sees ``aten.alias``, a free
-view); the ``gridattn`` pass reads it as a layout source (passes/layout_hints.py) and removes it.
+view); the ``gridattn`` pass reads it as a layout source (crossgraph/hints.py) and removes it.
 
 Encoding: ``dims`` is ``[seq_dim]`` for a token axis, with ``sizes = [prefix, height, width,
 suffix]`` (a video: ``[prefix, frames, height, width, suffix]``; ``transposed``: the last two image

@@ -61,7 +61,7 @@ def _shape_signature(module: torch.nn.Module) -> tuple:
 def find_region(gm: fx.GraphModule, example_inputs) -> Region | None:
     """The region of a prepared model this graph was compiled from, or None (not a prepared model's,
     or no parameter among the inputs to tell)."""
-    from ..prepare import prepared_models
+    from .prepare import prepared_models
 
     models = prepared_models()
     if not models:

@@ -106,7 +106,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo and return what it measured; progress and tables go to ``echo``."""
     import gridattn_fx
-    from gridattn_fx.demo_model import build_demo_model
+    from gridattn_fx.tools.demo_model import build_demo_model
 
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")

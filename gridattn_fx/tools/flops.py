@@ -7,7 +7,7 @@ count as zero FLOPs. :func:`register_cpu_sdpa_flops` adds the same formula torch
 CUDA flash/efficient kernels (two batched matmuls: ``2*B*H*Lq*Lk*(d + dv)``, masks and
 causality not discounted); :func:`count_flops` registers it and counts one forward pass.
 
-    from gridattn_fx.flops import count_flops
+    from gridattn_fx.tools.flops import count_flops
     total = count_flops(model, (images,))     # int, FLOPs of model(images) under torch.no_grad()
 """
 

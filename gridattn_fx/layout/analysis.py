@@ -48,13 +48,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..grid import TokenLayout
-from ..patterns.op_rules import (CATS, CHANNEL_NORMS, FEATURE_OPS, FRESH_TENSORS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS,
+from ..ir.op_catalogue import (CATS, CHANNEL_NORMS, FEATURE_OPS, FRESH_TENSORS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS,
                                   MAYBE_ALIASING,
                                   PERMUTES, RESHAPES, SPLITS, VIEWING, arg, permutation, resolve, source_rank,
                                   split_dim)
-from ..patterns.ops import mutates, op_name, written_args
-from ..patterns.values import shape_of as _shape
-from ..patterns.values import value_of as _val
+from ..ir.ops import mutates, op_name, written_args
+from ..ir.values import shape_of as _shape
+from ..ir.values import value_of as _val
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,10 @@ def _static(size) -> int | None:
     return None
 
 
-_resolve = resolve  # layout_hints.py reads marker arguments with it
+_resolve = resolve  # crossgraph/hints.py reads marker arguments with it
 
 
-# What each op does to token axes is the catalogue's (patterns/op_rules.py); what a loss means here:
+# What each op does to token axes is the catalogue's (ir/op_catalogue.py); what a loss means here:
 _LOSS_HINTS = {
     **{v: "a reshape that splits or merges the image axes, e.g. into windows" for v in RESHAPES},
     "getitem": "indexing that drops or reorders image tokens",
@@ -170,9 +170,9 @@ class LayoutAnalysis:
 
     ``attention_outputs`` maps each attention site's output node to (query node, its sequence
     axis): the output carries the query's token layout on the same axis. ``inherited`` gives facts
-    for placeholders proven in an earlier piece of the same split graph (passes/split_handoff.py).
+    for placeholders proven in an earlier piece of the same split graph (crossgraph/split_handoff.py).
     ``hints`` gives facts that prepare() remembered or the user declared for a node
-    (passes/layout_hints.py): a node the graph proves by itself keeps its proof when the two agree
+    (crossgraph/hints.py): a node the graph proves by itself keeps its proof when the two agree
     and gets no fact when they differ; ``hint_conflicts`` names nodes whose hints disagreed.
     """
 

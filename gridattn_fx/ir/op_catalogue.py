@@ -1,8 +1,8 @@
 """What each op does to token axes: the one catalogue of op knowledge.
 
-The layout proof (passes/layout.py), the regrouping motion (passes/regroup_motion.py), the
+The layout proof (layout/analysis.py), the regrouping motion (passes/motion.py), the
 manual-form reader (patterns/manual.py) and the mutation tracking all ask the same questions about
-an op (by its canonical name, patterns/ops.py ``op_name``): does it keep every value at its position,
+an op (by its canonical name, ir/ops.py ``op_name``): does it keep every value at its position,
 does it reshape or permute axes, does it act on the trailing feature axes only, is it random, may its
 output share storage with its input. The answers are written here once, one line per op; adding an
 op is adding its name to the line of its kind.
@@ -30,7 +30,7 @@ Kinds (what the op does to the axes of its first tensor operand):
 ``SOURCE``      a spatial source: the output's trailing axes are an image (conv / pool / resize); a
                 ``rank`` of None means "the output's rank minus 2" (ATen's rank-generic convolution).
 ``FRESH``       a new tensor whose values depend on no position (uninitialised or constant): what
-                ``x[..., idx] = y`` fills of it hold is decided by the writes (passes/layout.py).
+                ``x[..., idx] = y`` fills of it hold is decided by the writes (layout/analysis.py).
 
 Flags:
 

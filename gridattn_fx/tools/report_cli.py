@@ -13,7 +13,7 @@ from collections import Counter
 import torch
 
 from .flops import count_flops
-from .presets import PRESETS, preset_for_model
+from ..config.presets import PRESETS, preset_for_model
 
 
 class ReportError(Exception):
@@ -72,7 +72,7 @@ def _reason_kind(reason: str) -> str:
 
 
 def _list_models(echo) -> int:
-    from . import zoo
+    from .. import zoo
 
     width = max(len(n) for n in zoo.names())
     for name in zoo.names():
@@ -115,7 +115,7 @@ def _user_callable(spec: str):
 def _zoo_library(name: str) -> str | None:
     """The library a zoo name needs ("torch" for plain-torch models); None when ``name`` is not a
     zoo name (then it is a module:callable). Unknown names in a zoo family are a ReportError."""
-    from . import zoo
+    from .. import zoo
 
     if name in zoo.names():
         return zoo.entry(name).library
@@ -129,7 +129,7 @@ def _zoo_library(name: str) -> str | None:
 def resolve_model(name: str, small: bool, builder_options: dict):
     """``(model, example_inputs)`` for a zoo name or a ``module:callable``; ReportError when the
     name is unknown or building fails."""
-    from . import zoo
+    from .. import zoo
 
     library = _zoo_library(name)
     if library is not None:
@@ -157,7 +157,7 @@ def _one_line(err: BaseException) -> str:
 
 def _report_options(args) -> dict:
     """The pass's options from the command line, validated (a bad value is a ReportError)."""
-    from .config import GridAttnConfig
+    from ..config.options import GridAttnConfig
 
     options = {"preset": args.preset or preset_for_model(args.model)}
     if args.stride is not None:
@@ -177,7 +177,7 @@ def _report_options(args) -> dict:
 
 
 def run_report(args, echo=print) -> int:
-    from . import rewrite
+    from .. import rewrite
 
     if args.list:
         return _list_models(echo)
@@ -203,7 +203,7 @@ def run_report(args, echo=print) -> int:
          + (f"  ({100 * (1 - after / before):.1f}% less)" if before else ""))
     # Both counts on captured graphs (the original one and the rewritten one): the same ops the
     # compiled model runs, and no per-module hooks on library models.
-    from . import capture
+    from .. import capture
 
     total_before, total_after = count_flops(capture(model, inputs), inputs), count_flops(gm, inputs)
     echo(f"whole-model FLOPs: {total_before / 1e9:10.2f} G -> {total_after / 1e9:10.2f} G"

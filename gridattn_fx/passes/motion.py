@@ -11,7 +11,7 @@ residual add), and the attention call reads its groups as free views (``GridPlan
 Exactness rules, per node:
 
 * a node is *moved* (recomputed in group order) only when its op is per-token along the tracked
-  axis (:func:`_per_token`, reading patterns/op_rules.py: linear / norms over feature axes, pointwise
+  axis (:func:`_per_token`, reading ir/op_catalogue.py: linear / norms over feature axes, pointwise
   ops whose other operands do not vary along the axis, reshapes and permutes that keep the axis whole, unbind / split / getitem
   along other axes, no randomness), and every user of its value is moved too (or is the site), so
   no other consumer ever sees a reordered tensor;
@@ -34,14 +34,14 @@ import torch.fx as fx
 
 from ..grid import GridPlan, TokenLayout, cluster_image_axis, recover_image_axis
 from ..patterns import AttentionSite
-from ..patterns.ops import mutates as _mutates
-from ..patterns.ops import op_name
-from ..patterns.values import value_of as _val
-from .grid_rewrite import call_on_values, inline, propagate_values, rewrite_site
+from ..ir.ops import mutates as _mutates
+from ..ir.ops import op_name
+from ..ir.values import value_of as _val
+from .rewrite import call_on_values, inline, propagate_values, rewrite_site
 from .policy import is_symbolic
-from ..patterns.op_rules import (FEATURE_OPS, KEEPS_POSITIONS, PERMUTES, RANDOM, RESHAPES, SPLITS,
+from ..ir.op_catalogue import (FEATURE_OPS, KEEPS_POSITIONS, PERMUTES, RANDOM, RESHAPES, SPLITS,
                                   is_identity_draw, permutation, split_dim)
-from .layout import _normalized_shape
+from ..layout.analysis import _normalized_shape
 
 @dataclass
 class Motion:

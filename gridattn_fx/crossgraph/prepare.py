@@ -3,7 +3,7 @@ prove them (regional compilation, graph breaks), and layouts declared at the mod
 
 A graph that starts at tokens - a block compiled on its own (``block.compile(backend="gridattn")``,
 diffusers' ``compile_repeated_blocks``), the piece after a graph break - has no spatial source, so
-the layout analysis (passes/layout.py) cannot prove what its tokens are. prepare():
+the layout analysis (layout/analysis.py) cannot prove what its tokens are. prepare():
 
 1. captures the whole model with non-strict ``torch.export`` (which runs the Python code, graph
    breaks included), with a ``gridattn::probe`` marker on every tensor input of every submodule and
@@ -13,11 +13,11 @@ the layout analysis (passes/layout.py) cannot prove what its tokens are. prepare
 3. installs forward pre-hooks: on the model, one that finds the layouts for the call's input sizes
    (capturing again at sizes it has not seen: the layouts of a call are always those a whole-model
    proof at that call's sizes gives); on each of those modules, one that - only while Dynamo traces
-   it - wraps its inputs in ``gridattn::layout_hint`` (gridattn_fx/layout_hint.py). Dynamo reads the
+   it - wraps its inputs in ``gridattn::layout_hint`` (gridattn_fx/crossgraph/markers.py). Dynamo reads the
    layout from Python state, so it guards on it: a call at other sizes recompiles the region with its
    own layout instead of reusing another's. Eager calls are untouched.
 
-The ``gridattn`` pass reads the markers as layout sources and removes them (passes/layout_hints.py);
+The ``gridattn`` pass reads the markers as layout sources and removes them (crossgraph/hints.py);
 any other backend sees a free alias. ``unprepare(model)`` removes the hooks and the state.
 """
 
@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .declarations import ImageTokens
-from .layout_hint import LAYOUT_HINT, PROBE, is_probe
+from .markers import LAYOUT_HINT, PROBE, is_probe
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -316,9 +316,9 @@ def _marked_forward(self, *args, **kwargs):
 def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
     """Capture the model at these inputs and read the layouts at the inputs of every module that
     holds (or is) an attention site: {module path: ((input position or name, hint), ...)}."""
-    from .passes.layout import LayoutAnalysis, Spatial, Tokens, module_path
-    from .passes.layout_hints import strip_layout_hints
-    from .patterns import find_attention_sites
+    from ..layout.analysis import LayoutAnalysis, Spatial, Tokens, module_path
+    from .hints import strip_layout_hints
+    from ..patterns import find_attention_sites
 
     model = state._model_ref
     probes: list[tuple[str, object]] = []

@@ -17,7 +17,7 @@ import weakref
 
 import torch.fx as fx
 
-from ..patterns.values import shape_of
+from ..ir.values import shape_of
 
 _facts_by_split: "weakref.WeakKeyDictionary[object, dict[str, tuple[object, tuple]]]" = weakref.WeakKeyDictionary()
 

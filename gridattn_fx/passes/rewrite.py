@@ -29,7 +29,7 @@ from dataclasses import replace as dc_replace
 
 from ..grid import GridPlan
 from ..patterns import AttentionSite
-from ..patterns.values import value_of as _val
+from ..ir.values import value_of as _val
 
 logger = logging.getLogger("gridattn_fx")
 

@@ -7,10 +7,10 @@ import warnings
 
 import torch.fx as fx
 
-from .config import GridAttnConfig
-from .passes.pipeline import is_dynamo_restart, run_pass
-from .passes.policy import SYMBOLIC_UNSUPPORTED
-from .report import SKIPPED, Report, SiteReport, record
+from ..config.options import GridAttnConfig
+from ..passes.pipeline import is_dynamo_restart, run_pass
+from ..passes.policy import SYMBOLIC_UNSUPPORTED
+from ..report import SKIPPED, Report, SiteReport, record
 from .torch_logs import publish
 from .training_mode import compiled_module_training
 
@@ -78,8 +78,8 @@ def _report_undecided_sites(gm: fx.GraphModule, report: Report) -> None:
     """A pass that failed part-way has rows only for the sites it decided before failing; every
     attention site still gets one (docs/design.md section 2), saying the failure left it dense."""
     try:
-        from .passes.layout import module_path
-        from .patterns import find_attention_sites
+        from ..layout.analysis import module_path
+        from ..patterns import find_attention_sites
 
         sites = find_attention_sites(gm)
     except Exception:  # finding them is what failed: the report's failure line says so

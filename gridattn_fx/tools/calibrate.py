@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from .config import GridAttnConfig
-from .grid import Stride, format_stride, normalize_stride
-from .passes.pipeline import run_pass
+from ..config.options import GridAttnConfig
+from ..grid import Stride, format_stride, normalize_stride
+from ..passes.pipeline import run_pass
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -134,7 +134,7 @@ def calibrate(model, sample_inputs, budget: float = 0.01, strides=(1, 2, 4), met
     eligible sites as in the backend. Returns a :class:`Calibration`; pass ``.options`` to
     ``torch.compile(..., backend="gridattn", options=...)``.
     """
-    from .api import capture
+    from ..frontends.api import capture
 
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget < 0:
         raise ValueError(f"calibrate: budget must be a non-negative number, got {budget!r}")

@@ -65,7 +65,7 @@ def _renamed(gm: fx.GraphModule, model: torch.nn.Module) -> fx.GraphModule | Non
                     "GraphModule attributes)", ", ".join(clashes))
         return None
 
-    from .passes.pipeline import copy_graph_module
+    from ..passes.pipeline import copy_graph_module
 
     gm = copy_graph_module(gm)
     for target in retarget:

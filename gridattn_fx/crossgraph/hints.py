@@ -1,6 +1,6 @@
 """Reading and removing the ``gridattn::layout_hint`` markers that prepare() puts into graphs.
 
-A marker says "this tensor holds that layout" (gridattn_fx/layout_hint.py). The pass takes it off
+A marker says "this tensor holds that layout" (gridattn_fx/crossgraph/markers.py). The pass takes it off
 the graph before anything else looks at the graph (patterns and the regrouping motion then see the
 same graph as without prepare()), and hands the layout to :class:`LayoutAnalysis` as a fact about
 the marked tensor itself: the marker is an alias, so the fact holds for every reader of that tensor.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..layout_hint import is_layout_hint, is_probe
-from .layout import Spatial, Tokens, _positions, _resolve, _single_frame_is_an_image, module_path
+from .markers import is_layout_hint, is_probe
+from ..layout.analysis import Spatial, Tokens, _positions, _resolve, _single_frame_is_an_image, module_path
 
 DECLARED = "declared"
 REMEMBERED = "remembered by prepare"
@@ -24,7 +24,7 @@ def hint_fact(node: fx.Node):
     where = module_path(node)
     origin = (DECLARED if declared else REMEMBERED) + (f" (at `{where}`)" if where else f" (`{node.args[0].name}`)")
     # The marked tensor is one image per batch entry, named after the tensor it marks, like a
-    # spatial source (passes/layout.py): two marked tensors are two images to the cross-image rule.
+    # spatial source (layout/analysis.py): two marked tensors are two images to the cross-image rule.
     image, batch = (("root", node.args[0].name),), (1,) if 0 in dims else (0,)
     if len(dims) == 1 and len(sizes) in (4, 5):
         # [prefix, (frames,) height, width, suffix]; ``transposed``: the last two axes column-major

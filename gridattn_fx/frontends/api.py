@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .config import GridAttnConfig
-from .dynamo_backend import apply_pass
-from .report import Report
+from ..config.options import GridAttnConfig
+from .backend import apply_pass
+from ..report import Report
 from .state_dict import with_model_state
 
 
@@ -44,7 +44,7 @@ def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None
     GraphModule passed in and returned unchanged (the pass fell back) is left without the check.
 
     For an ``nn.Module``, the returned GraphModule has the module's state_dict keys and shares its
-    tensors: ``gm.load_state_dict(model.state_dict())`` works (gridattn_fx/state_dict.py).
+    tensors: ``gm.load_state_dict(model.state_dict())`` works (gridattn_fx/frontends/state_dict.py).
     """
     example_inputs = tuple(example_inputs)
     config = config or GridAttnConfig()

@@ -1,0 +1,1 @@
+"""Tools around the pass: calibration, FLOP counting, the report command, the demo."""
