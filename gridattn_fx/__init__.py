@@ -9,7 +9,7 @@
 
 from .frontends.api import capture, rewrite
 from .tools.calibrate import Calibration, calibrate
-from .config.options import GridAttnConfig
+from .config import GridAttnConfig, SiteOptions
 from .crossgraph.declarations import ImageTokens
 from .frontends.backend import backend
 from .grid import TokenLayout, cluster, grid_mask, grouped_attention, masked_attention, recover
@@ -23,6 +23,7 @@ __all__ = [
     "GridAttnConfig",
     "ImageTokens",
     "Report",
+    "SiteOptions",
     "SiteReport",
     "TokenLayout",
     "backend",

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 from .grid import TokenLayout, format_stride
+from .reasons import SkipKind
 from .frontends.torch_logs import report_log
 
 logger = logging.getLogger("gridattn_fx")
@@ -36,6 +37,8 @@ class SiteReport:
     # "declared" or "handed over across a split" (layout/analysis.py: layout_source).
     layout_source: str = ""
     grouping: str = "grid"   # rewritten sites: "grid" or "window" (the stride column names a window)
+    skip: SkipKind | None = None   # skipped sites: why, as data (``reason`` says it in words)
+    lost_at: str | None = None     # skipped for want of a layout: the op where the layout was lost
 
 
 _graph_numbers = itertools.count(1)
@@ -50,13 +53,20 @@ class Report:
     distributing: str = "straightforward"   # what this graph's rewritten sites use
     # Sites chosen for a rewrite whose replacement failed its check and stayed dense ("path: why").
     site_failures: list[str] = field(default_factory=list)
-    # ``site_strides`` keys that matched no attention site of this graph.
-    unmatched_site_strides: list[str] = field(default_factory=list)
-    # ``site_groupings`` keys that matched no attention site of this graph.
-    unmatched_site_groupings: list[str] = field(default_factory=list)
+    # Per-site option keys that matched no attention site of this graph: {option: [key, ...]}
+    # ("sites", or its aliases "site_strides" / "site_groupings").
+    unmatched_site_keys: dict[str, list[str]] = field(default_factory=dict)
     # Numbers the graphs of this process, so warnings about two graphs never read the same (and
     # Python's once-per-message filter cannot hide the second one).
     graph: int = field(default_factory=lambda: next(_graph_numbers), compare=False)
+
+    @property
+    def unmatched_site_strides(self) -> list[str]:
+        return self.unmatched_site_keys.get("site_strides", [])
+
+    @property
+    def unmatched_site_groupings(self) -> list[str]:
+        return self.unmatched_site_keys.get("site_groupings", [])
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -108,10 +118,8 @@ class Report:
         )
         for failure in self.site_failures:
             lines.append(f"SITE LEFT DENSE, its replacement failed its check: {failure}")
-        for key in self.unmatched_site_strides:
-            lines.append(f"site_strides key {key!r} matches no attention site in this graph")
-        for key in self.unmatched_site_groupings:
-            lines.append(f"site_groupings key {key!r} matches no attention site in this graph")
+        for option, keys in self.unmatched_site_keys.items():
+            lines.extend(f"{option} key {key!r} matches no attention site in this graph" for key in keys)
         if self.failure:
             lines.append(f"PASS FAILED, original graph compiled instead: {self.failure}")
         return "\n".join(lines)

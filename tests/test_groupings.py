@@ -176,16 +176,16 @@ def test_video_shuffle(layout, stride):
 
 def test_window_refuses_shuffle():
     ql = V(0, (2, 4, 4))
-    plan = grid.GridPlan(ql, ql, 2, 3, grouping="window")
+    plan = grid.GridPlan(q_layout=ql, k_layout=ql, stride=2, ndim=3, grouping="window")
     assert "window" in plan.shuffle_unsupported
     with pytest.raises(ValueError, match="window"):
-        grid.GridPlan(ql, ql, 2, 3, grouping="window", shuffle=True)
+        grid.GridPlan(q_layout=ql, k_layout=ql, stride=2, ndim=3, grouping="window", shuffle=True)
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_grouped_pairs_equal_across_groupings(grouping):
     ql, kl = V(1, (3, 5, 6)), V(1, (3, 3, 3))
-    plan = grid.GridPlan(ql, kl, (1, 2, 2), 4, grouping=grouping)
+    plan = grid.GridPlan(q_layout=ql, k_layout=kl, stride=(1, 2, 2), ndim=4, grouping=grouping)
     # G groups of ceil(n/g) tokens per axis, plus the prefix query over all keys
     assert plan.grouped_pairs() == 4 * (3 * 3 * 3) * (1 + 3 * 2 * 2) + 1 * kl.length
 
@@ -200,7 +200,8 @@ def test_decomposed_relpos_bias(shape, stride, grouping):
     rel_h = torch.randn(n, h, w, h, dtype=torch.float64)
     rel_w = torch.randn(n, h, w, w, dtype=torch.float64)
     q, k, v = (torch.randn(n, h * w, 4, dtype=torch.float64) for _ in range(3))
-    plan = grid.GridPlan(lay, lay, stride, 3, mask_ndim=3, relpos=True, grouping=grouping)
+    plan = grid.GridPlan(q_layout=lay, k_layout=lay, stride=stride, ndim=3, mask=grid.MaskSpec(ndim=3),
+                         relpos=grid.RelPosSpec(), grouping=grouping)
     dense = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(1, 2).flatten(-2, -1)
     ref = oracle_sdpa(q, k, v, dense, q_layout=lay, k_layout=lay, stride=stride, grouping=grouping)
     assert_close64(plan.grouped(q, k, v, (rel_h, rel_w)), ref)

@@ -18,7 +18,8 @@ gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx import GridAttnConfig, TokenLayout  # noqa: E402
 from gridattn_fx.frontends.api import capture  # noqa: E402
 from gridattn_fx.grid import cluster, cluster_axis, recover_axis  # noqa: E402
-from gridattn_fx.layout.analysis import LayoutAnalysis, module_path  # noqa: E402
+from gridattn_fx.ir.module_paths import module_path  # noqa: E402
+from gridattn_fx.layout.analysis import LayoutAnalysis  # noqa: E402
 from gridattn_fx.passes.pipeline import ensure_values  # noqa: E402
 from gridattn_fx.passes.policy import decide  # noqa: E402
 from gridattn_fx.passes.motion import plan_motion  # noqa: E402
@@ -81,7 +82,7 @@ def test_cluster_axis_is_cluster_in_place_and_recover_axis_inverts_it(shape, axi
 def test_pregrouped_plan_is_the_oracle_on_clustered_tensors():
     from dataclasses import replace
 
-    from gridattn_fx.grid import GridPlan
+    from gridattn_fx.grid import GridPlan, MaskSpec
     from oracle import oracle_sdpa
 
     layout = TokenLayout(0, 6, 8, 0)
@@ -91,11 +92,11 @@ def test_pregrouped_plan_is_the_oracle_on_clustered_tensors():
     expected = oracle_sdpa(q, k, v, q_layout=(0, 6, 8), k_layout=(0, 6, 8), stride=2)
     assert_close64(recover_axis(out, 2, 6, 8, 2), expected)
     with pytest.raises(ValueError, match="mask"):
-        GridPlan(layout, layout, (2, 2), 4, mask_ndim=4, pregrouped=True)
+        GridPlan(q_layout=layout, k_layout=layout, stride=(2, 2), ndim=4, mask=MaskSpec(ndim=4), pregrouped=True)
     with pytest.raises(ValueError, match="non-image tokens"):
-        GridPlan(TokenLayout(1, 6, 8, 0), layout, (2, 2), 4, pregrouped=True)
+        GridPlan(q_layout=TokenLayout(1, 6, 8, 0), k_layout=layout, stride=(2, 2), ndim=4, pregrouped=True)
     with pytest.raises(ValueError, match="multiple of the stride"):
-        GridPlan(TokenLayout(0, 5, 8, 0), TokenLayout(0, 5, 8, 0), (2, 2), 4, pregrouped=True)
+        GridPlan(q_layout=TokenLayout(0, 5, 8, 0), k_layout=TokenLayout(0, 5, 8, 0), stride=(2, 2), ndim=4, pregrouped=True)
 
 
 # --- where the regrouping goes, and exactness ------------------------------------------------------

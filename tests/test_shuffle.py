@@ -17,7 +17,7 @@ from test_manual_forms import REWRITTEN_FORMS, _inputs, _model
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx import TokenLayout, grid  # noqa: E402
-from gridattn_fx.grid import GridPlan, draw_assignment  # noqa: E402
+from gridattn_fx.grid import GridPlan, RelPosSpec, draw_assignment  # noqa: E402
 
 SHUFFLE = {"stride": 2, "min_image_tokens": 0, "distributing": "shuffle"}
 
@@ -96,11 +96,11 @@ def test_shuffled_gradients_match_oracle(case):
 def test_plans_reject_unsupported_shuffles():
     lay, col = TokenLayout(0, 4, 4), TokenLayout(0, 4, 4, 0, True)
     with pytest.raises(ValueError, match="rel"):
-        GridPlan(lay, lay, (2, 2), 4, relpos=True, shuffle=True)
+        GridPlan(q_layout=lay, k_layout=lay, stride=(2, 2), ndim=4, relpos=RelPosSpec(), shuffle=True)
     with pytest.raises(ValueError, match="same order"):
-        GridPlan(lay, col, (2, 2), 4, shuffle=True)
+        GridPlan(q_layout=lay, k_layout=col, stride=(2, 2), ndim=4, shuffle=True)
     with pytest.raises(ValueError, match="without shuffle"):
-        GridPlan(lay, lay, (2, 2), 4).grouped(*(torch.randn(1, 1, 16, 2) for _ in range(3)),
+        GridPlan(q_layout=lay, k_layout=lay, stride=(2, 2), ndim=4).grouped(*(torch.randn(1, 1, 16, 2) for _ in range(3)),
                                                assignment=(None, None))
 
 

@@ -1,5 +1,6 @@
 """User options: one validated config object, per-site options, presets."""
 
 from .options import GridAttnConfig
+from .sites import SiteOptions
 
-__all__ = ["GridAttnConfig"]
+__all__ = ["GridAttnConfig", "SiteOptions"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
-from ..grid import GROUPINGS, Stride, normalize_stride
+from ..grid import Stride, normalize_stride
 from .presets import preset_options
+from .sites import check_grouping, entry_for, site_entries
 
 IMPLEMENTATIONS = ("grouped", "masked")
 DISTRIBUTINGS = ("straightforward", "shuffle")
@@ -43,14 +44,16 @@ class GridAttnConfig:
     distributing      "straightforward" (fixed groups) or "shuffle": a compiled module in training
                       mode draws a random group assignment on every call (docs/design.md section 1).
                       Inference is always straightforward.
-    site_strides      {module path: stride} for individual sites (e.g. from :func:`calibrate`),
-                      overriding ``stride``. A key names the site whose module path (as the report
-                      prints it) equals it, or, failing that, ends with ``"." + key``: a model
-                      calibrated on its own still matches inside a wrapper (``model.``,
-                      ``_orig_mod.`` prefixes); an exact match wins, then the longest key. Keys that
-                      match no site of a graph are listed in its report and warned about.
-    site_groupings    {module path: grouping} for individual sites, overriding ``grouping``; keys
-                      name sites exactly as ``site_strides`` keys do.
+    sites             {module path: SiteOptions(stride=..., grouping=...)} (or a dict of those
+                      fields) for individual sites, overriding the global ``stride`` / ``grouping``.
+                      A key names the site whose module path (as the report prints it) equals it,
+                      or, failing that, ends with ``"." + key``: a model calibrated on its own
+                      still matches inside a wrapper (``model.``, ``_orig_mod.`` prefixes); an
+                      exact match wins, then the longest key (gridattn_fx/config/sites.py). Keys
+                      that match no site of a graph are listed in its report and warned about.
+    site_strides      {module path: stride}: an alias of ``sites`` setting only strides (what
+                      :func:`calibrate` returns).
+    site_groupings    {module path: grouping}: an alias of ``sites`` setting only groupings.
     move_regrouping   move Grid Clustering above the per-token ops that make q/k/v (projections,
                       norms) and Grid Recovering below those that consume the output, where that is
                       exact, so inductor folds both into neighbouring kernels (same result; False
@@ -69,11 +72,14 @@ class GridAttnConfig:
     grouping: str = "grid"
     site_groupings: dict = field(default_factory=dict, hash=False)
     move_regrouping: bool = True
+    sites: dict = field(default_factory=dict, hash=False)
     # Fields whose value the preset supplied (not the user): the report credits those decisions.
     # None (the constructor's default) means "apply the preset here" (see __post_init__).
     preset_fields: tuple[str, ...] | None = field(default=None, repr=False)
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
     _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
+    # Every per-site setting of ``sites`` and its aliases, validated (config/sites.py).
+    _site_entries: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.preset is not None and not isinstance(self.preset, str):
@@ -118,29 +124,39 @@ class GridAttnConfig:
             raise ValueError(
                 f"option 'distributing' must be one of {DISTRIBUTINGS}, got {self.distributing!r}"
             )
-        object.__setattr__(self, "site_strides", _site_strides(self.site_strides))
-        _check_grouping(self.grouping, "option 'grouping'")
-        object.__setattr__(self, "site_groupings", _site_groupings(self.site_groupings))
+        check_grouping(self.grouping, "option 'grouping'")
+        entries, aliases = site_entries(self.sites, {"site_strides": self.site_strides,
+                                                     "site_groupings": self.site_groupings})
+        object.__setattr__(self, "sites", dict(self.sites))
+        object.__setattr__(self, "site_strides", aliases["site_strides"])
+        object.__setattr__(self, "site_groupings", aliases["site_groupings"])
+        object.__setattr__(self, "_site_entries", entries)
+
+    def site_value(self, name: str, module_path: str) -> tuple[object, str]:
+        """A site's value of the per-site field ``name`` ("stride", "grouping") and where it came
+        from, for the report: the per-site entry that names it, else the global option."""
+        entry = entry_for(self._site_entries, name, module_path)
+        if entry is None:
+            return getattr(self, name), self.credit(name)
+        where = f" ({entry.option})" if entry.key == module_path else f" ({entry.option} key {entry.key!r})"
+        return entry.value, where
+
+    def site_option(self, name: str, module_path: str) -> str:
+        """The option that set a site's ``name`` field: "sites", an alias of it, or ``name`` itself."""
+        entry = entry_for(self._site_entries, name, module_path)
+        return name if entry is None else entry.option
 
     def stride_for(self, module_path: str) -> tuple[Stride, str]:
         """The stride a site gets and where it came from (for the report)."""
-        key = self.site_stride_key(module_path)
-        if key is None:
-            return self.stride, self.credit("stride")
-        return self.site_strides[key], " (site_strides)" if key == module_path else f" (site_strides key {key!r})"
-
-    def site_stride_key(self, module_path: str) -> str | None:
-        """The ``site_strides`` key that names a site: its exact path, else the longest key the
-        path ends with (after a dot); None when no key names it."""
-        return site_key(self.site_strides, module_path)
+        return self.site_value("stride", module_path)
 
     def grouping_for(self, module_path: str) -> tuple[str, str]:
         """The grouping a site gets ("grid" / "window") and where it came from (for the report)."""
-        key = site_key(self.site_groupings, module_path)
-        if key is None:
-            return self.grouping, self.credit("grouping")
-        return (self.site_groupings[key],
-                " (site_groupings)" if key == module_path else f" (site_groupings key {key!r})")
+        return self.site_value("grouping", module_path)
+
+    def site_keys(self) -> list[tuple[str, str]]:
+        """Every (option, key) that names sites, in the order given (for the unmatched-key check)."""
+        return list(dict.fromkeys((e.option, e.key) for e in self._site_entries))
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -212,67 +228,18 @@ class GridAttnConfig:
                 out[name] = list(value) if name in ("include", "exclude") else value
         return out
 
-    def selects(self, module_path: str) -> tuple[bool, str]:
-        """Whether include/exclude admit a module path, and why not."""
+    def left_out(self, module_path: str) -> str | None:
+        """Why include/exclude leave a module path out (crediting a preset that set them), or None."""
         if self._include_re and not any(r.search(module_path) for r in self._include_re):
-            return False, f"not matched by include={list(self.include)}"
+            return f"not matched by include={list(self.include)}" + self.credit("include")
         for r in self._exclude_re:
             if r.search(module_path):
-                return False, f"matched by exclude {r.pattern!r}"
-        return True, ""
+                return f"matched by exclude {r.pattern!r}" + self.credit("exclude")
+        return None
 
 
 _DEFAULTS = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
              for f in fields(GridAttnConfig)}
-
-
-def site_stride_names(key: str, module_path: str) -> bool:
-    """Whether a ``site_strides`` key names the site at ``module_path``: the exact path, or a
-    suffix after a dot (a wrapper adds a prefix to the paths calibrate() saw)."""
-    return module_path == key or module_path.endswith("." + key)
-
-
-def site_key(mapping: dict, module_path: str) -> str | None:
-    """The key of a per-site mapping (``site_strides``, ``site_groupings``) that names the site at
-    ``module_path``: its exact path, else the longest key the path ends with (after a dot)."""
-    if module_path in mapping:
-        return module_path
-    hits = [key for key in mapping if site_stride_names(key, module_path)]
-    return max(hits, key=len) if hits else None
-
-
-def _check_grouping(value, where: str) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{where} must be a grouping name (one of {tuple(GROUPINGS)}), got {value!r}")
-    if value not in GROUPINGS:
-        raise ValueError(f"{where} must be one of {tuple(GROUPINGS)}, got {value!r}")
-
-
-def _site_groupings(value) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise TypeError(f"option 'site_groupings' must be a dict {{module path: grouping}}, got {value!r}")
-    for path, grouping in value.items():
-        if not isinstance(path, str):
-            raise TypeError(f"option 'site_groupings': keys must be module paths (str), got {path!r}")
-        _check_grouping(grouping, f"option 'site_groupings'[{path!r}]")
-    return dict(value)
-
-
-def _site_strides(value) -> dict[str, Stride]:
-    if not isinstance(value, dict):
-        raise TypeError(f"option 'site_strides' must be a dict {{module path: stride}}, got {value!r}")
-    out = {}
-    for path, stride in value.items():
-        if not isinstance(path, str):
-            raise TypeError(f"option 'site_strides': keys must be module paths (str), got {path!r}")
-        try:
-            stride = normalize_stride(stride)
-        except TypeError as err:
-            raise TypeError(f"option 'site_strides'[{path!r}]: {err}") from None
-        if min(stride) < 1:
-            raise ValueError(f"option 'site_strides'[{path!r}] must be >= 1, got {stride}")
-        out[path] = stride
-    return out
 
 
 def _inductor_option_names() -> set[str]:

@@ -16,7 +16,15 @@ or remembered by prepare() from a whole-model proof.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
+import torch.fx as fx
+
+from ..ir.module_paths import module_path
+from ..ir.op_catalogue import resolve
+from ..layout.analysis import LayoutSource, Spatial, Tokens, _single_frame_is_an_image
 
 _LIB = torch.library.Library("gridattn", "DEF")
 _LIB.define("layout_hint(Tensor(a) x, int[] dims, SymInt[] sizes, bool transposed, bool declared) -> Tensor(a)")
@@ -41,3 +49,79 @@ def is_layout_hint(target) -> bool:
 
 def is_probe(target) -> bool:
     return target is PROBE or target is torch.ops.gridattn.probe
+
+
+# --- the codec: a fact <-> a marker's arguments -----------------------------------------------------
+
+class MarkerHint(NamedTuple):
+    """A layout as a marker states it. ``lengths`` are the sizes of ``dims`` the marked tensor must
+    have (checked before marking); the rest is the op's arguments (see the module docstring)."""
+
+    ndim: int
+    dims: tuple
+    sizes: tuple
+    lengths: tuple
+    transposed: bool
+    declared: bool
+
+    @classmethod
+    def of_fact(cls, fact, ndim: int) -> "MarkerHint | None":
+        """The marker for a proven fact of a tensor of rank ``ndim``; None when a marker cannot
+        state it (symbolic sizes, tokens merged with outer axes, an order other than row-major or
+        "last two axes column-major")."""
+        declared = fact.source is LayoutSource.DECLARED
+        if isinstance(fact, Tokens):
+            if fact.lead:
+                return None  # tokens merged with outer axes: not a layout of this input's token axis
+            sizes = (fact.prefix, *fact.image_shape, fact.suffix)
+            if not all(isinstance(s, int) for s in sizes):
+                return None
+            row_major = tuple(range(fact.rank))
+            transposed = fact.order != row_major
+            if transposed and fact.order != row_major[:-2] + (fact.rank - 1, fact.rank - 2):
+                return None
+            length = fact.prefix + math.prod(fact.image_shape) + fact.suffix
+            return cls(ndim, (fact.dim,), sizes, (length,), transposed, declared)
+        if isinstance(fact, Spatial):
+            sizes = tuple(fact.sizes)
+            if not all(isinstance(s, int) for s in sizes):
+                return None
+            return cls(ndim, tuple(fact.axes), sizes, sizes, False, declared)
+        return None
+
+    def mark(self, x: torch.Tensor) -> torch.Tensor:
+        return LAYOUT_HINT(x, list(self.dims), list(self.sizes), self.transposed, self.declared)
+
+    def __str__(self) -> str:
+        if len(self.dims) == 1:
+            prefix, *image_shape, suffix = self.sizes
+            text = f"{prefix}+{'x'.join(map(str, image_shape))}+{suffix} tokens on axis {self.dims[0]}"
+        else:
+            kind = "video" if len(self.sizes) == 3 else "image"
+            text = f"{'x'.join(map(str, self.sizes))} {kind} on axes {self.dims}"
+        return text + (" (col-major)" if self.transposed else "") + (" (declared)" if self.declared else "")
+
+
+def fact_of_marker(node: fx.Node):
+    """The fact a marker node states about its input (the inverse of :meth:`MarkerHint.of_fact`)."""
+    x, dims, sizes, transposed, declared = node.args
+    dims, sizes = list(dims), [resolve(s) for s in sizes]
+    source = LayoutSource.DECLARED if declared else LayoutSource.REMEMBERED
+    where = module_path(node)
+    origin = source.value + (f" (at `{where}`)" if where else f" (`{x.name}`)")
+    # The marked tensor is one image per batch entry, named after the tensor it marks, like a
+    # spatial source (layout/analysis.py): two marked tensors are two images to the cross-image rule.
+    image, batch = (("root", x.name),), (1,) if 0 in dims else (0,)
+    if len(dims) == 1 and len(sizes) in (4, 5):
+        # [prefix, (frames,) height, width, suffix]; ``transposed``: the last two axes column-major
+        prefix, *image_shape, suffix = sizes
+        order = list(range(len(image_shape)))
+        if transposed:
+            order[-2:] = order[-1], order[-2]
+        return _single_frame_is_an_image(Tokens(dims[0], prefix, tuple(image_shape), suffix, tuple(order),
+                                                origin=origin, image=image, batch=batch, source=source,
+                                                marked=x.name))
+    if len(dims) in (2, 3) and len(sizes) == len(dims) and not transposed:
+        return _single_frame_is_an_image(Spatial(tuple(dims), tuple(sizes), origin=origin, image=image, batch=batch,
+                                                 source=source, marked=x.name))
+    raise ValueError(f"malformed gridattn::layout_hint {node.name}: dims={dims}, sizes={sizes}")

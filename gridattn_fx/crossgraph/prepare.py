@@ -36,8 +36,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..ir.module_paths import module_path
+from ..layout.analysis import LayoutAnalysis, LayoutSource, Tokens
+from ..patterns import find_attention_sites
 from .declarations import ImageTokens
-from .markers import LAYOUT_HINT, PROBE, is_probe
+from .hints import strip_layout_hints
+from .markers import LAYOUT_HINT, PROBE, MarkerHint, is_probe
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -111,7 +115,7 @@ def prepared_layouts(model: nn.Module) -> dict | None:
     state = model.__dict__.get(_ATTR)
     if state is None:
         return None
-    return {path: [(key, _hint_text(hint)) for key, hint in entries] for path, entries in (state.current or {}).items()}
+    return {path: [(key, str(hint)) for key, hint in entries] for path, entries in (state.current or {}).items()}
 
 
 # --- the state kept on a prepared model -------------------------------------------------------
@@ -297,13 +301,12 @@ def _marked_forward(self, *args, **kwargs):
             if positional and key >= len(args) or not positional and key not in kwargs:
                 continue
             x = args[key] if positional else kwargs[key]
-            ndim, dims, sizes, lengths, transposed, declared = hint
-            if not isinstance(x, torch.Tensor) or x.dim() != ndim:
+            if not isinstance(x, torch.Tensor) or x.dim() != hint.ndim:
                 continue
             # Comparing the sizes also makes Dynamo specialize them: the marked graph is static.
-            if any(x.shape[d] != n for d, n in zip(dims, lengths)):
+            if any(x.shape[d] != n for d, n in zip(hint.dims, hint.lengths)):
                 continue
-            marked = LAYOUT_HINT(x, list(dims), list(sizes), transposed, declared)
+            marked = hint.mark(x)
             if positional:
                 args[key] = marked
             else:
@@ -316,10 +319,6 @@ def _marked_forward(self, *args, **kwargs):
 def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
     """Capture the model at these inputs and read the layouts at the inputs of every module that
     holds (or is) an attention site: {module path: ((input position or name, hint), ...)}."""
-    from ..layout.analysis import LayoutAnalysis, Spatial, Tokens, module_path
-    from .hints import strip_layout_hints
-    from ..patterns import find_attention_sites
-
     model = state._model_ref
     probes: list[tuple[str, object]] = []
     handles = []
@@ -371,7 +370,7 @@ def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
     analysis = LayoutAnalysis(gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},
                               None, hints, conflicts)
     if declared:
-        _check_declarations_against_graph(gm, analysis, Tokens)
+        _check_declarations_against_graph(gm, analysis)
     site_paths = {module_path(s.output) for s in sites}
     holders = {p for path in site_paths for p in _enclosing(path)}
     table: dict[str, dict] = {}
@@ -379,7 +378,7 @@ def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
         path, key = probes[index]
         if path not in holders:
             continue
-        hint = _as_hint(analysis.facts.get(source), source, Tokens, Spatial)
+        hint = _marker_hint(analysis.facts.get(source), source)
         entries = table.setdefault(path, {})
         if key in entries and entries[key] != hint:
             hint = None  # the module is called with different layouts: no single one to remember
@@ -391,23 +390,22 @@ def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
     return out
 
 
-def _check_declarations_against_graph(gm, analysis, Tokens) -> None:
+def _check_declarations_against_graph(gm, analysis) -> None:
     """A declared token layout that meets a layout the graph proves for the same tokens (same
     axis and length, another grid) is a contradiction: ValueError naming the declared input."""
     for node in gm.graph.nodes:
         if node in analysis.facts:
             continue
         facts = [analysis.facts.get(a) for a in node.all_input_nodes]
-        declared = [f for f in facts if isinstance(f, Tokens) and f.origin.startswith("declared")]
-        proven = [f for f in facts if isinstance(f, Tokens) and not f.origin.startswith(("declared", "remembered"))]
+        declared = [f for f in facts if isinstance(f, Tokens) and f.source is LayoutSource.DECLARED]
+        proven = [f for f in facts if isinstance(f, Tokens) and f.source is LayoutSource.PROVEN]
         for d in declared:
             for p in proven:
                 same_tokens = d.dim == p.dim and d.prefix + d.image_tokens + d.suffix == p.prefix + p.image_tokens + p.suffix
                 if same_tokens and (d.prefix, d.image_shape, d.suffix, d.order) != (
                         p.prefix, p.image_shape, p.suffix, p.order):
-                    name = d.origin[d.origin.find("`") + 1:d.origin.rfind("`")] or "?"
                     raise ValueError(
-                        f"declared input '{name}': its layout {_tokens_text(d)} contradicts "
+                        f"declared input '{d.marked or '?'}': its layout {_tokens_text(d)} contradicts "
                         f"the {_tokens_text(p)} the graph proves from {p.origin} "
                         f"(they meet at `{node.name}`)")
 
@@ -422,38 +420,9 @@ def _enclosing(path: str):
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
-def _as_hint(fact, node: fx.Node, Tokens, Spatial):
-    """A fact as the marker's plain arguments, only with concrete sizes."""
+def _marker_hint(fact, node: fx.Node) -> MarkerHint | None:
+    """A fact as a marker states it, only with concrete sizes."""
     value = node.meta.get("val")
     if fact is None or not isinstance(value, torch.Tensor):
         return None
-    declared = fact.origin.startswith("declared")
-    if isinstance(fact, Tokens):
-        if fact.lead:
-            return None  # tokens merged with outer axes: not a layout of this input's token axis
-        sizes = (fact.prefix, *fact.image_shape, fact.suffix)
-        if not all(isinstance(s, int) for s in sizes):
-            return None
-        # The marker encodes row-major or "last two axes column-major" orders only.
-        row_major = tuple(range(fact.rank))
-        transposed = fact.order != row_major
-        if transposed and fact.order != row_major[:-2] + (fact.rank - 1, fact.rank - 2):
-            return None
-        return (value.dim(), (fact.dim,), sizes, (fact.prefix + math.prod(fact.image_shape) + fact.suffix,),
-                transposed, declared)
-    if isinstance(fact, Spatial):
-        sizes = tuple(fact.sizes)
-        if not all(isinstance(s, int) for s in sizes):
-            return None
-        return (value.dim(), tuple(fact.axes), sizes, sizes, False, declared)
-    return None
-
-
-def _hint_text(hint) -> str:
-    ndim, dims, sizes, _lengths, transposed, declared = hint
-    if len(dims) == 1:
-        prefix, *image_shape, suffix = sizes
-        text = f"{prefix}+{'x'.join(map(str, image_shape))}+{suffix} tokens on axis {dims[0]}"
-    else:
-        text = f"{'x'.join(map(str, sizes))} {'video' if len(sizes) == 3 else 'image'} on axes {dims}"
-    return text + (" (col-major)" if transposed else "") + (" (declared)" if declared else "")
+    return MarkerHint.of_fact(fact, value.dim())

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .prepare import prepared_models
+
 _SEGMENT = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
 _ROOT = re.compile(r"^L\['[^']+'\]")
 
@@ -61,8 +63,6 @@ def _shape_signature(module: torch.nn.Module) -> tuple:
 def find_region(gm: fx.GraphModule, example_inputs) -> Region | None:
     """The region of a prepared model this graph was compiled from, or None (not a prepared model's,
     or no parameter among the inputs to tell)."""
-    from .prepare import prepared_models
-
     models = prepared_models()
     if not models:
         return None

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from ..config.options import GridAttnConfig
 from ..passes.pipeline import is_dynamo_restart, run_pass
-from ..passes.policy import SYMBOLIC_UNSUPPORTED
+from ..reasons import SkipKind
 from ..report import SKIPPED, Report, SiteReport, record
 from .torch_logs import publish
 from .training_mode import compiled_module_training
@@ -32,6 +32,7 @@ def _fall_back(report: Report, failure: str) -> None:
     for site in report.rewritten:
         site.decision = SKIPPED
         site.reason = f"pass failed, graph left unmodified ({site.reason})"
+        site.skip = SkipKind.PASS_FAILED
         site.flops_after = site.flops_before
     logger.debug("gridattn fallback details", exc_info=True)
     warnings.warn(f"gridattn: graph #{report.graph}: {failure}; the graph runs unmodified",
@@ -60,7 +61,7 @@ def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
 def _warn_symbolic(report: Report) -> None:
     """One warning per graph naming the sites left dense only because their image sizes are
     symbolic: unlike a process-wide once, every graph that loses sites this way says so."""
-    lost = [s for s in report.skipped if s.reason.startswith(SYMBOLIC_UNSUPPORTED)]
+    lost = [s for s in report.skipped if s.skip is SkipKind.SYMBOLIC]
     if not lost:
         return
     from torch._guards import CompileContext
@@ -78,7 +79,7 @@ def _report_undecided_sites(gm: fx.GraphModule, report: Report) -> None:
     """A pass that failed part-way has rows only for the sites it decided before failing; every
     attention site still gets one (docs/design.md section 2), saying the failure left it dense."""
     try:
-        from ..layout.analysis import module_path
+        from ..ir.module_paths import module_path
         from ..patterns import find_attention_sites
 
         sites = find_attention_sites(gm)
@@ -93,7 +94,7 @@ def _report_undecided_sites(gm: fx.GraphModule, report: Report) -> None:
                 q_shape=tuple(site.q_shape or ()), k_shape=tuple(site.k_shape or ()), q_layout=None,
                 k_layout=None, evidence="", decision=SKIPPED,
                 reason="pass failed before this site was decided, graph left unmodified",
-                stride=None, flops_before=None, flops_after=None))
+                stride=None, flops_before=None, flops_after=None, skip=SkipKind.PASS_FAILED))
 
 
 def _training(config: GridAttnConfig) -> bool:

@@ -20,7 +20,8 @@ inside every block, the token that goes to group ``g`` is the one at offset
 
 The package: ``layout`` (token layouts, strides), ``groupings`` (which group a token joins and
 how to regroup a token axis: grid and window grouping), ``reference`` (the mask ``M``), ``plan``
-(one site's plan, its grouped and masked forms).
+(one site's plan, built from small specs, and its grouped and masked forms), ``attention`` (how
+the grouped attention runs), ``relpos`` (a decomposed relative-position bias under a plan).
 """
 
 from .groupings import (GRID, GROUPINGS, WINDOW, Grouping, GridGrouping, WindowGrouping, _cluster_storage,
@@ -28,12 +29,14 @@ from .groupings import (GRID, GROUPINGS, WINDOW, Grouping, GridGrouping, WindowG
                         cluster_image_axis, cluster_layout, draw_assignment, group_ids, grouping_named,
                         layout_padded, recover, recover_axis, recover_image_axis, recover_layout)
 from .layout import Stride, TokenLayout, _ceil_div, format_stride, normalize_stride
-from .plan import GridPlan, attention_flops, grouped_attention, masked_attention
+from .plan import GridPlan, MaskSpec, RelPosSpec, attention_flops, grouped_attention, masked_attention
 from .reference import _additive, grid_mask
 
 __all__ = [
     "TokenLayout",
     "GridPlan",
+    "MaskSpec",
+    "RelPosSpec",
     "cluster",
     "recover",
     "grid_mask",

@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layout import Stride, TokenLayout, _ceil_div, normalize_stride
+from .layout import Stride, TokenLayout, _ceil_div, format_stride, normalize_stride
 
 
 class Grouping:
@@ -41,9 +41,18 @@ class Grouping:
     group_inner: bool = True        # the axis splits into (a, g) (True) or (g, a) (False)
     shuffle_unsupported: str | None = None
 
+    @property
+    def supports_shuffle(self) -> bool:
+        return self.shuffle_unsupported is None
+
     def axis_group(self, x, n, g):
         """Group (0 .. g-1) of position(s) ``x`` along an axis of ``n`` tokens at stride ``g``."""
         raise NotImplementedError
+
+    def check(self, q_layout: TokenLayout, k_layout: TokenLayout, stride: Stride) -> str | None:
+        """Why this grouping cannot serve a site with these layouts at ``stride`` (None: it can).
+        The policy asks it after its own, grouping-independent rules (passes/policy.py)."""
+        return None
 
     def split(self, blocks, g) -> tuple:
         """The sizes an axis of ``blocks * g`` (padded) tokens unflattens into."""
@@ -81,6 +90,17 @@ class WindowGrouping(Grouping):
 
     def axis_group(self, x, n, g):
         return x // _ceil_div(n, g)
+
+    def check(self, q_layout: TokenLayout, k_layout: TokenLayout, stride: Stride) -> str | None:
+        """On two grids (reduced keys), a query tile whose key tile holds no key would leave its
+        queries with nothing to attend to."""
+        for axis, (nq, nk, g) in enumerate(zip(q_layout.image_shape, k_layout.image_shape, stride)):
+            # -(-n // d): ceil without a branch, so symbolic sizes add no guard here
+            tiles_q, tiles_k = -(-nq // -(-nq // g)), -(-nk // -(-nk // g))
+            if tiles_q > tiles_k:
+                return (f"window grouping, stride {format_stride(stride)}: query image {q_layout} has {tiles_q} "
+                        f"tiles along axis {axis} but key image {k_layout} only {tiles_k} (queries without keys)")
+        return None
 
 
 GRID = GridGrouping()

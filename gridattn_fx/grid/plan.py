@@ -6,14 +6,37 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
-from .groupings import GRID, Grouping, cluster_layout, draw_assignment, grouping_named, layout_padded, recover_layout
-from .layout import Stride, TokenLayout, _ceil_div, format_stride, normalize_stride
+from .groupings import GRID, Grouping, cluster_layout, draw_assignment, grouping_named, layout_padded
+from .layout import Stride, TokenLayout, format_stride, normalize_stride
+from .attention import attend_groups, attend_pregrouped, sdpa
 from .reference import _additive, grid_mask
+from .relpos import dense_relpos_bias, grouped_relpos_attention
 
 
 @dataclass(frozen=True)
+class MaskSpec:
+    """The site's attn_mask (or, with a rel-pos bias, the bias pair it is passed as): its rank,
+    whether it spans the query / key axis or broadcasts there (size 1), and whether it is a
+    boolean keep-mask rather than an additive bias."""
+
+    ndim: int
+    rows: bool = True
+    cols: bool = True
+    boolean: bool = False
+
+
+@dataclass(frozen=True)
+class RelPosSpec:
+    """A decomposed relative-position bias (SAM): the mask argument is the pair (rel_h, rel_w) of
+    shapes (N, qh, qw, kh) and (N, qh, qw, kw), meaning bias[n, (i, j), (k, l)] = rel_h[n, i, j, k]
+    + rel_w[n, i, j, l]; ``heads`` > 0 splits N into (batch, heads) for a 4-D mask
+    (gridattn_fx/grid/relpos.py)."""
+
+    heads: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class GridPlan:
     """Everything static about one rewritten site: layouts, stride, grouping, ranks and SDPA flags.
 
@@ -21,27 +44,20 @@ class GridPlan:
     image, ``(Gt, Gh, Gw)`` for a video; ``grouping`` says which tokens share a group (grid by
     default; gridattn_fx/grid/groupings.py).
 
-    ``ndim`` is the rank of q; ``mask_ndim`` the rank of the attn_mask (None: no mask);
-    ``mask_rows`` / ``mask_cols`` say whether the mask spans the query / key axis or broadcasts (size 1);
-    ``mask_bool`` whether it is a boolean keep-mask rather than an additive bias.
+    ``ndim`` is the rank of q; ``mask`` describes the attn_mask (None: no mask), ``relpos`` a
+    decomposed relative-position bias. Built keyword-only from these small specs; how it runs is
+    in gridattn_fx/grid/attention.py and gridattn_fx/grid/relpos.py.
     """
 
     q_layout: TokenLayout
     k_layout: TokenLayout
     stride: Stride
     ndim: int
-    mask_ndim: int | None = None
-    mask_rows: bool = True
-    mask_cols: bool = True
-    mask_bool: bool = False
+    mask: MaskSpec | None = None
+    relpos: RelPosSpec | None = None
     dropout_p: float = 0.0
     scale: float | None = None
     enable_gqa: bool = False
-    # A decomposed relative-position bias (SAM): the mask argument is the pair (rel_h, rel_w) of
-    # shapes (N, qh, qw, kh) and (N, qh, qw, kw), meaning bias[n, (i, j), (k, l)] = rel_h[n, i, j, k]
-    # + rel_w[n, i, j, l]; ``relpos_heads`` > 0 splits N into (batch, heads) for a 4-D mask.
-    relpos: bool = False
-    relpos_heads: int = 0
     # Shuffle distributing: every call draws a fresh assignment (training only; the pass decides).
     shuffle: bool = False
     # q, k, v arrive with their image tokens already in group-major order (:func:`cluster_axis`,
@@ -88,7 +104,7 @@ class GridPlan:
     @property
     def pregrouped_unsupported(self) -> str | None:
         """Why this site's regrouping cannot be a plain token reorder outside it, or None if it can."""
-        has = [what for what, flag in (("a mask", self.mask_ndim is not None), ("a rel-pos bias", self.relpos),
+        has = [what for what, flag in (("a mask", self.mask is not None), ("a rel-pos bias", self.relpos),
                                         ("dropout", self.dropout_p), ("shuffle distributing", self.shuffle)) if flag]
         if has:
             return f"the site has {' and '.join(has)}"
@@ -125,20 +141,15 @@ class GridPlan:
                 f"layouts {q_layout} / {k_layout} do not match sequence lengths {q.shape[-2]} / {k.shape[-2]}"
             )
         m = attn_mask
-        return GridPlan(
-            q_layout, k_layout, normalize_stride(stride), q.dim(),
-            None if m is None else m.dim(),
-            True if m is None else (m.dim() >= 2 and m.shape[-2] != 1),
-            True if m is None else m.shape[-1] != 1,
-            m is not None and m.dtype == torch.bool,
-            float(dropout_p), scale, bool(enable_gqa), grouping=grouping_named(grouping),
-        )
+        mask = None if m is None else MaskSpec(ndim=m.dim(), rows=m.dim() >= 2 and m.shape[-2] != 1,
+                                               cols=m.shape[-1] != 1, boolean=m.dtype == torch.bool)
+        return GridPlan(q_layout=q_layout, k_layout=k_layout, stride=normalize_stride(stride), ndim=q.dim(),
+                        mask=mask, dropout_p=float(dropout_p), scale=scale, enable_gqa=bool(enable_gqa),
+                        grouping=grouping_named(grouping))
 
     # -- pieces -------------------------------------------------------------------------------
     def _sdpa(self, q, k, v, mask):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout_p, scale=self.scale, enable_gqa=self.enable_gqa
-        )
+        return sdpa(self, q, k, v, mask)
 
     @staticmethod
     def _parts(x, layout: TokenLayout, axis: int = -2):
@@ -182,17 +193,17 @@ class GridPlan:
         ``rows`` is the image-query part of the mask, (..., nq_total, Lk) or (..., 1, Lk);
         ``qa`` / ``ka`` the shuffle assignments of the query / key grid, if any.
         """
-        rows = self._cluster(rows, self.q_layout, qa) if self.mask_rows else rows.unsqueeze(-3)
-        if not self.mask_cols:  # (..., G or 1, nq, 1): broadcasts over keys as it is
+        rows = self._cluster(rows, self.q_layout, qa) if self.mask.rows else rows.unsqueeze(-3)
+        if not self.mask.cols:  # (..., G or 1, nq, 1): broadcasts over keys as it is
             return rows
         pre, img, suf = self._parts(rows, self.k_layout, axis=-1)
         # Cluster the key axis too, then keep only the diagonal: group g's queries see group g's keys.
         img = self._cluster(img.transpose(-1, -2), self.k_layout, ka)  # (..., Gq, G, nk, nq)
-        if self.mask_rows:
+        if self.mask.rows:
             img = torch.diagonal(img, dim1=-4, dim2=-3).movedim(-1, -3)  # (..., G, nk, nq)
         else:
             img = img.squeeze(-4)
-        rank = self.mask_ndim
+        rank = self.mask.ndim
         return _join(self._per_group(pre, rank), img.transpose(-1, -2), self._per_group(suf, rank), -1)
 
     # -- the two implementations ----------------------------------------------------------------
@@ -203,7 +214,7 @@ class GridPlan:
         None draws a fresh one (what the rewritten graph does on every call).
         """
         if self.pregrouped:
-            return self._attend_pregrouped(q, k, v)
+            return attend_pregrouped(self, q, k, v)
         ql, kl = self.q_layout, self.k_layout
         qa, ka = self._assignments(assignment, q.device)
         q_pre, q_img, q_suf = self._parts(q, ql)
@@ -214,24 +225,24 @@ class GridPlan:
         vg = self._shared_keys(self._cluster(v_img, kl, ka), v_pre, v_suf)
 
         if self.relpos:
-            return self._grouped_relpos_attention(qg, kg, vg, attn_mask)
-        mask = None if attn_mask is None else _additive(attn_mask, self.mask_bool, q.dtype)
-        if mask is not None and self.mask_ndim < self.ndim:
-            mask = mask[(None,) * (self.ndim - self.mask_ndim)]
-        mask_ndim = self.ndim if mask is not None else None
-        plan = self if mask_ndim == self.mask_ndim else replace(self, mask_ndim=mask_ndim)
+            return grouped_relpos_attention(self, qg, kg, vg, attn_mask)
+        mask = None if attn_mask is None else _additive(attn_mask, self.mask.boolean, q.dtype)
+        plan = self
+        if mask is not None and self.mask.ndim < self.ndim:  # the mask at q's rank from here on
+            mask = mask[(None,) * (self.ndim - self.mask.ndim)]
+            plan = replace(self, mask=replace(self.mask, ndim=self.ndim))
 
         # Ranks are tracked here, not read from tensors: this code is also traced symbolically.
         group_mask, mask_rank = None, 0
         if mask is not None:
-            m_pre, m_img, m_suf = plan._parts(mask, ql) if plan.mask_rows else (mask, mask, mask)
+            m_pre, m_img, m_suf = plan._parts(mask, ql) if plan.mask.rows else (mask, mask, mask)
             group_mask, mask_rank = plan._grouped_user_mask(mask, m_img, qa, ka), self.ndim + 1
         pad = plan._key_padding_bias(q.dtype, q.device, ka)  # (G, 1, Lk_group)
         if pad is not None:
             group_mask = pad if group_mask is None else group_mask + pad
             mask_rank = max(mask_rank, 3)
 
-        out_img = self._attend_groups(qg, kg, vg, group_mask, mask_rank, qa)
+        out_img = attend_groups(self, qg, kg, vg, group_mask, mask_rank, qa)
 
         if not (ql.prefix or ql.suffix):
             return out_img
@@ -239,130 +250,13 @@ class GridPlan:
         q_rest = torch.cat([p for p in (q_pre, q_suf) if p is not None], dim=-2)
         rest_mask = None
         if mask is not None:
-            if plan.mask_rows:
+            if plan.mask.rows:
                 rest_mask = torch.cat([p for p in (m_pre, m_suf) if p is not None], dim=-2)
             else:
                 rest_mask = mask
         out_rest = self._sdpa(q_rest, k, v, rest_mask)
         return _join(out_rest.narrow(-2, 0, ql.prefix) if ql.prefix else None, out_img,
                      out_rest.narrow(-2, ql.prefix, ql.suffix) if ql.suffix else None, -2)
-
-    def _attend_groups(self, qg, kg, vg, group_mask, mask_rank: int, qa=None):
-        """SDPA inside every group, then Grid Recovering of the image queries' outputs.
-
-        ``qg`` / ``kg`` / ``vg`` are (..., heads, G, n, d); their batch and head axes may differ as
-        SDPA allows: broadcast (MQA written as k/v with one head) or, with ``enable_gqa``, fewer
-        key/value heads than query heads. Either way every query head meets the key/value head the
-        original site paired it with.
-        """
-        if self.enable_gqa and self.ndim >= 3:
-            out = self._attend_groups_gqa(qg, kg, vg, group_mask, mask_rank)
-        elif self.ndim >= 4:
-            # Fold the group axis into the head axis so SDPA sees 4-D inputs (its fast CPU/GPU kernels).
-            # Folding merges heads with groups, so broadcast batch/head axes are expanded first (a view
-            # with nothing to expand where q, k and v agree already, the usual case).
-            qg, kg, vg = self._broadcast_lead(qg, kg, vg)
-            if group_mask is not None:
-                if mask_rank < self.ndim + 1:
-                    group_mask = group_mask[(None,) * (self.ndim + 1 - mask_rank)]
-                heads = qg.size(-4)
-                group_mask = group_mask.expand(
-                    *([-1] * (self.ndim - 3)), heads, self.groups, -1, -1
-                ).flatten(-4, -3)
-            out = self._sdpa(qg.flatten(-4, -3), kg.flatten(-4, -3), vg.flatten(-4, -3), group_mask)
-            out = out.unflatten(-3, (-1, self.groups))
-        else:
-            out = self._sdpa(qg, kg, vg, group_mask)
-        return recover_layout(out, self.q_layout, self.stride, self.grouping, qa)
-
-    def _broadcast_lead(self, qg, kg, vg):
-        """q, k, v (..., G, n, d) with their leading (batch, head) axes expanded to the common
-        broadcast sizes, exactly as SDPA broadcasts them (sizes read at run time, as batch sizes are)."""
-        corner = [x.narrow(-1, 0, 1).narrow(-2, 0, 1) for x in (qg, kg, vg)]
-        lead = torch.broadcast_tensors(*corner)[0]
-        sizes = [lead.size(i) for i in range(self.ndim - 2)]
-        return [x.expand(*sizes, -1, -1, -1) for x in (qg, kg, vg)]
-
-    def _attend_groups_gqa(self, qg, kg, vg, group_mask, mask_rank: int):
-        """SDPA with ``enable_gqa`` inside every group: (..., H, G, n, d) in, (..., Hq, G, n, dv) out.
-
-        SDPA pairs query head ``h`` with key/value head ``h // (Hq / Hkv)`` along axis -3. Folding
-        the groups *behind* the heads (index ``h * G + g``) would break that pairing; folded *in
-        front* (index ``g * H + h``) it holds: ``(g * Hq + h) // (Hq / Hkv) == g * Hkv + h // (Hq / Hkv)``.
-        A 3-D site (heads, tokens, d) keeps the group axis as a batch axis in front of the heads.
-        """
-        fold_heads = self.ndim >= 4
-
-        def fold(x):  # (..., H, G, n, d) -> (..., G*H, n, d), or (G, H, n, d) for a 3-D site
-            x = x.movedim(-3, -4)
-            return x.flatten(-4, -3) if fold_heads else x
-
-        if group_mask is not None:
-            if mask_rank < self.ndim + 1:
-                group_mask = group_mask[(None,) * (self.ndim + 1 - mask_rank)]
-            if fold_heads:  # the mask's head axis is the query heads' (SDPA broadcasts it to Hq)
-                group_mask = group_mask.expand(*([-1] * (self.ndim - 3)), qg.size(-4), self.groups, -1, -1)
-            group_mask = fold(group_mask)
-        out = self._sdpa(fold(qg), fold(kg), fold(vg), group_mask)
-        if fold_heads:
-            out = out.unflatten(-3, (self.groups, -1))
-        return out.movedim(-4, -3)
-
-    def _attend_pregrouped(self, q, k, v):
-        """SDPA inside every group of group-major (B, h, G*n, d) inputs; the output stays group-major.
-
-        The group axis folds into the batch: when q/k/v are the usual transposed views of
-        (B, L, h, d) projection outputs, every step here is a view, and so is the way back."""
-        g = self.groups
-
-        def fold(x):  # (B, h, G*n, d) -> (B*G, h, n, d)
-            return x.unflatten(-2, (g, -1)).movedim(-3, -4).flatten(0, 1)
-
-        out = self._sdpa(fold(q), fold(k), fold(v), None)
-        return out.unflatten(0, (-1, g)).movedim(1, 2).flatten(2, 3)
-
-    # -- decomposed relative-position bias ------------------------------------------------------
-    def _own_offsets(self, x, size: int, first: bool):
-        """Keep, for every group, only the key rows (``first``) or columns its own offset owns.
-
-        ``x`` is (..., G, nq, size) indexed by a key row/column; returns (..., G, nq, ceil(size/g)).
-        """
-        gh, gw = self.stride
-        step = gh if first else gw
-        n = _ceil_div(size, step)
-        if n * step != size:
-            x = F.pad(x, (0, n * step - size))
-        x = x.unflatten(-1, self.grouping.split(n, step))
-        if not self.grouping.group_inner:  # (g, n) -> (n, g): the group offset last
-            x = x.transpose(-1, -2)
-        x = x.unflatten(-4, (gh, gw))  # (..., gh, gw, nq, n, step)
-        x = torch.diagonal(x, dim1=-5 if first else -4, dim2=-1)
-        # the matched offset axis went last; put it back in front of the group's other offset
-        x = x.movedim(-1, -4) if first else x.movedim(-1, -3)  # (..., gh, gw, nq, n)
-        return x.flatten(-4, -3)
-
-    def _relpos_lead(self, bias):
-        return bias.unflatten(0, (-1, self.relpos_heads)) if self.relpos_heads else bias
-
-    def grouped_relpos_bias(self, rel_h, rel_w):
-        """The decomposed bias restricted to each group: (N, G, nq, nk) without ever forming L x L."""
-        ql, kl = self.q_layout, self.k_layout
-        rh = self._cluster(rel_h.flatten(-3, -2), ql)  # (N, G, nq, kh)
-        rw = self._cluster(rel_w.flatten(-3, -2), ql)  # (N, G, nq, kw)
-        rh = self._own_offsets(rh, kl.height, first=True)
-        rw = self._own_offsets(rw, kl.width, first=False)
-        return self._relpos_lead((rh.unsqueeze(-1) + rw.unsqueeze(-2)).flatten(-2, -1))
-
-    def dense_relpos_bias(self, rel_h, rel_w):
-        bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-4, -3).flatten(-2, -1)
-        return self._relpos_lead(bias)
-
-    def _grouped_relpos_attention(self, qg, kg, vg, rel):
-        group_mask = self.grouped_relpos_bias(*rel)
-        pad = self._key_padding_bias(qg.dtype, qg.device)
-        if pad is not None:
-            group_mask = group_mask + pad
-        return self._attend_groups(qg, kg, vg, group_mask, self.mask_ndim + 1)
 
     def masked(self, q, k, v, attn_mask=None, assignment=None):
         """The oracle form: dense SDPA with ``attn_mask = B + log M`` (M for ``assignment`` when shuffling)."""
@@ -372,9 +266,10 @@ class GridPlan:
         keep = grid_mask(self.q_layout, self.k_layout, self.stride, q.device,
                          None if assignment[0] is None else assignment, self.grouping)
         log_m = torch.where(keep, 0.0, float("-inf")).to(q.dtype)
+        boolean = self.mask is not None and self.mask.boolean
         if self.relpos:
-            attn_mask = self.dense_relpos_bias(*attn_mask)
-        mask = log_m if attn_mask is None else _additive(attn_mask, self.mask_bool, q.dtype) + log_m
+            attn_mask, boolean = dense_relpos_bias(self, *attn_mask), False
+        mask = log_m if attn_mask is None else _additive(attn_mask, boolean, q.dtype) + log_m
         return self._sdpa(q, k, v, mask)
 
     # -- cost -----------------------------------------------------------------------------------

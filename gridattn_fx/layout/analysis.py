@@ -37,24 +37,36 @@ matched by the values the sizes were traced with.
 
 from __future__ import annotations
 
+import enum
 import math
 import operator
-import re
 from collections import deque
 from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from ..grid import TokenLayout
 from ..ir.op_catalogue import (CATS, CHANNEL_NORMS, FEATURE_OPS, FRESH_TENSORS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS,
                                   MAYBE_ALIASING,
                                   PERMUTES, RESHAPES, SPLITS, VIEWING, arg, permutation, resolve, source_rank,
                                   split_dim)
+from ..ir.module_paths import module_path
 from ..ir.ops import mutates, op_name, written_args
 from ..ir.values import shape_of as _shape
 from ..ir.values import value_of as _val
+
+
+class LayoutSource(str, enum.Enum):
+    """Where a fact came from (the report's "layout ..." note); a str so that it prints as its value."""
+
+    PROVEN = "proven in this graph"
+    REMEMBERED = "remembered by prepare"
+    DECLARED = "declared"
+    HANDED_OVER = "handed over across a split"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ class Spatial:
     trail: tuple = ()
     image: tuple = ()   # which image (see the module docstring); equal tuples = the same image
     batch: tuple = ()   # axes whose index selects an image (not necessarily all images of a batch)
+    source: LayoutSource = LayoutSource.PROVEN
+    marked: str = ""    # remembered / declared: the name of the marked tensor (a declared input's)
 
     def dims(self):
         return self.axes
@@ -89,6 +103,8 @@ class Tokens:
     # of a (B, N, C) tensor flattened to (B * N, C) for a BatchNorm1d. Not a sequence layout
     # until a reshape splits them off again, or unless they are frames (:func:`_frames_merged`).
     lead: tuple = ()
+    source: LayoutSource = LayoutSource.PROVEN
+    marked: str = ""
 
     def dims(self):
         return (self.dim,)
@@ -199,6 +215,8 @@ class LayoutAnalysis:
     def _run(self):
         self.facts: dict[fx.Node, object] = {}
         self.lost: dict[fx.Node, str] = dict(self.hint_conflicts)
+        # The op at which each lost layout was lost (the report command groups skips by it).
+        self.lost_op: dict[fx.Node, str] = {n: "layout_hint" for n in self.hint_conflicts}
         self._inplace_pointwise = set()
         self._fill_of = {w: fresh for fresh, writes in self.fills.items() for w in writes}
         self._fill_failed = set()
@@ -214,6 +232,7 @@ class LayoutAnalysis:
             writer = self.written.get(node)
             if writer is not None:
                 if fact is not None:  # the write, not the op, is what loses this layout
+                    self.lost_op[node] = str(op_name(writer, self.gm) or writer.target)
                     self.lost[node] = (f"in-place {op_name(writer, self.gm) or writer.target} `{writer.name}` "
                                        "(a write into this tensor or a view of it can move its tokens)")
                 fact = None
@@ -223,6 +242,7 @@ class LayoutAnalysis:
                     _val(node), torch.Tensor) and any(self.facts.get(a) is not None for a in _data_inputs(node, self.gm)):
                 name = op_name(node, self.gm)
                 why = _LOSS_HINTS.get(name, "")
+                self.lost_op[node] = str(name or node.target)
                 self.lost[node] = f"{name or node.target} `{node.name}`" + (f" ({why})" if why else "")
 
     def _fill(self, write: fx.Node):
@@ -248,11 +268,13 @@ class LayoutAnalysis:
         else:
             self._fill_failed.add(fresh)
             self.facts.pop(fresh, None)
+            self.lost_op[fresh] = "setitem"
             self.lost[fresh] = (f"setitem `{write.name}` (a write whose value has no layout, another "
                                 "layout, or indexes the token axes)")
 
     def _with_hint(self, node: fx.Node, proven):
         hint = self.hints[node]
+        self.lost_op[node] = "layout_hint"  # read only where a text below is recorded in self.lost
         if proven is None:
             shape = _shape(node)
             if shape is None or any(d >= len(shape) for d in hint.dims()):
@@ -302,20 +324,35 @@ class LayoutAnalysis:
         return None, "no proven image layout: " + self._why_not(node)
 
     def _why_not(self, node: fx.Node) -> str:
+        loss = self._loss(node)
+        if loss is None:
+            return "no spatial source (conv/pool/interpolate output) reaches it"
+        src = next((self.facts[a] for a in loss.all_input_nodes if a in self.facts), None)
+        origin = f" (from {src.origin})" if src is not None else ""
+        return f"image layout{origin} lost at {self.lost[loss]}"
+
+    def _loss(self, node: fx.Node) -> fx.Node | None:
+        """The nearest node upstream of ``node`` at which an image layout was lost, if any."""
         seen, queue = {node}, deque([node])
         while queue and len(seen) < 5000:
             cur = queue.popleft()
             if cur in self.lost:
-                src = next((self.facts[a] for a in cur.all_input_nodes if a in self.facts), None)
-                origin = f" (from {src.origin})" if src is not None else ""
-                return f"image layout{origin} lost at {self.lost[cur]}"
+                return cur
             # An attention output's positions are its query's: only that lineage explains them.
             inputs = [self.attention_outputs[cur][0]] if cur in self.attention_outputs else _data_inputs(cur, self.gm)
             for a in inputs:
                 if a not in seen:
                     seen.add(a)
                     queue.append(a)
-        return "no spatial source (conv/pool/interpolate output) reaches it"
+        return None
+
+    def lost_at(self, node: fx.Node) -> str | None:
+        """The op at which the image layout reaching ``node`` was lost; None when no layout was lost
+        on the way (no spatial source reaches it, or it has a layout)."""
+        if node in self.facts:
+            return None
+        loss = self._loss(node)
+        return None if loss is None else self.lost_op.get(loss)
 
     def writer_of(self, node: fx.Node) -> fx.Node | None:
         """The in-place op that writes into ``node``'s tensor or an alias of it in a way that can
@@ -355,7 +392,10 @@ class LayoutAnalysis:
     # -- transfer functions ---------------------------------------------------------------------
     def _transfer(self, node: fx.Node):
         if node.op == "placeholder":
-            return _step(self.inherited.get(node), "DDP bucket split")
+            inherited = self.inherited.get(node)
+            if inherited is not None:
+                inherited = replace(inherited, source=LayoutSource.HANDED_OVER)
+            return _step(inherited, "DDP bucket split")
         if node.op not in ("call_function", "call_method", "call_module"):
             return None
         if node in self.attention_outputs:
@@ -706,7 +746,7 @@ def _data_inputs(node: fx.Node, gm) -> list[fx.Node]:
 
 def _positions(fact):
     """Facts that describe the same positions compare equal regardless of history and image."""
-    return replace(fact, origin="", trail=(), image=(), batch=())
+    return replace(fact, origin="", trail=(), image=(), batch=(), source=LayoutSource.PROVEN, marked="")
 
 
 def _merge(facts: list):
@@ -779,16 +819,8 @@ def _trail_text(trail) -> str:
 
 
 def layout_source(fact) -> str:
-    """Where a proven layout came from, for the report: proven in this graph, remembered by
-    prepare(), declared by the user, or handed over across a DDP split."""
-    if fact is None:
-        return ""
-    if "DDP bucket split" in fact.trail:
-        return "handed over across a split"
-    for source in ("remembered by prepare", "declared"):
-        if fact.origin.startswith(source):
-            return source
-    return "proven in this graph"
+    """Where a proven layout came from, for the report ("" for no fact)."""
+    return "" if fact is None else fact.source.value
 
 
 def _shift(fact, by: int):
@@ -1147,27 +1179,3 @@ def _slice_symbolic(fact, dim, sl: slice, length):
     if _known(start <= fact.prefix) and _known(stop >= fact.prefix + fact.image_tokens):
         return replace(fact, prefix=fact.prefix - start, suffix=fact.suffix - (length - stop))
     return None
-
-
-def module_path(node: fx.Node) -> str:
-    """The dotted module path of the innermost module a node was traced in ("" at top level)."""
-    entries = list((node.meta.get("nn_module_stack") or {}).values())
-    # A softmax/dropout module inside an attention block is a detail: name the block.
-    while len(entries) > 1 and isinstance(entries[-1][1], type) and issubclass(entries[-1][1], _LEAF_HELPERS):
-        entries.pop()
-    return normalize_module_path(entries[-1][0]) if entries else ""
-
-
-_LEAF_HELPERS = (nn.Softmax, nn.Dropout)
-
-
-def normalize_module_path(path: str) -> str:
-    """Dynamo spells paths as ``L['self'].blocks[0].attn``; users know them as ``blocks.0.attn``."""
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path)
-    # A module whose forward prepare() wrapped (an instance attribute) is reached through it.
-    path = re.sub(r"\.forward\.__self__(?=\.|$)", "", path)
-    return path.lstrip(".")
-

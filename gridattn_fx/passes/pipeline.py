@@ -10,12 +10,15 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..config.options import GridAttnConfig, site_stride_names
+from ..config import GridAttnConfig
+from ..config.sites import names_site
+from ..reasons import Skip, SkipKind
 from ..patterns import AttentionSite, find_attention_sites
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .rewrite import fake_evaluation, plan_sizes, rewrite_site
 from ..ir.values import value_of as _val
-from ..layout.analysis import LayoutAnalysis, _hint, layout_source, module_path
+from ..ir.module_paths import module_path
+from ..layout.analysis import LayoutAnalysis, _hint, layout_source
 from ..crossgraph.hints import strip_layout_hints
 from .policy import at_hints, decide
 from ..crossgraph.region import find_region
@@ -170,6 +173,8 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             flops_before=d.flops_before,
             flops_after=d.flops_after,
             layout_source=layout_source(layouts.facts.get(site.query)) if d.q_layout else "",
+            skip=d.skip.kind if d.skip else None,
+            lost_at=d.skip.lost_at if d.skip else None,
         )
         report.sites.append(row)
         if d.stride_warning:
@@ -181,7 +186,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     if stride_warnings:  # once per graph (issue 13: a triple on 2-D sites applies its (Gh, Gw))
         _warn(f"gridattn: graph #{report.graph}: " + "; ".join(
             f"{text} ({', '.join(paths)})" for text, paths in stride_warnings.items()))
-    _check_site_strides(report, config, served_paths)
+    _check_site_keys(report, config, served_paths)
     rewritten = 0
     for row, site, plan in chosen:
         try:
@@ -191,6 +196,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
                 raise err.__cause__ from None
             row.decision, row.flops_after = SKIPPED, row.flops_before
             row.reason = f"replacement failed its check, site left alone ({err})"
+            row.skip = SkipKind.REPLACEMENT_FAILED
             report.site_failures.append(f"{row.module_path or row.node}: {err}")
             continue
         rewritten += 1
@@ -219,7 +225,8 @@ def _decide_shared(site: AttentionSite, layouts: LayoutAnalysis, config: GridAtt
             why = (f"this graph serves {len(paths)} modules that run the same code (regional compilation), and the "
                    f"options decide `{paths[0]}` ({outcome(first)}) and `{path}` ({outcome(d)}) differently: left "
                    f"dense for all of them; compile the whole model, or give these modules one setting")
-            return replace(first, rewrite=False, reason=why, plan=None, flops_after=first.flops_before), why
+            return replace(first, rewrite=False, reason=why, plan=None, flops_after=first.flops_before,
+                           skip=Skip(SkipKind.REGION_DISAGREEMENT, why)), why
     return replace(first, reason=f"{first.reason}; this graph serves {len(paths)} modules that run the same code "
                                  f"(regional compilation), decided alike"), None
 
@@ -229,17 +236,16 @@ def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _check_site_strides(report: Report, config: GridAttnConfig, paths: list[str]) -> None:
-    """Name the ``site_strides`` / ``site_groupings`` keys that choose no site of this graph (a wrong
-    or stale path would otherwise rewrite nothing without a word). ``paths``: every site's path in
-    every module the graph serves (a region graph stands for the same sites of all modules that share it)."""
-    for option, mapping, found in (("site_strides", config.site_strides, report.unmatched_site_strides),
-                                   ("site_groupings", config.site_groupings, report.unmatched_site_groupings)):
-        unmatched = [key for key in mapping if not any(site_stride_names(key, p) for p in paths)]
-        if not unmatched:
-            continue
-        found.extend(unmatched)
-        keys = ", ".join(repr(k) for k in unmatched)
+def _check_site_keys(report: Report, config: GridAttnConfig, paths: list[str]) -> None:
+    """Name the per-site option keys (``sites`` and its aliases) that choose no site of this graph
+    (a wrong or stale path would otherwise rewrite nothing without a word). ``paths``: every site's
+    path in every module the graph serves (a region graph stands for the same sites of all modules
+    that share it)."""
+    for option, key in config.site_keys():
+        if not any(names_site(key, p) for p in paths):
+            report.unmatched_site_keys.setdefault(option, []).append(key)
+    for option, keys in report.unmatched_site_keys.items():
+        listed = ", ".join(repr(k) for k in keys)
         _warn(f"gridattn: graph #{report.graph}: {option} "
-              + (f"key {keys} matches" if len(unmatched) == 1 else f"keys {keys} match")
+              + (f"key {listed} matches" if len(keys) == 1 else f"keys {listed} match")
               + " no attention site in this graph")

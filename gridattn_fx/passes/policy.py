@@ -1,20 +1,27 @@
-"""Which sites to rewrite: the rules of docs/design.md section 2 plus the user's config."""
+"""Which sites to rewrite: the rules of docs/design.md section 2 plus the user's config.
+
+The policy is a list of small rules, asked in order about one site (:class:`SiteFacts`, everything
+they read, computed once); the first that returns a :class:`Skip` leaves the site dense with that
+reason. Grouping-specific conditions are the grouping's own (``Grouping.check``,
+``Grouping.supports_shuffle``, gridattn_fx/grid/groupings.py). A new rule is one function and one
+entry in :data:`ELIGIBILITY` or :data:`AT_STRIDE`.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Callable
 
 import torch
 
-from ..config.options import GridAttnConfig
-from ..grid import GridPlan, TokenLayout, attention_flops, format_stride, grouping_named, normalize_stride
-from ..patterns import AttentionSite
+from ..config import GridAttnConfig
+from ..grid import GridPlan, MaskSpec, RelPosSpec, TokenLayout, attention_flops, format_stride, grouping_named
+from ..grid import normalize_stride
 from ..layout.analysis import LayoutAnalysis, _hint, _same_size
-
-# Reasons of sites left dense only because their image sizes are symbolic start with this; the
-# backend warns about them (frontends/backend.py) and the README says what to do.
-SYMBOLIC_UNSUPPORTED = "symbolic image size"
+from ..patterns import AttentionSite
+from ..reasons import Skip, SkipKind
 
 
 @dataclass
@@ -27,9 +34,10 @@ class Decision:
     plan: GridPlan | None = None
     flops_before: int | None = None
     flops_after: int | None = None
-    # A configured stride this site cannot take as written (a triple on a 2-D image): the pipeline
-    # warns once per graph with these texts.
+    # A configured stride this site cannot take as written (a triple on a 2-D image, a stride
+    # larger than an image axis): the pipeline warns once per graph with these texts.
     stride_warning: str | None = None
+    skip: Skip | None = None   # why the site stays dense (None: rewritten)
 
 
 def _concrete(shape) -> tuple[int, ...] | None:
@@ -70,52 +78,282 @@ def _cost(q_shape, k_shape, v_shape) -> tuple[int, int, int, int, int] | None:
     return math.prod(lead), q_shape[-2], k_shape[-2], q_shape[-1], v_shape[-1]
 
 
-def _relpos_mismatch(site: AttentionSite, q_layout: TokenLayout, k_layout: TokenLayout) -> str | None:
-    qh, qw, kh, kw = site.relpos
-    for side, layout, (h, w) in (("query", q_layout, (qh, qw)), ("key", k_layout, (kh, kw))):
-        if layout.prefix or layout.suffix or layout.transposed or (layout.height, layout.width) != (h, w):
-            return (f"relative-position bias indexes a {h}x{w} {side} grid but the proven {side} layout "
-                    f"is {layout}")
-    return None
+@dataclass
+class SiteFacts:
+    """What the rules read about one site: its layouts, shapes and cost, and the options that
+    apply at its module path. Computed once per (site, path)."""
+
+    site: AttentionSite
+    layouts: LayoutAnalysis
+    config: GridAttnConfig
+    path: str
+    training: bool
+    q_layout: TokenLayout | None = field(init=False)
+    k_layout: TokenLayout | None = field(init=False)
+
+    def __post_init__(self):
+        site = self.site
+        self.q_layout, self.q_why = self.layouts.layout(site.query, site.query_dim)
+        self.k_layout, self.k_why = self.layouts.layout(site.key, site.key_dim)
+        self.evidence = f"q: {self.q_why}" + ("" if site.key is site.query else f"; k: {self.k_why}")
+        self.shapes = [_concrete(s) for s in (site.q_shape, site.k_shape, site.v_shape)]
+        self.cost = _cost(*self.shapes)
+        self.flops = attention_flops(*self.cost) if self.cost else None
+        self.symbolic = is_symbolic(self.q_layout) or is_symbolic(self.k_layout)
+        # The report shows the sizes this graph was traced with; the reason names the symbols.
+        self.shown_q, self.shown_k = at_hints(self.q_layout), at_hints(self.k_layout)
+        self.symbols = ""
+        if self.symbolic:
+            self.symbols = f"{self.q_layout}" + (
+                "" if str(self.k_layout) == str(self.q_layout) else f" / {self.k_layout}") + \
+                f" (traced at {self.shown_q})"
+        self.configured, self.stride_from = self.config.stride_for(self.path)
+        grouping_name, self.grouping_from = self.config.grouping_for(self.path)
+        self.grouping = grouping_named(grouping_name)
+        self.shuffling = self.config.distributing == "shuffle" and self.training
+
+    @cached_property
+    def stride(self) -> tuple:
+        """The configured stride at the site's rank (asked only once the layouts are proven)."""
+        return normalize_stride(self.configured, self.q_layout.rank)
+
+    @cached_property
+    def stride_warning(self) -> str | None:
+        """A triple meeting a 2-D image: its temporal step does not apply, (Gh, Gw) is used."""
+        if len(self.configured) <= self.q_layout.rank:
+            return None
+        option = self.config.site_option("stride", self.path)
+        return (f"option '{option}' {tuple(self.configured)} is a video stride (Gt, Gh, Gw) but these sites are "
+                f"2-D images: applying (Gh, Gw) = {self.stride}")
+
+    @property
+    def shown_stride(self) -> str:
+        return format_stride(self.stride)
 
 
-def _scores_written(site: AttentionSite, layouts: LayoutAnalysis):
-    """The in-place op writing into the scores or probabilities of a site, if any (MViTv2 writes
-    its relative-position bias into a slice of the scores)."""
+Rule = Callable[[SiteFacts], "Skip | None"]
+
+
+# --- eligibility: the site itself, before any stride applies ---------------------------------------
+
+def scores_not_written(f: SiteFacts) -> Skip | None:
+    """An in-place op writing into the scores or probabilities (MViTv2 writes its relative-position
+    bias into a slice of the scores) makes the site inexact."""
+    site = f.site
     if site.build is None:  # an unreadable manual site is reported against its softmax
         nodes = list(site.output.all_input_nodes)
     else:  # not the inputs (a write there is the layout's business), nor the output (written after)
         nodes = [n for n in site.nodes if n is not site.output and n not in site.inputs]
-    return next((w for w in map(layouts.writer_of, nodes) if w is not None), None)
+    written = next((w for w in map(f.layouts.writer_of, nodes) if w is not None), None)
+    if written is None:
+        return None
+    return Skip(SkipKind.SCORES_WRITTEN,
+                f"the attention scores are written in place by `{written.name}` (e.g. a relative-position "
+                f"bias written into a slice of them): not an exact site"
+                + (f"; {site.unsupported}" if site.unsupported else ""))
 
 
-def _site_stride(stride, stride_from: str, q_layout: TokenLayout) -> tuple[tuple, str | None]:
-    """The configured stride normalised to the site's rank, and a warning when a triple meets a
-    2-D image (its temporal step does not apply: (Gh, Gw) is used)."""
-    full = normalize_stride(stride, q_layout.rank)
-    if len(stride) > q_layout.rank:
-        field = "site_strides" if "site_strides" in stride_from else "stride"
-        return full, (f"option '{field}' {tuple(stride)} is a video stride (Gt, Gh, Gw) but these sites are "
-                      f"2-D images: applying (Gh, Gw) = {full}")
-    return full, None
-
-
-def _window_tiles_unmatched(q_layout: TokenLayout, k_layout: TokenLayout, stride) -> str | None:
-    """Window grouping on two grids (reduced keys): a query tile whose key tile holds no key would
-    leave its queries with nothing to attend to."""
-    for axis, (nq, nk, g) in enumerate(zip(q_layout.image_shape, k_layout.image_shape, stride)):
-        tiles_q, tiles_k = -(-nq // -(-nq // g)), -(-nk // -(-nk // g))
-        if tiles_q > tiles_k:
-            return (f"window grouping, stride {format_stride(stride)}: query image {q_layout} has {tiles_q} tiles "
-                    f"along axis {axis} but key image {k_layout} only {tiles_k} (queries without keys)")
+def readable(f: SiteFacts) -> Skip | None:
+    if f.site.build is None:  # recognised as attention, but not readable exactly
+        return Skip(SkipKind.UNREADABLE, f"unsupported site: {f.site.unsupported}")
     return None
 
 
-def _shuffle(plan: GridPlan, config: GridAttnConfig, training: bool) -> tuple[GridPlan, str]:
-    """The plan with shuffle distributing when the config asks for it and the module is training."""
-    if config.distributing != "shuffle":
+def stride_not_one(f: SiteFacts) -> Skip | None:
+    if all(g == 1 for g in f.configured):
+        return Skip(SkipKind.STRIDE_ONE, "stride 1: grid attention is the identity" + f.stride_from)
+    return None
+
+
+def not_causal(f: SiteFacts) -> Skip | None:
+    if f.site.is_causal:
+        return Skip(SkipKind.CAUSAL, "causal attention: the grid semantics do not apply")
+    return None
+
+
+def query_is_image(f: SiteFacts) -> Skip | None:
+    if f.q_layout is None:
+        return Skip(SkipKind.NO_QUERY_LAYOUT, f"query: {f.q_why}",
+                    lost_at=f.layouts.lost_at(f.site.query))
+    return None
+
+
+def key_is_image(f: SiteFacts) -> Skip | None:
+    if f.k_layout is None:
+        return Skip(SkipKind.NO_KEY_LAYOUT, f"key: {f.k_why} (cross-attention to non-image tokens?)",
+                    lost_at=f.layouts.lost_at(f.site.key))
+    return None
+
+
+def same_image(f: SiteFacts) -> Skip | None:
+    other = f.layouts.same_image(f.site.query, f.site.key)
+    return Skip(SkipKind.CROSS_IMAGE, other) if other else None
+
+
+def supported_form(f: SiteFacts) -> Skip | None:
+    if f.site.unsupported:
+        return Skip(SkipKind.UNREADABLE, f"unsupported site: {f.site.unsupported}")
+    return None
+
+
+def selected(f: SiteFacts) -> Skip | None:
+    """The policy speaks only about eligible sites: an ineligible one says why it is ineligible."""
+    why = f.config.left_out(f.path)
+    return Skip(SkipKind.NOT_SELECTED, why) if why else None
+
+
+def known_sizes(f: SiteFacts) -> Skip | None:
+    if f.cost is None:
+        return Skip(SkipKind.UNKNOWN_SIZES, "sequence or feature sizes without a known value: cannot size the "
+                                            "regrouping")
+    return None
+
+
+def lengths_match(f: SiteFacts) -> Skip | None:
+    site = f.site
+    if _same_size(site.q_shape[-2], f.q_layout.length) and _same_size(site.k_shape[-2], f.k_layout.length):
+        return None
+    return Skip(SkipKind.LENGTH_MISMATCH, f"sequence lengths {site.q_shape[-2]}/{site.k_shape[-2]} are not "
+                                          f"provably those of the proven layouts {f.q_layout}/{f.k_layout}")
+
+
+def static_where_needed(f: SiteFacts) -> Skip | None:
+    """The decomposed rel-pos bias and shuffle distributing are rewritten for static sizes only."""
+    if not f.symbolic:
+        return None
+    if f.site.relpos is not None:
+        return Skip(SkipKind.SYMBOLIC, f"symbolic image size {f.symbols}: a decomposed rel-pos bias is rewritten "
+                                       "only for static sizes")
+    if f.config.distributing == "shuffle" and f.training:
+        return Skip(SkipKind.SYMBOLIC, f"symbolic image size {f.symbols}: shuffle distributing is rewritten only "
+                                       "for static sizes")
+    return None
+
+
+def same_rank(f: SiteFacts) -> Skip | None:
+    if f.q_layout.rank != f.k_layout.rank:
+        return Skip(SkipKind.RANK_MISMATCH, f"query image {f.q_layout} and key image {f.k_layout} differ in rank")
+    return None
+
+
+# --- at the site's stride --------------------------------------------------------------------------
+
+def stride_not_one_at_rank(f: SiteFacts) -> Skip | None:
+    if all(g == 1 for g in f.stride):
+        return Skip(SkipKind.STRIDE_ONE, f"stride {f.shown_stride} on a {f.q_layout.rank}-D image: grid attention "
+                                         "is the identity" + f.stride_from)
+    return None
+
+
+def enough_tokens(f: SiteFacts) -> Skip | None:
+    n, least = f.q_layout.image_tokens, f.config.min_image_tokens
+    if n < least:
+        return Skip(SkipKind.TOO_FEW_TOKENS, f"{n} image tokens < min_image_tokens={least}"
+                    + f.config.credit("min_image_tokens"))
+    return None
+
+
+def stride_fits(f: SiteFacts) -> Skip | None:
+    for side, layout in (("query", f.q_layout), ("key", f.k_layout)):
+        if any(n < g for n, g in zip(layout.image_shape, f.stride)):
+            # Worth a warning, not only a report line: an option that can never apply to a site
+            # would otherwise be a silent no-op.
+            return Skip(SkipKind.STRIDE_TOO_LARGE,
+                        f"{side} image {format_stride(layout.image_shape)} is smaller than the stride {f.shown_stride}",
+                        warning=f"stride {f.shown_stride}{f.stride_from} is larger than an image axis, so these "
+                                f"sites stay dense")
+        # The same rule at equality, for keys: a stride that spans the whole key image leaves one
+        # image key per group, so every image query would see a single image key (attention
+        # degenerates). One query per group is fine (LeViT's downsampling attention: a 2x2 query
+        # grid over 4x4 keys); one side equal to its stride still leaves groups of several tokens.
+        if side == "key" and tuple(layout.image_shape) == tuple(f.stride):
+            return Skip(SkipKind.DEGENERATE, f"key image {format_stride(layout.image_shape)} at stride "
+                                             f"{f.shown_stride}: each group would hold a single image key "
+                                             "(attention degenerates)")
+    return None
+
+
+def grouping_applies(f: SiteFacts) -> Skip | None:
+    why = f.grouping.check(f.q_layout, f.k_layout, f.stride)
+    if why:
+        return Skip(SkipKind.GROUPING, why)
+    if f.shuffling and not f.grouping.supports_shuffle:
+        return Skip(SkipKind.GROUPING, f"{f.grouping.name} grouping, stride {f.shown_stride}{f.grouping_from}: "
+                                       f"{f.grouping.shuffle_unsupported} (distributing='shuffle', training): "
+                                       "left dense")
+    return None
+
+
+def supported_ranks(f: SiteFacts) -> Skip | None:
+    q, k, v = (len(s) for s in f.shapes)
+    if q < 2 or k != q or v != q:
+        return Skip(SkipKind.SHAPES, f"unsupported ranks q{q}/k{k}/v{v}")
+    return None
+
+
+def relpos_on_layout(f: SiteFacts) -> Skip | None:
+    if f.site.relpos is None:
+        return None
+    qh, qw, kh, kw = f.site.relpos
+    for side, layout, (h, w) in (("query", f.q_layout, (qh, qw)), ("key", f.k_layout, (kh, kw))):
+        if layout.prefix or layout.suffix or layout.transposed or (layout.height, layout.width) != (h, w):
+            return Skip(SkipKind.RELPOS_MISMATCH, f"relative-position bias indexes a {h}x{w} {side} grid but the "
+                                                  f"proven {side} layout is {layout}")
+    return None
+
+
+def mask_spec(f: SiteFacts) -> MaskSpec | Skip | None:
+    """The site's attn_mask as the plan describes it, or why it cannot be regrouped."""
+    site = f.site
+    if site.mask_shape is None:
+        return None
+    m_shape = _concrete(site.mask_shape)
+    if m_shape is None:
+        return Skip(SkipKind.SHAPES, "attn_mask has symbolic sizes")
+    q_shape, k_shape = f.shapes[0], f.shapes[1]
+    if len(m_shape) > len(q_shape) or len(m_shape) < 1:
+        return Skip(SkipKind.SHAPES, f"attn_mask of rank {len(m_shape)} does not broadcast like q")
+    rows = m_shape[-2] if len(m_shape) >= 2 else 1
+    if rows not in (1, q_shape[-2]) or m_shape[-1] not in (1, k_shape[-2]):
+        return Skip(SkipKind.SHAPES, f"attn_mask shape {m_shape} does not broadcast to ({q_shape[-2]}, {k_shape[-2]})")
+    return MaskSpec(ndim=len(m_shape), rows=rows != 1, cols=m_shape[-1] != 1, boolean=site.mask_bool)
+
+
+def mask_broadcasts(f: SiteFacts) -> Skip | None:
+    spec = mask_spec(f)
+    return spec if isinstance(spec, Skip) else None
+
+
+ELIGIBILITY: tuple[Rule, ...] = (
+    scores_not_written, readable, stride_not_one, not_causal, query_is_image, key_is_image, same_image,
+    supported_form, selected, known_sizes, lengths_match, static_where_needed, same_rank,
+)
+AT_STRIDE: tuple[Rule, ...] = (
+    stride_not_one_at_rank, enough_tokens, stride_fits, grouping_applies, supported_ranks, relpos_on_layout,
+    mask_broadcasts,
+)
+
+
+def _first_skip(rules, f: SiteFacts) -> Skip | None:
+    for rule in rules:
+        skip = rule(f)
+        if skip is not None:
+            return skip
+    return None
+
+
+def _plan(f: SiteFacts) -> tuple[GridPlan, str]:
+    """The plan of a site every rule admits, and how its tokens are distributed (for the reason)."""
+    site = f.site
+    relpos = None
+    if site.relpos is not None:
+        relpos = RelPosSpec(heads=site.mask_shape[-3] if len(site.mask_shape) == 4 else 0)
+    plan = GridPlan(q_layout=f.q_layout, k_layout=f.k_layout, stride=f.stride, ndim=len(f.shapes[0]),
+                    mask=mask_spec(f), relpos=relpos, dropout_p=site.dropout_p, scale=site.scale,
+                    enable_gqa=site.enable_gqa, grouping=f.grouping)
+    if f.config.distributing != "shuffle":
         return plan, ""
-    if not training:
+    if not f.training:
         return plan, ", straightforward distributing (inference)"
     if plan.shuffle_unsupported:
         return plan, f", straightforward distributing ({plan.shuffle_unsupported})"
@@ -125,133 +363,32 @@ def _shuffle(plan: GridPlan, config: GridAttnConfig, training: bool) -> tuple[Gr
 def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, module_path: str,
            training: bool = False) -> Decision:
     """The decision for one site; ``training`` says the compiled module is in training mode."""
-    q_layout, q_why = layouts.layout(site.query, site.query_dim)
-    k_layout, k_why = layouts.layout(site.key, site.key_dim)
-    evidence = f"q: {q_why}" + ("" if site.key is site.query else f"; k: {k_why}")
-    shapes = [_concrete(s) for s in (site.q_shape, site.k_shape, site.v_shape)]
-    cost = _cost(*shapes)
-    flops = attention_flops(*cost) if cost else None
-    symbolic = is_symbolic(q_layout) or is_symbolic(k_layout)
-    # The report shows the sizes this graph was traced with; the reason names the symbols.
-    shown_q, shown_k = at_hints(q_layout), at_hints(k_layout)
-    symbols = ""
-    if symbolic:
-        symbols = f"{q_layout}" + ("" if str(k_layout) == str(q_layout) else f" / {k_layout}") + \
-            f" (traced at {shown_q})"
+    f = SiteFacts(site, layouts, config, module_path, training)
 
-    warning = None
+    def dense(skip: Skip, warning: str | None = None) -> Decision:
+        return Decision(False, skip.detail, f.shown_q, f.shown_k, f.evidence, None, f.flops, f.flops,
+                        skip.warning or warning, skip)
 
-    def skip(reason):
-        return Decision(False, reason, shown_q, shown_k, evidence, None, flops, flops, warning)
+    skip = _first_skip(ELIGIBILITY, f)
+    if skip is not None:
+        return dense(skip)
+    skip = _first_skip(AT_STRIDE, f)
+    if skip is not None:
+        return dense(skip, f.stride_warning)
 
-    stride, stride_from = config.stride_for(module_path)
-    grouping_name, grouping_from = config.grouping_for(module_path)
-    grouping = grouping_named(grouping_name)
-    written = _scores_written(site, layouts)
-    if written is not None:
-        return skip(f"the attention scores are written in place by `{written.name}` (e.g. a relative-position "
-                    f"bias written into a slice of them): not an exact site" +
-                    (f"; {site.unsupported}" if site.unsupported else ""))
-    if site.build is None:  # recognised as attention, but not readable exactly
-        return skip(f"unsupported site: {site.unsupported}")
-    if all(g == 1 for g in stride):
-        return skip("stride 1: grid attention is the identity" + stride_from)
-    if site.is_causal:
-        return skip("causal attention: the grid semantics do not apply")
-    if q_layout is None:
-        return skip(f"query: {q_why}")
-    if k_layout is None:
-        return skip(f"key: {k_why} (cross-attention to non-image tokens?)")
-    other_image = layouts.same_image(site.query, site.key)
-    if other_image:
-        return skip(other_image)
-    if site.unsupported:
-        return skip(f"unsupported site: {site.unsupported}")
-    # The policy speaks only about eligible sites: an ineligible one says why it is ineligible.
-    selected, why = config.selects(module_path)
-    if not selected:
-        return skip(why + config.credit("include" if why.startswith("not matched") else "exclude"))
-    if cost is None:
-        return skip("sequence or feature sizes without a known value: cannot size the regrouping")
-    q_shape, k_shape, v_shape = shapes
-    if not (_same_size(site.q_shape[-2], q_layout.length) and _same_size(site.k_shape[-2], k_layout.length)):
-        return skip(f"sequence lengths {site.q_shape[-2]}/{site.k_shape[-2]} are not provably those of the "
-                    f"proven layouts {q_layout}/{k_layout}")
-    if symbolic and site.relpos is not None:
-        return skip(f"{SYMBOLIC_UNSUPPORTED} {symbols}: a decomposed rel-pos bias is rewritten only for "
-                    "static sizes")
-    if symbolic and config.distributing == "shuffle" and training:
-        return skip(f"{SYMBOLIC_UNSUPPORTED} {symbols}: shuffle distributing is rewritten only for "
-                    "static sizes")
-    if q_layout.rank != k_layout.rank:
-        return skip(f"query image {q_layout} and key image {k_layout} differ in rank")
-    configured = stride
-    stride, warning = _site_stride(stride, stride_from, q_layout)
-    shown_stride = format_stride(stride)
-    if all(g == 1 for g in stride):
-        return skip(f"stride {shown_stride} on a {q_layout.rank}-D image: grid attention is the identity"
-                    + stride_from)
-    if q_layout.image_tokens < config.min_image_tokens:
-        return skip(f"{q_layout.image_tokens} image tokens < min_image_tokens={config.min_image_tokens}"
-                    + config.credit("min_image_tokens"))
-    for side, layout in (("query", q_layout), ("key", k_layout)):
-        if any(n < g for n, g in zip(layout.image_shape, stride)):
-            # Worth a warning, not only a report line: an option that can never apply to a site
-            # would otherwise be a silent no-op (issue 13).
-            return replace(skip(f"{side} image {format_stride(layout.image_shape)} is smaller than the stride "
-                                f"{shown_stride}"),
-                           stride_warning=f"stride {shown_stride}{stride_from} is larger than an image axis, "
-                                          f"so these sites stay dense")
-        # The same rule at equality, for keys: a stride that spans the whole key image leaves one
-        # image key per group, so every image query would see a single image key (attention
-        # degenerates). One query per group is fine (LeViT's downsampling attention: a 2x2 query
-        # grid over 4x4 keys); one side equal to its stride still leaves groups of several tokens.
-        if side == "key" and tuple(layout.image_shape) == tuple(stride):
-            return skip(f"key image {format_stride(layout.image_shape)} at stride {shown_stride}: each group "
-                        "would hold a single image key (attention degenerates)")
-    if grouping.name == "window":
-        unmatched = _window_tiles_unmatched(q_layout, k_layout, stride)
-        if unmatched:
-            return skip(unmatched)
-        if config.distributing == "shuffle" and training:
-            return skip(f"window grouping, stride {shown_stride}{grouping_from}: {grouping.shuffle_unsupported} "
-                        "(distributing='shuffle', training): left dense")
-    if len(q_shape) < 2 or len(k_shape) != len(q_shape) or len(v_shape) != len(q_shape):
-        return skip(f"unsupported ranks q{len(q_shape)}/k{len(k_shape)}/v{len(v_shape)}")
-    if site.relpos is not None:
-        mismatch = _relpos_mismatch(site, q_layout, k_layout)
-        if mismatch:
-            return skip(mismatch)
-
-    mask_ndim, mask_rows, mask_cols = None, True, True
-    if site.mask_shape is not None:
-        m_shape = _concrete(site.mask_shape)
-        if m_shape is None:
-            return skip("attn_mask has symbolic sizes")
-        if len(m_shape) > len(q_shape) or len(m_shape) < 1:
-            return skip(f"attn_mask of rank {len(m_shape)} does not broadcast like q")
-        rows = m_shape[-2] if len(m_shape) >= 2 else 1
-        if rows not in (1, q_shape[-2]) or m_shape[-1] not in (1, k_shape[-2]):
-            return skip(f"attn_mask shape {m_shape} does not broadcast to ({q_shape[-2]}, {k_shape[-2]})")
-        mask_ndim, mask_rows, mask_cols = len(m_shape), rows != 1, m_shape[-1] != 1
-
-    plan = GridPlan(q_layout, k_layout, stride, len(q_shape), mask_ndim, mask_rows, mask_cols, site.mask_bool,
-                    site.dropout_p, site.scale, site.enable_gqa, relpos=site.relpos is not None,
-                    relpos_heads=site.mask_shape[-3] if site.relpos is not None and len(site.mask_shape) == 4 else 0,
-                    grouping=grouping)
-    plan, distributing = _shuffle(plan, config, training)
+    plan, distributing = _plan(f)
     if config.implementation == "masked":
-        after = flops
+        after = f.flops
     else:
-        bh, _, _, d, dv = cost
-        after = 2 * bh * replace(plan, q_layout=shown_q, k_layout=shown_k).grouped_pairs() * (d + dv)
-    kind = "image self-attention" if shown_q == shown_k else "image attention across two grids"
-    if symbolic:  # every size-dependent choice above and in the rewrite is guarded
-        distributing += f", symbolic sizes {symbols}"
-    how = f"stride {shown_stride}" + stride_from
-    if grouping.name != "grid":
-        how = f"{grouping.name} grouping{grouping_from}, " + how
-    if warning:
-        how += f" (the temporal step of {tuple(configured)} does not apply to a 2-D image)"
-    reason = f"{kind}, {how}" + distributing
-    return Decision(True, reason, shown_q, shown_k, evidence, plan, flops, after, warning)
+        bh, _, _, d, dv = f.cost
+        after = 2 * bh * replace(plan, q_layout=f.shown_q, k_layout=f.shown_k).grouped_pairs() * (d + dv)
+    kind = "image self-attention" if f.shown_q == f.shown_k else "image attention across two grids"
+    if f.symbolic:  # every size-dependent choice above and in the rewrite is guarded
+        distributing += f", symbolic sizes {f.symbols}"
+    how = f"stride {f.shown_stride}" + f.stride_from
+    if f.grouping.name != "grid":
+        how = f"{f.grouping.name} grouping{f.grouping_from}, " + how
+    if f.stride_warning:
+        how += f" (the temporal step of {tuple(f.configured)} does not apply to a 2-D image)"
+    return Decision(True, f"{kind}, {how}" + distributing, f.shown_q, f.shown_k, f.evidence, plan, f.flops, after,
+                    f.stride_warning)

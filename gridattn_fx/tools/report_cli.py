@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import re
 from collections import Counter
 
 import torch
 
+from ..reasons import SkipKind
 from .flops import count_flops
 from ..config.presets import PRESETS, preset_for_model
 
@@ -46,29 +46,17 @@ def _parse_value(text: str):
     return {"True": True, "False": False, "None": None}.get(text, text)
 
 
-_REASON_KINDS = (  # (words in the reason, how the totals name it), first match wins
-    ("key: no proven", "key tokens have no image layout (cross-attention to text/prompts)"),
-    ("windows", "image layout lost at a window partition (windowed attention)"),
-    ("window size", "image layout lost at padding to the window size (windowed attention)"),
-    ("no spatial source", "no image layout: no conv/pool/interpolate output reaches it (non-image tokens)"),
-    ("causal", "causal attention"),
-    ("min_image_tokens", "fewer image tokens than min_image_tokens"),
-    ("include", "left out by include/exclude"),
-    ("exclude", "left out by include/exclude"),
-    ("stride 1", "stride 1"),
-    ("symbolic", "symbolic (dynamic) sizes"),
-)
-
-
-def _reason_kind(reason: str) -> str:
-    """Group skip reasons for the totals."""
-    for words, kind in _REASON_KINDS:
-        if words in reason:
-            return kind
-    lost = re.search(r"lost at (\S+)", reason)
-    if lost:
-        return f"image layout lost at {lost.group(1)}"
-    return re.sub(r" \(preset '[^']*'\)", "", reason).split(":")[0].strip()
+def skip_label(site) -> str:
+    """How the totals name a skipped site's reason: its kind, and for a lost layout the op that
+    lost it (from the report's structured fields, never from the reason's words)."""
+    if site.skip is None:
+        return "not decided"
+    if site.skip in (SkipKind.NO_QUERY_LAYOUT, SkipKind.NO_KEY_LAYOUT):
+        side = "query" if site.skip is SkipKind.NO_QUERY_LAYOUT else "key"
+        if site.lost_at is None:
+            return f"{side} tokens have no image layout: no conv/pool/interpolate output reaches them"
+        return f"{side} image layout lost at {site.lost_at}"
+    return site.skip.value
 
 
 def _list_models(echo) -> int:
@@ -194,7 +182,7 @@ def run_report(args, echo=print) -> int:
     gm, report = rewrite(model, inputs, **options)
     echo(str(report))
     echo("")
-    kinds = Counter(_reason_kind(s.reason) for s in report.skipped)
+    kinds = Counter(skip_label(s) for s in report.skipped)
     echo(f"sites found: {len(report.sites)}; rewritten: {len(report.rewritten)}; skipped: {len(report.skipped)}")
     for kind, n in kinds.most_common():
         echo(f"  skipped {n:>3} x  {kind}")
