@@ -23,7 +23,9 @@ from gridattn_fx.ir.op_catalogue import RULES, OpRule, source_rank  # noqa: E402
 def test_every_kind_is_known_and_every_op_has_one_rule():
     kinds = {op_rules.POINTWISE, op_rules.CAST, op_rules.IDENTITY, op_rules.RESHAPE, op_rules.PERMUTE,
              op_rules.SPLIT, op_rules.CAT, op_rules.FEATURES, op_rules.CHANNEL_NORM,
-             op_rules.KEEPDIM_REDUCTION, op_rules.SOURCE, op_rules.FRESH}
+             op_rules.KEEPDIM_REDUCTION, op_rules.SOURCE, op_rules.FRESH, op_rules.STACK, op_rules.SOFTMAX,
+             op_rules.INDEX, op_rules.NARROW, op_rules.SELECT, op_rules.REPEAT, op_rules.BROADCAST, op_rules.PAD,
+             op_rules.PRODUCT, op_rules.ATTRIBUTE}
     assert {r.kind for r in RULES.values()} <= kinds
     with pytest.raises(ValueError, match="twice"):
         op_rules._add(OpRule(op_rules.POINTWISE), "add")
@@ -55,7 +57,10 @@ def test_consumers_hold_no_second_copy():
     from gridattn_fx.passes import motion as regroup_motion
     from gridattn_fx.patterns import manual
 
-    assert manual._CASTS is op_rules.CASTS and manual._VIEWS is op_rules.SHAPED_RESHAPES
+    assert manual.CASTS is op_rules.CASTS and manual.SHAPED_RESHAPES is op_rules.SHAPED_RESHAPES
+    assert manual.PRODUCTS is op_rules.PRODUCTS and manual.SCORE_PATH is op_rules.SCORE_PATH
+    # the layout proof dispatches on the catalogue's kinds: every op name it reads is in the catalogue
+    assert set(layout._TRANSFERS) <= {r.kind for r in RULES.values()}
     for module in (layout, regroup_motion):
         leftovers = [n for n in ("_POINTWISE", "_ELEMENTWISE", "_VIEWS", "_PERMUTES", "_SPLITS", "_LAST_DIM",
                                  "_CHANNEL_NORMS", "_VIEWING", "_MAYBE_ALIASING", "_SOURCES") if hasattr(module, n)]

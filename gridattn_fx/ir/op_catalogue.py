@@ -31,6 +31,16 @@ Kinds (what the op does to the axes of its first tensor operand):
                 ``rank`` of None means "the output's rank minus 2" (ATen's rank-generic convolution).
 ``FRESH``       a new tensor whose values depend on no position (uninitialised or constant): what
                 ``x[..., idx] = y`` fills of it hold is decided by the writes (layout/analysis.py).
+``STACK``       stacks tensors along a new axis.
+``SOFTMAX``     a softmax along one axis (keeps positions when that axis is no image axis).
+``INDEX``       ``x[idx]`` (getitem). ``NARROW``: one slice along one axis (narrow, aten.slice).
+                ``SELECT``: one index along one axis.
+``REPEAT``      ``repeat_interleave`` (along a batch-like axis: each image repeated).
+``BROADCAST``   expand / broadcast_to: new leading axes or size-1 axes stretched.
+``PAD``         constant padding of the trailing axes (``F.pad``).
+``PRODUCT``     a matrix product (matmul, bmm, baddbmm, einsum): what attention is built from, and,
+                with a 2-D constant right operand, a per-token linear map.
+``ATTRIBUTE``   a tensor attribute read through ``getattr`` (``x.mT`` / ``x.T`` transpose).
 
 Flags:
 
@@ -72,6 +82,16 @@ CHANNEL_NORM = "channel_norm"
 KEEPDIM_REDUCTION = "keepdim_reduction"
 SOURCE = "source"
 FRESH = "fresh"
+STACK = "stack"
+SOFTMAX = "softmax"
+INDEX = "index"
+NARROW = "narrow"
+SELECT = "select"
+REPEAT = "repeat"
+BROADCAST = "broadcast"
+PAD = "pad"
+PRODUCT = "product"
+ATTRIBUTE = "attribute"
 
 
 @dataclass(frozen=True)
@@ -113,6 +133,16 @@ _add(OpRule(RESHAPE), "flatten", "unflatten", "squeeze", "unsqueeze")
 _add(OpRule(PERMUTE), "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t")
 _add(OpRule(SPLIT), "split", "chunk", "unbind", "tensor_split", "split_with_sizes")
 _add(OpRule(CAT), "cat", "concat", "concatenate")
+_add(OpRule(STACK), "stack")
+_add(OpRule(INDEX), "getitem")
+_add(OpRule(NARROW), "narrow", "slice")
+_add(OpRule(SELECT), "select")
+_add(OpRule(REPEAT), "repeat_interleave")
+_add(OpRule(BROADCAST), "expand", "expand_as", "broadcast_to")
+_add(OpRule(PAD), "pad")
+_add(OpRule(ATTRIBUTE), "getattr")
+_add(OpRule(SOFTMAX), "softmax", "log_softmax", "_softmax")
+_add(OpRule(PRODUCT), "matmul", "bmm", "baddbmm", "einsum")
 
 _add(OpRule(FEATURES), "linear", "layer_norm", "rms_norm")
 _add(OpRule(CHANNEL_NORM), "group_norm", "batch_norm", "instance_norm", "_native_batch_norm_legit_no_training")
@@ -156,6 +186,13 @@ KEEPDIM_REDUCTIONS = names_of(KEEPDIM_REDUCTION)
 SOURCES = names_of(SOURCE)
 FRESH_TENSORS = names_of(FRESH)
 RANDOM = frozenset(n for n, r in RULES.items() if r.random)
+PRODUCTS = names_of(PRODUCT)
+# Ops a score tensor may pass through between its product and the softmax in a hand-written
+# attention (patterns/manual.py): none moves an axis (a softmax over a transposed product is over
+# the queries, not attention).
+SCORE_PATH = frozenset({
+    "add", "iadd", "radd", "sub", "rsub", "mul", "div", "truediv", "masked_fill", "where", "neg",
+    "tanh", "clamp", "clamp_min", "clamp_max"}) | CASTS | SHAPED_RESHAPES
 # Output shares storage with the first argument (views) ...
 VIEWING = RESHAPES | PERMUTES | SPLITS | {
     "getitem", "narrow", "slice", "select", "expand", "expand_as", "broadcast_to", "detach", "alias",

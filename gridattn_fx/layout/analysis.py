@@ -47,10 +47,10 @@ import torch
 import torch.fx as fx
 
 from ..grid import TokenLayout
-from ..ir.op_catalogue import (CATS, CHANNEL_NORMS, FEATURE_OPS, FRESH_TENSORS, KEEPDIM_REDUCTIONS, KEEPS_POSITIONS,
-                                  MAYBE_ALIASING,
-                                  PERMUTES, RESHAPES, SPLITS, VIEWING, arg, permutation, resolve, source_rank,
-                                  split_dim)
+from ..ir.op_catalogue import (ATTRIBUTE, BROADCAST, CAST, CAT, CHANNEL_NORM, FEATURES, FRESH_TENSORS, IDENTITY, INDEX,
+                               KEEPDIM_REDUCTION, KEEPS_POSITIONS, CATS, MAYBE_ALIASING, NARROW, PAD, PERMUTE, POINTWISE, PRODUCT, REPEAT,
+                               RESHAPE, RESHAPES, SELECT, SOFTMAX, SPLIT, STACK, VIEWING, arg, permutation, resolve,
+                               rule, source_rank, split_dim)
 from ..ir.module_paths import module_path
 from ..ir.ops import mutates, op_name, written_args
 from ..ir.values import shape_of as _shape
@@ -167,7 +167,6 @@ def _static(size) -> int | None:
     return None
 
 
-_resolve = resolve  # crossgraph/hints.py reads marker arguments with it
 
 
 # What each op does to token axes is the catalogue's (ir/op_catalogue.py); what a loss means here:
@@ -418,70 +417,82 @@ class LayoutAnalysis:
             image = self._source_image(node)
             return _step(Spatial(tuple(range(2, 2 + rank)), tuple(out.shape[2:]), origin=self._source_text(node, name, out),
                                  image=image, batch=(0,)), name)
+        op_rule = rule(name)
+        transfer = _TRANSFERS.get(op_rule.kind) if op_rule is not None else None
+        if transfer is None:
+            return None
         inp = node.args[0] if node.args else None
         fact = self.facts.get(inp) if isinstance(inp, fx.Node) else None
-        if name in CATS:
-            return self._cat(node)
-        if name == "stack":
-            return self._stack(node)
-        if name in KEEPS_POSITIONS:
-            return self._pointwise(node, name)
-        if name == "getattr" and node.args[1] in ("mT", "T") and fact is not None:
-            ndim = len(_shape(inp))
-            perm = list(range(ndim))[::-1] if node.args[1] == "T" else list(range(ndim - 2)) + [ndim - 1, ndim - 2]
-            return _permute(fact, perm, node.args[1])
-        if name in KEEPDIM_REDUCTIONS and fact is not None:
-            dims = _resolve(_arg(node, 1, "dim"))
-            dims = [dims] if isinstance(dims, int) else list(dims or [])
-            keepdim = _arg(node, 2, "keepdim", False)
-            reduced = {d % out.dim() for d in dims}
-            kept = not reduced & (set(fact.dims()) | set(fact.batch))
-            return _step(fact, name) if dims and keepdim is True and kept else None
-        if name in ("softmax", "log_softmax", "_softmax"):
-            dim = _arg(node, 1, "dim")
-            ok = fact is not None and isinstance(dim, int) and dim % out.dim() not in (*fact.dims(), *fact.batch)
-            return _step(fact, name) if ok else None
-        if fact is None:
+        if fact is None and op_rule.kind not in _FROM_SEVERAL_INPUTS:
             return None
-        if name in RESHAPES or (name == "flatten" and node.op == "call_module"):
-            return _reshape(fact, _shape(inp), tuple(out.shape), name)
-        if name in PERMUTES:
-            return _permute(fact, permutation(node, name, len(_shape(inp))), name)
-        if name in FEATURE_OPS:
-            n_last = len(_normalized_shape(node, self.gm)) if name != "linear" else 1
-            ndim = len(_shape(inp))
-            return _step(fact, name) if all(d < ndim - n_last for d in (*fact.dims(), *fact.batch)) else None
-        if name in CHANNEL_NORMS:
-            return self._channel_norm(node, name, fact)
-        if name == "getitem":
-            return _index(fact, _shape(inp), _resolve(node.args[1]), node.name)
-        if name in ("narrow", "slice"):
-            return self._narrow(node, name, fact, _shape(inp))
-        if name == "select":
-            dim, index = _resolve(_arg(node, 1, "dim")), _resolve(_arg(node, 2, "index"))
-            idx = [slice(None)] * (dim % len(_shape(inp))) + [index]
-            return _index(fact, _shape(inp), tuple(idx), node.name)
-        if name in SPLITS:
-            return self._split(node, name, fact, _shape(inp))
-        if name == "repeat_interleave":  # along a batch-like axis (SAM repeats images per prompt)
-            dim = _resolve(_arg(node, 2, "dim"))
-            ndim = len(_shape(inp))
-            ok = isinstance(dim, int) and dim % ndim not in fact.dims() and len(out.shape) == ndim
-            if ok and dim % ndim in fact.batch:  # each image repeated: a new arrangement of images
-                fact = replace(fact, image=fact.image + (("repeat", node.name),))
-            return _step(fact, name) if ok else None
-        if name in ("expand", "expand_as", "broadcast_to"):
-            return _broadcast(fact, _shape(inp), tuple(out.shape), name)
-        if name == "pad":
-            pads = _resolve(_arg(node, 1, "pad"))
-            ndim = len(_shape(inp))
-            touched = {ndim - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
-            return _step(fact, name) if not touched & (set(fact.dims()) | set(fact.batch)) else None
-        if name == "matmul":
-            other = _val(node.args[1])
-            if isinstance(other, torch.Tensor) and other.dim() == 2 and self.facts.get(node.args[1]) is None:
-                ndim = len(_shape(inp))
-                return _step(fact, name) if all(d < ndim - 1 for d in (*fact.dims(), *fact.batch)) else None
+        return transfer(self, node, name, fact, out)
+
+    # One transfer function per kind of the op catalogue (ir/op_catalogue.py); ``fact`` is the
+    # first operand's (None only for the kinds in _FROM_SEVERAL_INPUTS), ``out`` the output value.
+    def _attribute(self, node, name, fact, out):
+        if node.args[1] not in ("mT", "T"):
+            return None
+        ndim = len(_shape(node.args[0]))
+        perm = list(range(ndim))[::-1] if node.args[1] == "T" else list(range(ndim - 2)) + [ndim - 1, ndim - 2]
+        return _permute(fact, perm, node.args[1])
+
+    def _keepdim_reduction(self, node, name, fact, out):
+        dims = resolve(arg(node, 1, "dim"))
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        keepdim = arg(node, 2, "keepdim", False)
+        reduced = {d % out.dim() for d in dims}
+        kept = not reduced & (set(fact.dims()) | set(fact.batch))
+        return _step(fact, name) if dims and keepdim is True and kept else None
+
+    def _softmax(self, node, name, fact, out):
+        dim = arg(node, 1, "dim")
+        ok = isinstance(dim, int) and dim % out.dim() not in (*fact.dims(), *fact.batch)
+        return _step(fact, name) if ok else None
+
+    def _reshape_op(self, node, name, fact, out):
+        return _reshape(fact, _shape(node.args[0]), tuple(out.shape), name)
+
+    def _permute_op(self, node, name, fact, out):
+        return _permute(fact, permutation(node, name, len(_shape(node.args[0]))), name)
+
+    def _features(self, node, name, fact, out):
+        n_last = len(_normalized_shape(node, self.gm)) if name != "linear" else 1
+        ndim = len(_shape(node.args[0]))
+        return _step(fact, name) if all(d < ndim - n_last for d in (*fact.dims(), *fact.batch)) else None
+
+    def _getitem(self, node, name, fact, out):
+        return _index(fact, _shape(node.args[0]), resolve(node.args[1]), node.name)
+
+    def _select(self, node, name, fact, out):
+        shape = _shape(node.args[0])
+        dim, index = resolve(arg(node, 1, "dim")), resolve(arg(node, 2, "index"))
+        idx = [slice(None)] * (dim % len(shape)) + [index]
+        return _index(fact, shape, tuple(idx), node.name)
+
+    def _repeat(self, node, name, fact, out):
+        """Along a batch-like axis (SAM repeats images per prompt)."""
+        dim = resolve(arg(node, 2, "dim"))
+        ndim = len(_shape(node.args[0]))
+        ok = isinstance(dim, int) and dim % ndim not in fact.dims() and len(out.shape) == ndim
+        if ok and dim % ndim in fact.batch:  # each image repeated: a new arrangement of images
+            fact = replace(fact, image=fact.image + (("repeat", node.name),))
+        return _step(fact, name) if ok else None
+
+    def _broadcast_op(self, node, name, fact, out):
+        return _broadcast(fact, _shape(node.args[0]), tuple(out.shape), name)
+
+    def _pad(self, node, name, fact, out):
+        pads = resolve(arg(node, 1, "pad"))
+        ndim = len(_shape(node.args[0]))
+        touched = {ndim - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
+        return _step(fact, name) if not touched & (set(fact.dims()) | set(fact.batch)) else None
+
+    def _product(self, node, name, fact, out):
+        """``x @ W`` with a 2-D right operand that carries no layout: a per-token linear map."""
+        other = _val(node.args[1]) if len(node.args) > 1 else None
+        if isinstance(other, torch.Tensor) and other.dim() == 2 and self.facts.get(node.args[1]) is None:
+            ndim = len(_shape(node.args[0]))
+            return _step(fact, name) if all(d < ndim - 1 for d in (*fact.dims(), *fact.batch)) else None
         return None
 
     def _source_image(self, node) -> tuple:
@@ -498,7 +509,7 @@ class LayoutAnalysis:
         read = inp if isinstance(inp, fx.Node) else node
         return (("root", read.name, id(self.gm)),)
 
-    def _channel_norm(self, node, name, fact):
+    def _channel_norm(self, node, name, fact, out):
         """Norms with a channel axis 1: per-channel statistics (batch norm, in eval or training
         mode) or per-sample ones (group / instance norm) never move a value to another position."""
         if name in ("batch_norm", "_native_batch_norm_legit_no_training"):
@@ -515,16 +526,16 @@ class LayoutAnalysis:
     def _inputs_with_facts(self, tensors):
         return [(t, self.facts.get(t) if isinstance(t, fx.Node) else None) for t in tensors]
 
-    def _pointwise(self, node, name):
+    def _pointwise(self, node, name, fact, out):
         out_shape = _shape(node)
         if out_shape is None:
             return None
         found = []
-        for arg in node.all_input_nodes:
-            fact = self.facts.get(arg)
+        for operand in node.all_input_nodes:
+            fact = self.facts.get(operand)
             if fact is None:
                 continue
-            shape = _shape(arg)
+            shape = _shape(operand)
             shift = len(out_shape) - len(shape)
             moved = _shift(fact, shift)
             if any(not _same_size(shape[d - shift], out_shape[d]) for d in moved.dims()):
@@ -537,9 +548,9 @@ class LayoutAnalysis:
         merged = _merge(found)  # None: two different layouts meet, no single proof
         return _step(merged, name) if merged is not None else None
 
-    def _cat(self, node):
-        tensors = list(_arg(node, 0, "tensors"))
-        dim = _arg(node, 1, "dim", 0)
+    def _cat(self, node, name, fact, out):
+        tensors = list(arg(node, 0, "tensors"))
+        dim = arg(node, 1, "dim", 0)
         out_shape = _shape(node)
         dim %= len(out_shape)
         facts = self._inputs_with_facts(tensors)
@@ -575,9 +586,9 @@ class LayoutAnalysis:
             merged = replace(merged, image=(("cat", parts),), batch=tuple(sorted({*merged.batch, dim})))
         return _step(merged, "cat")
 
-    def _stack(self, node):
-        tensors = list(_arg(node, 0, "tensors"))
-        dim = _arg(node, 1, "dim", 0) % len(_shape(node))
+    def _stack(self, node, name, fact, out):
+        tensors = list(arg(node, 0, "tensors"))
+        dim = arg(node, 1, "dim", 0) % len(_shape(node))
         facts = [f for _, f in self._inputs_with_facts(tensors)]
         with_fact = [f for f in facts if f is not None]
         if not with_fact or len({_positions(f) for f in with_fact}) != 1:
@@ -590,21 +601,23 @@ class LayoutAnalysis:
             fact = replace(fact, image=(("stack", images),), batch=tuple(sorted((*fact.batch, dim))))
         return _step(fact, "stack")
 
-    def _narrow(self, node, name, fact, shape):
+    def _narrow(self, node, name, fact, out):
+        shape = _shape(node.args[0])
         if name == "narrow":
-            dim, start, length = (_resolve(_arg(node, i, n)) for i, n in ((1, "dim"), (2, "start"), (3, "length")))
+            dim, start, length = (resolve(arg(node, i, n)) for i, n in ((1, "dim"), (2, "start"), (3, "length")))
             sl = slice(start, start + length)
         else:  # aten.slice(x, dim, start, end, step)
-            dim = _resolve(_arg(node, 1, "dim", 0))
-            sl = slice(_resolve(_arg(node, 2, "start")), _resolve(_arg(node, 3, "end")), _resolve(_arg(node, 4, "step", 1)))
+            dim = resolve(arg(node, 1, "dim", 0))
+            sl = slice(resolve(arg(node, 2, "start")), resolve(arg(node, 3, "end")), resolve(arg(node, 4, "step", 1)))
         idx = [slice(None)] * (dim % len(shape)) + [sl]
         return _index(fact, shape, tuple(idx), node.name)
 
-    def _split(self, node, name, fact, shape):
+    def _split(self, node, name, fact, out):
+        shape = _shape(node.args[0])
         pieces = _val(node)
         if not isinstance(pieces, (tuple, list)):
             return None
-        dim = _resolve(split_dim(node, name)) % len(shape)
+        dim = resolve(split_dim(node, name)) % len(shape)
         results, offset = [], 0
         for piece in pieces:
             if name == "unbind":
@@ -616,6 +629,20 @@ class LayoutAnalysis:
                 offset = offset + size
             results.append(_index(fact, shape, idx, f"{node.name}[{len(results)}]"))
         return tuple(results)
+
+
+# What each kind of the op catalogue does to a fact (kinds without an entry lose it).
+_TRANSFERS = {
+    POINTWISE: LayoutAnalysis._pointwise, CAST: LayoutAnalysis._pointwise, IDENTITY: LayoutAnalysis._pointwise,
+    CAT: LayoutAnalysis._cat, STACK: LayoutAnalysis._stack, ATTRIBUTE: LayoutAnalysis._attribute,
+    KEEPDIM_REDUCTION: LayoutAnalysis._keepdim_reduction, SOFTMAX: LayoutAnalysis._softmax,
+    RESHAPE: LayoutAnalysis._reshape_op, PERMUTE: LayoutAnalysis._permute_op, FEATURES: LayoutAnalysis._features,
+    CHANNEL_NORM: LayoutAnalysis._channel_norm, INDEX: LayoutAnalysis._getitem, NARROW: LayoutAnalysis._narrow,
+    SELECT: LayoutAnalysis._select, SPLIT: LayoutAnalysis._split, REPEAT: LayoutAnalysis._repeat,
+    BROADCAST: LayoutAnalysis._broadcast_op, PAD: LayoutAnalysis._pad, PRODUCT: LayoutAnalysis._product,
+}
+# Kinds whose result may carry a fact that reaches it through an operand other than the first.
+_FROM_SEVERAL_INPUTS = frozenset({POINTWISE, CAST, IDENTITY, CAT, STACK})
 
 
 # --- mutation ---------------------------------------------------------------------------------
@@ -839,13 +866,12 @@ def _remap(fact, mapping: dict):
     return replace(fact, dim=new[fact.dim], batch=batch)
 
 
-_arg = arg
 
 
 def _normalized_shape(node, gm):
     if node.op == "call_module":
         return tuple(gm.get_submodule(node.target).normalized_shape)
-    shape = _resolve(_arg(node, 1, "normalized_shape"))
+    shape = resolve(arg(node, 1, "normalized_shape"))
     return (shape,) if isinstance(shape, int) else tuple(shape)
 
 

@@ -32,16 +32,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..ir.op_catalogue import CASTS, SHAPED_RESHAPES
+from ..ir.op_catalogue import CASTS, PRODUCTS, SCORE_PATH, SHAPED_RESHAPES, arg
 from ..ir.ops import op_name
 from .site import AttentionSite
 from ..ir.values import shape_of, value_of
 
 # Casts the reading looks through, and the reshapes it reads (given a whole target shape): from the
 # op catalogue (ir/op_catalogue.py), which says why detach and flatten-like reshapes are not among them.
-_CASTS = CASTS
-_PRODUCTS = {"matmul", "bmm", "baddbmm", "einsum"}
-_VIEWS = SHAPED_RESHAPES
 # Users that read only a tensor's shape (``x.reshape_as(scores)``) do not use its values.
 _SHAPE_ONLY = {"view_as", "reshape_as", "expand_as"}
 
@@ -81,12 +78,6 @@ def _const(x) -> float | None:
     return float(x)
 
 
-def _arg(node, index, name, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _value_users(node: fx.Node) -> list:
     return [u for u in node.users
             if not (_name(u) in _SHAPE_ONLY and u.args[0] is not node) and _name(u) not in ("size", "dim")]
@@ -102,7 +93,7 @@ def _last_axis(node: fx.Node, dim) -> bool:
 
 
 def _skip_casts_back(node, reading):
-    while _name(node) in _CASTS and _single_user(node):
+    while _name(node) in CASTS and _single_user(node):
         reading.nodes.append(node)
         node = node.args[0]
     return node
@@ -124,7 +115,7 @@ def _read_scores(node, reading: _Reading):
         if not _single_user(node):
             raise Unsupported(f"the attention scores `{node.name}` are also used outside the attention")
         reading.nodes.append(node)
-        if name in _PRODUCTS:
+        if name in PRODUCTS:
             reading.product = name
             return node
         if name in ("mul", "div", "truediv"):
@@ -143,10 +134,10 @@ def _read_scores(node, reading: _Reading):
             reading.steps.append(("bias", bias))
             node = chain
         elif name == "masked_fill":
-            value = _arg(node, 2, "value")
+            value = arg(node, 2, "value")
             if not _is_neg_inf(value):
                 raise Unsupported(f"masked_fill with {value!r} (only -inf is an exact additive mask)")
-            reading.steps.append(("keep", _arg(node, 1, "mask"), True))
+            reading.steps.append(("keep", arg(node, 1, "mask"), True))
             node = node.args[0]
         elif name == "where":
             cond, a, b = node.args[0], node.args[1], node.args[2]
@@ -158,7 +149,7 @@ def _read_scores(node, reading: _Reading):
                 node = b
             else:
                 raise Unsupported("where() with a finite fill value is not an additive mask")
-        elif name in _VIEWS:
+        elif name in SHAPED_RESHAPES:
             flat = _read_relpos(node.args[0], reading)
             if flat is None:
                 if _reaches_product(node.args[0]):  # e.g. Swin's shifted-window mask added in 5-D
@@ -204,9 +195,9 @@ def _reaches_product(node, depth=8) -> bool:
         nxt = []
         for n in frontier:
             name = _name(n)
-            if name in _PRODUCTS:
+            if name in PRODUCTS:
                 return True
-            if name in ("add", "iadd", "radd", "mul", "div", "truediv", "masked_fill", "where", *_CASTS, *_VIEWS):
+            if name in ("add", "iadd", "radd", "mul", "div", "truediv", "masked_fill", "where", *CASTS, *SHAPED_RESHAPES):
                 nxt.extend(a for a in n.args if isinstance(a, fx.Node))
         frontier = nxt
     return False
@@ -229,7 +220,7 @@ def _read_relpos(add_node, reading: _Reading):
     if inner is None:
         return None
     for x, y in ((inner.args[0], inner.args[1]), (inner.args[1], inner.args[0])):
-        if _name(x) in _VIEWS and isinstance(y, fx.Node) and len(shape_of(x.args[0]) or ()) in (3, 4):
+        if _name(x) in SHAPED_RESHAPES and isinstance(y, fx.Node) and len(shape_of(x.args[0]) or ()) in (3, 4):
             terms = relpos_terms(y, outer_term)
             if terms is None:
                 return None
@@ -249,7 +240,7 @@ def relpos_terms(a, b):
 
 def relpos_bias_terms(bias: fx.Node):
     """``(rel_h[..., None] + rel_w[..., None, :]).reshape(N, L, L)`` -> the two terms, else None."""
-    if _name(bias) not in _VIEWS:
+    if _name(bias) not in SHAPED_RESHAPES:
         return None
     total = bias.args[0]
     if _name(total) != "add" or len(shape_of(total) or ()) != 5:
@@ -358,7 +349,7 @@ def _strip_normalize(node, feature_dim: int, reading: _Reading):
     shape = shape_of(node)
     if _name(node) != "normalize" or shape is None or not _single_user(node) or node.kwargs.get("out") is not None:
         return node, None
-    p, dim, eps = _arg(node, 1, "p", 2.0), _arg(node, 2, "dim", 1), _arg(node, 3, "eps", 1e-12)
+    p, dim, eps = arg(node, 1, "p", 2.0), arg(node, 2, "dim", 1), arg(node, 3, "eps", 1e-12)
     nd = len(shape)
     if not isinstance(dim, int) or dim % nd != feature_dim % nd or _const(p) is None or _const(eps) is None:
         return node, None
@@ -385,7 +376,7 @@ def _read_product(prod: fx.Node, reading: _Reading):
         return q, k, False
     if name == "baddbmm":
         base, a, b = prod.args[0], prod.args[1], prod.args[2]
-        beta, alpha = _arg(prod, 3, "beta", 1), _arg(prod, 4, "alpha", 1)
+        beta, alpha = arg(prod, 3, "beta", 1), arg(prod, 4, "alpha", 1)
         if _const(alpha) is None or _const(beta) is None:
             raise Unsupported("baddbmm with non-constant alpha/beta")
         # scores = beta * base + alpha * a @ b: the alpha scale acts on the product only.
@@ -435,12 +426,12 @@ def _read_output(softmax: fx.Node, reading: _Reading):
             raise Unsupported("the attention probabilities are used outside the attention")
         user = next(iter(node.users))
         name = _name(user)
-        if name in _CASTS:
+        if name in CASTS:
             reading.nodes.append(user)
             node = user
             continue
         if name in ("dropout", "feature_dropout"):
-            p, training = _arg(user, 1, "p", 0.5), _arg(user, 2, "training", True)
+            p, training = arg(user, 1, "p", 0.5), arg(user, 2, "training", True)
             if _const(p) is None or not isinstance(training, bool):
                 raise Unsupported("dropout with non-constant p or training flag")
             dropout_p = float(p) if training else 0.0
@@ -499,7 +490,7 @@ def _score_program(reading: _Reading):
 
 
 def _match(softmax: fx.Node) -> AttentionSite:
-    dim = _arg(softmax, 1, "dim")
+    dim = arg(softmax, 1, "dim")
     if not _last_axis(softmax, dim):
         raise NoMatch("softmax is not over the last axis")
     reading = _Reading()
@@ -647,26 +638,18 @@ def find_manual_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     return sites
 
 
-# Ops a score tensor may pass through between its product and the softmax (no axis moves: a
-# softmax over a transposed product is over the queries, not attention).
-_SCORE_OPS = {
-    "add", "iadd", "radd", "sub", "rsub", "mul", "div", "truediv", "masked_fill", "where", "neg",
-    "tanh", "clamp", "clamp_min", "clamp_max", *_CASTS, *_VIEWS,
-}
-
-
 def _attention_like(softmax: fx.Node, depth: int = 16) -> bool:
     """A softmax over the last axis of scores from a product of two batched (>= 3-D) tensors: what
     attention looks like even when its chain is spelled in a way the reading does not know. A
     classifier's softmax (logits from a linear or a product with a 2-D weight) is not."""
-    if not _last_axis(softmax, _arg(softmax, 1, "dim")):
+    if not _last_axis(softmax, arg(softmax, 1, "dim")):
         return False
     frontier = [softmax.args[0]]
     for _ in range(depth):
         nxt = []
         for node in frontier:
             name = _name(node)
-            if name in _PRODUCTS:
+            if name in PRODUCTS:
                 if name == "einsum":
                     operands = node.args[1:]
                     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -676,7 +659,7 @@ def _attention_like(softmax: fx.Node, depth: int = 16) -> bool:
                 tensors = [a for a in operands if isinstance(a, fx.Node)]
                 if len(tensors) == 2 and all(len(shape_of(a) or ()) >= 3 for a in tensors):
                     return True
-            elif name in _SCORE_OPS:
+            elif name in SCORE_PATH:
                 nxt.extend(a for a in node.args if isinstance(a, fx.Node))
         frontier = nxt
     return False
