@@ -167,7 +167,7 @@ def test_real_backend_across_resolutions():
 def test_reshape_proof_needs_symbolic_equality_not_equal_hints():
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from gridattn_fx.layout.analysis import _reshape_groups
+    from gridattn_fx.layout.reshape import _reshape_groups
 
     env = ShapeEnv(duck_shape=False)
     from torch._dynamo.source import ConstantSource

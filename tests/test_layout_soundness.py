@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import DIM, HEADS, Attention, CrossAttention, Mlp, attend, build, image
+from models import DIM, HEADS, Attention, CrossAttention, attend, build, image
 from oracle import assert_close64, assert_differs, assert_equal_exact, layout_tuple, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")

@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DIM, HEADS, attend, build, image
-from oracle import assert_close64, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx.ir import op_catalogue as op_rules  # noqa: E402

@@ -58,7 +58,7 @@ def test_runtime_dependencies_are_what_the_package_imports():
 
 def test_test_extra_declares_what_the_tests_import():
     extra = _pyproject()["project"]["optional-dependencies"]["test"]
-    assert {req.split(">")[0].split("=")[0] for req in extra} == {"pytest", "numpy"}
+    assert {req.split(">")[0].split("=")[0] for req in extra} == {"pytest", "numpy", "ruff"}
     test_modules = {f[:-3] for _, _, files in os.walk(os.path.join(REPO, "tests")) for f in files if f.endswith(".py")}
     allowed = {"torch", "numpy", "pytest", "gridattn_fx", "gridattn_fx_torch_logs", "benchmarks",
                "pip",  # its vendored TOML reader, on Python 3.10 only (_pyproject)

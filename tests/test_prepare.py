@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import gridattn_fx
 from gridattn_fx import ImageTokens
-from models import DIM, Block, GraphBreakViT, ViT, attend, build, image
+from models import DIM, Block, GraphBreakViT, ViT, build, image
 from oracle import assert_close64, assert_differs, assert_equal_exact, oracle_mode
 
 OPTS = {"stride": 2, "min_image_tokens": 1, "strict": True}
@@ -68,7 +68,7 @@ def test_regional_compile_without_prepare_is_unchanged():
     _regional(model, dict(OPTS, strict=False))
     gridattn_fx.report_history(clear=True)
     with torch.no_grad():
-        out = model(x)
+        model(x)
     (site,) = _reports()
     assert site.decision == "skipped" and "no spatial source" in site.reason and site.layout_source == ""
     assert not hasattr(model, "_gridattn_prepared")

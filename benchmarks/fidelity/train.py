@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .data import make_batch
 from .families import FAMILIES
-from .metrics import HELDOUT_SEED, HELDOUT_SIZE, heldout, iou_per_class, confusion
+from .metrics import HELDOUT_SEED, heldout, iou_per_class, confusion
 from .model import predict
 
 HERE = os.path.dirname(os.path.abspath(__file__))

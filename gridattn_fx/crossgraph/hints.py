@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..layout.analysis import _positions
+from ..layout.facts import _positions
 from .markers import fact_of_marker, is_layout_hint, is_probe
 
 def strip_layout_hints(gm: fx.GraphModule) -> tuple[dict[fx.Node, object], dict[fx.Node, str]]:

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from ..ir.module_paths import module_path
 from ..ir.op_catalogue import resolve
-from ..layout.analysis import LayoutSource, Spatial, Tokens, _single_frame_is_an_image
+from ..layout.facts import LayoutSource, Spatial, Tokens, _single_frame_is_an_image
 
 _LIB = torch.library.Library("gridattn", "DEF")
 _LIB.define("layout_hint(Tensor(a) x, int[] dims, SymInt[] sizes, bool transposed, bool declared) -> Tensor(a)")

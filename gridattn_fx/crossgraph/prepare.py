@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..ir.module_paths import module_path
-from ..layout.analysis import LayoutAnalysis, LayoutSource, Tokens
+from ..layout.analysis import LayoutAnalysis
+from ..layout.facts import LayoutSource, Tokens
 from ..patterns import find_attention_sites
 from .declarations import ImageTokens
 from .hints import strip_layout_hints

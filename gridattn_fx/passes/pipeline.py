@@ -18,7 +18,8 @@ from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .rewrite import fake_evaluation, plan_sizes, rewrite_site
 from ..ir.values import value_of as _val
 from ..ir.module_paths import module_path
-from ..layout.analysis import LayoutAnalysis, _hint, layout_source
+from ..layout.analysis import LayoutAnalysis
+from ..layout.facts import _hint, layout_source
 from ..crossgraph.hints import strip_layout_hints
 from .policy import at_hints, decide
 from ..crossgraph.region import find_region

@@ -19,7 +19,8 @@ import torch
 from ..config import GridAttnConfig
 from ..grid import GridPlan, MaskSpec, RelPosSpec, TokenLayout, attention_flops, format_stride, grouping_named
 from ..grid import normalize_stride
-from ..layout.analysis import LayoutAnalysis, _hint, _same_size
+from ..layout.analysis import LayoutAnalysis
+from ..layout.facts import _hint, _same_size
 from ..patterns import AttentionSite
 from ..reasons import Skip, SkipKind
 

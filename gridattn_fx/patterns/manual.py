@@ -516,7 +516,7 @@ def _swapped(shape):
     return shape[:-2] + (shape[-1], shape[-2])
 
 
-def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, tscales, dropout_p, reading):
+def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, tscales, dropout_p, reading):  # noqa: C901 - builds one site from every part of a reading
     channels_first = reading.channels_first
     q_shape, v_shape = shape_of(q), shape_of(v)
     k_shape = shape_of(k)
