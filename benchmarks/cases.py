@@ -24,7 +24,7 @@ log = logging.getLogger("benchmarks")
 # ------------------------------------------------------------------------------------------------
 # gridattn options (presets where the installed gridattn_fx has them)
 
-# What each preset means, spelled out, for a gridattn_fx without presets (issue 4 adds them).
+# What each preset means, spelled out, for a gridattn_fx without presets.
 EXPLICIT = {
     "sam": {"min_image_tokens": 1024},  # global blocks: the windowed ones have no proven layout
     "sd-unet": {"min_image_tokens": 0, "include": [r"^(down_blocks|mid_block)\..*attn1$"]},

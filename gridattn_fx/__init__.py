@@ -7,14 +7,14 @@
     gridattn_fx.prepare(model, (images,))   # layouts for regional compilation and graph breaks
 """
 
-from .frontends.api import capture, rewrite
-from .tools.calibrate import Calibration, calibrate
 from .config import GridAttnConfig, SiteOptions
 from .crossgraph.declarations import ImageTokens
+from .crossgraph.prepare import prepare, prepared_layouts, unprepare
+from .frontends.api import capture, rewrite
 from .frontends.backend import backend
 from .grid import TokenLayout, cluster, grid_mask, grouped_attention, masked_attention, recover
-from .crossgraph.prepare import prepare, prepared_layouts, unprepare
 from .report import Report, SiteReport, last_report, report_history
+from .tools.calibrate import Calibration, calibrate
 
 __version__ = "0.1.0"
 

@@ -7,9 +7,9 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+from .frontends.torch_logs import report_log
 from .grid import TokenLayout, format_stride
 from .reasons import SkipKind
-from .frontends.torch_logs import report_log
 
 logger = logging.getLogger("gridattn_fx")
 

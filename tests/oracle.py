@@ -1,4 +1,4 @@
-"""Independent Grid-Attention oracle (docs/design.md section 1; issue 13 for N-D and window grouping).
+"""Independent Grid-Attention oracle (docs/design.md section 1), N-D and window grouping included.
 
 Deliberately does NOT import gridattn_fx: the grid mask is rebuilt here with plain Python loops
 from the definition, so a bug in gridattn_fx.grid cannot hide itself by also living in the oracle.
@@ -66,7 +66,7 @@ def layout_nd(layout) -> tuple[int, tuple[int, ...], int, tuple[int, ...]]:
 
 
 def stride_tuple(stride, rank: int = 2) -> tuple[int, ...]:
-    """The stride per image axis of a rank-``rank`` layout (issue 13's normalisation): on an image,
+    """The stride per image axis of a rank-``rank`` layout (docs/design.md section 1's normalisation): on an image,
     an int G is (G, G), a pair is (Gh, Gw), a triple (Gt, Gh, Gw) applies its (Gh, Gw); on a video,
     G is (1, G, G) (temporal stride 1), a pair (Gh, Gw) is (1, Gh, Gw), a triple is taken as is."""
     if isinstance(stride, int):

@@ -1,4 +1,4 @@
-"""Per-site strides (``site_strides``) and ``calibrate`` (issue 5, section 3)."""
+"""Per-site strides (``site_strides``) and ``calibrate`` (docs/design.md section 2)."""
 
 import pytest
 import torch

@@ -54,7 +54,7 @@ BAD_OPTIONS = [
     ({"stride": 0}, ValueError, "stride"),
     ({"stride": -2}, ValueError, "stride"),
     ({"stride": (2, 0)}, ValueError, "stride"),
-    ({"stride": (2, 2, 2, 2)}, (ValueError, TypeError), "stride"),  # issue 13: triples are strides now
+    ({"stride": (2, 2, 2, 2)}, (ValueError, TypeError), "stride"),  # triples are strides
     ({"stride": 2.0}, TypeError, "stride"),
     ({"stride": "2"}, TypeError, "stride"),
     ({"stride": (2, 1.5)}, TypeError, "stride"),

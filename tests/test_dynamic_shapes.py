@@ -1,4 +1,4 @@
-"""Symbolic image sizes (issue 11 item 1): the same input gives the same output whatever was called
+"""Symbolic image sizes: the same input gives the same output whatever was called
 before, under automatic dynamic (dynamic=None), dynamic=True and mark_dynamic.
 
 Most tests compile with a backend that runs the gridattn pass and returns the rewritten graph

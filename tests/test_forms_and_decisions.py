@@ -1,5 +1,4 @@
-"""Attention forms that used to be missing from the report, and decisions that used to be silent
-(issue 12, items 6 and 7).
+"""Attention forms that used to be missing from the report, and decisions that used to be silent.
 
 Forms: a per-head tensor scale (Swin-V2's cosine attention with ``logit_scale``, XCiT's
 temperature), channels-first ``v @ attn^T`` (timm CoAtNet/MaxxViT ``Attention2d``,

@@ -1,7 +1,7 @@
 """Both groupings (grid, window) on images and videos, eagerly, against the oracle in float64.
 
 gridattn_fx.grid's regrouped form (``grouped_attention``) and its dense masked form must equal
-tests/oracle.py's ``SDPA(Q, K, V, B + log M)`` for the grouping's own mask (issue 13): prefix/suffix
+tests/oracle.py's ``SDPA(Q, K, V, B + log M)`` for the grouping's own mask: prefix/suffix
 tokens, sides that are not multiples of the stride, stored axis orders, reduced keys on their own
 grid (SegFormer), GQA, boolean and additive masks, and shuffle distributing on videos.
 """

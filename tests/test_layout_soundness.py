@@ -1,4 +1,4 @@
-"""The layout proof's soundness (issue 12 items 3, 4, 8 and the layout part of 7).
+"""The layout proof's soundness.
 
 * image identity: queries and keys must come from the same image (or a reduction of it); two
   images of one batch split apart, or two input images through one conv, are cross-attention;
@@ -467,7 +467,7 @@ class VideoTokens(nn.Module):
 
 
 def test_conv3d_video_tokens_are_proven_and_rewritten():
-    # issue 13: a Conv3d output is a video source (it used to be skipped, naming it); the T x H x W
+    # a Conv3d output is a video source (it used to be skipped, naming it); the T x H x W
     # site is now rewritten (temporal stride 1) and equals the N-D oracle
     model = build(VideoTokens)
     x = torch.randn(2, 3, 2, 8, 8, dtype=torch.float64)

@@ -101,7 +101,7 @@ class GatedAttention(nn.Module):
 
 
 def _moved_ops(model, inputs):
-    from test_regroup_motion import motions, ops
+    from test_motion import motions, ops
 
     (motion, why, gm), = motions(model, inputs)
     return (ops(motion.moved, gm) if motion is not None else None), why
@@ -109,7 +109,7 @@ def _moved_ops(model, inputs):
 
 @pytest.mark.parametrize("gate", ["where", "masked_fill"])
 def test_motion_crosses_a_gate_constant_along_the_tokens_exactly(gate):
-    from test_regroup_motion import check_against_oracle
+    from test_motion import check_against_oracle
 
     model = build(GatedAttention, gate=gate)
     inputs = (image(2, 16, 12),)
@@ -119,7 +119,7 @@ def test_motion_crosses_a_gate_constant_along_the_tokens_exactly(gate):
 
 
 def test_motion_stops_at_a_where_whose_condition_varies_along_the_tokens():
-    from test_regroup_motion import check_against_oracle
+    from test_motion import check_against_oracle
 
     model = build(GatedAttention, gate="token_where")
     inputs = (image(2, 16, 12),)

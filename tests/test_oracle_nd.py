@@ -1,5 +1,5 @@
 """The oracle itself (tests/oracle.py) on tiny hand-computed cases: N-D layouts, the stride
-normalisation of issue 13, grid and window grouping, N-D shuffle assignments."""
+normalisation of docs/design.md section 1, grid and window grouping, N-D shuffle assignments."""
 
 import numpy as np
 import pytest

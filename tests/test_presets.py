@@ -1,4 +1,4 @@
-"""Presets (issue 4): plain option bundles that explicit options override, credited in the report."""
+"""Presets: plain option bundles that explicit options override, credited in the report."""
 
 import pytest
 

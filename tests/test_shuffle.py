@@ -1,4 +1,4 @@
-"""Shuffle distributing (docs/design.md section 1, issue 5): a random group assignment per training call.
+"""Shuffle distributing (docs/design.md section 1): a random group assignment per training call.
 
 The drawn assignment is re-derived by re-seeding and drawing again with
 ``gridattn_fx.grid.draw_assignment``, then the independent oracle (tests/oracle.py, which reads
@@ -13,7 +13,7 @@ import torch
 from models import ViT, build, image
 from oracle import assert_close64, assert_differs, oracle_mode, oracle_sdpa, shuffled_token_groups, token_groups
 from test_grid_functions import ATTN_CASES, _attn_inputs
-from test_manual_forms import REWRITTEN_FORMS, _inputs, _model
+from test_manual import REWRITTEN_FORMS, _inputs, _model
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx import TokenLayout, grid  # noqa: E402

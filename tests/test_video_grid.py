@@ -1,6 +1,6 @@
-"""Video (rank-3) sites through the policy and the rewrite (issue 13), grid and window grouping.
+"""Video (rank-3) sites through the policy and the rewrite, grid and window grouping.
 
-The layout proof of T x H x W tokens (Conv3d sources, 5-D reshapes) is another part of issue 13
+The layout proof of T x H x W tokens (Conv3d sources, 5-D reshapes) is tested elsewhere
 (layout/analysis.py); here the video layout is supplied to the pass by a test-only LayoutAnalysis
 that answers, for the sequence axis of a flattened ``(B, [prefix +] T*H*W, C)`` input, the layout the
 test declares. Everything after the proof runs as in production: the policy's decisions and

@@ -1,4 +1,4 @@
-"""Video token layouts (T x H x W) proven from the graph's dataflow (layout/analysis.py, issue 13).
+"""Video token layouts (T x H x W) proven from the graph's dataflow (layout/analysis.py).
 
 Sources: a Conv3d (or 3-D pool) output; frames folded into the batch and merged back into the
 sequence (CogVideoX); 5-D reshapes and permutes; text prefix tokens. The tests assert the proven
@@ -265,7 +265,7 @@ def test_symbolic_video_sizes_are_rewritten_with_the_static_semantics():
 
 class StackedPair(nn.Module):
     """Two images (feature matching) stacked along a new axis and merged into one sequence, the way
-    frames are: they are two images, not the frames of one video (issue 12's cross-image rule)."""
+    frames are: they are two images, not the frames of one video (the cross-image rule)."""
 
     def __init__(self, dim=DIM):
         super().__init__()

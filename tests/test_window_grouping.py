@@ -1,4 +1,4 @@
-"""Window grouping and per-site groupings through the config, the policy and the backend (issue 13).
+"""Window grouping and per-site groupings through the config, the policy and the backend.
 
 Models are tests/models.py's (timm-like ViT, SegFormer-like reduced keys), compiled with the
 ``gridattn`` backend; rewritten outputs equal the oracle for each site's grouping in float64

@@ -13,6 +13,7 @@ import torch.fx as fx
 from ..layout.facts import _positions
 from .markers import fact_of_marker, is_layout_hint, is_probe
 
+
 def strip_layout_hints(gm: fx.GraphModule) -> tuple[dict[fx.Node, object], dict[fx.Node, str]]:
     """Remove every marker (and capture probe) from ``gm``; returns the hinted facts by marked
     tensor, and the tensors whose markers disagree with each other (no fact, with the reason)."""

@@ -6,8 +6,8 @@ import torch
 import torch.fx as fx
 
 from ..config.options import GridAttnConfig
-from .backend import apply_pass
 from ..report import Report
+from .backend import apply_pass
 from .state_dict import with_model_state
 
 

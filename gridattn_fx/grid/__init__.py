@@ -24,9 +24,26 @@ how to regroup a token axis: grid and window grouping), ``reference`` (the mask 
 the grouped attention runs), ``relpos`` (a decomposed relative-position bias under a plan).
 """
 
-from .groupings import (GRID, GROUPINGS, WINDOW, GridGrouping, Grouping, WindowGrouping, assignment_shape, cluster,
-                        cluster_axis, cluster_image_axis, cluster_layout, draw_assignment, group_ids, grouping_named,
-                        recover, recover_axis, recover_image_axis, recover_layout)
+from .groupings import (
+                        GRID,
+                        GROUPINGS,
+                        WINDOW,
+                        GridGrouping,
+                        Grouping,
+                        WindowGrouping,
+                        assignment_shape,
+                        cluster,
+                        cluster_axis,
+                        cluster_image_axis,
+                        cluster_layout,
+                        draw_assignment,
+                        group_ids,
+                        grouping_named,
+                        recover,
+                        recover_axis,
+                        recover_image_axis,
+                        recover_layout,
+)
 from .layout import Stride, TokenLayout, format_stride, normalize_stride
 from .plan import GridPlan, MaskSpec, RelPosSpec, attention_flops, grouped_attention, masked_attention
 from .reference import grid_mask

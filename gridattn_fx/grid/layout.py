@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 # (Gh, Gw) for an image, (Gt, Gh, Gw) for a video: one step per image axis, slowest first.
@@ -109,7 +108,7 @@ def normalize_stride(stride, rank: int | None = None) -> Stride:
     """A stride as a tuple of ints, one per image axis of a rank-``rank`` layout.
 
     Without ``rank`` (a config value): an int ``G`` is ``(G, G)``; a pair ``(Gh, Gw)`` and a triple
-    ``(Gt, Gh, Gw)`` are kept as given. With ``rank`` (issue 13's rule, docs/design.md section 1):
+    ``(Gt, Gh, Gw)`` are kept as given. With ``rank`` (docs/design.md section 1):
     on an image (rank 2) ``G`` is ``(G, G)``, a pair is ``(Gh, Gw)`` and a triple applies its
     ``(Gh, Gw)`` (the caller warns); on a video (rank 3) ``G`` is ``(1, G, G)`` (temporal stride 1:
     every group spans all frames), a pair ``(Gh, Gw)`` is ``(1, Gh, Gw)``, a triple is as given.

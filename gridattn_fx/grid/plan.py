@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .attention import attend_groups, attend_pregrouped, sdpa
 from .groupings import GRID, Grouping, cluster_layout, draw_assignment, grouping_named, layout_padded
 from .layout import Stride, TokenLayout, format_stride, normalize_stride
-from .attention import attend_groups, attend_pregrouped, sdpa
 from .reference import _additive, grid_mask
 from .relpos import dense_relpos_bias, grouped_relpos_attention
 

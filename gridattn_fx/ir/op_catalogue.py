@@ -51,15 +51,11 @@ Flags:
                 dropout in eval mode): an alias for the mutation tracking unless values show a fresh
                 storage.
 
-Where the consumers used to disagree (two hand-written sets, issue 13): the motion's elementwise
-set lacked ``where``, ``masked_fill``, ``lerp``, ``addcmul``, ``floordiv``, ``lift_fresh_copy``,
-``feature_dropout`` and the in-place operators. All of them compute each element from the same
-position, so the motion now reads them through the same rule as every pointwise op: it still moves
-an op only when every other tensor operand is constant along the token axis (a ``where`` whose
-condition varies along the tokens is not moved), never moves a node that mutates (in-place operators
-are refused before the catalogue is asked), and checks ``random`` for ``feature_dropout`` as for
-``dropout``. The manual reader's ``_VIEWS`` were the shaped reshapes only, and its ``_CASTS`` never
-held ``detach`` / ``alias``: both stay so (see ``shaped`` and ``IDENTITY`` above).
+Every consumer reads the same rule: the motion moves a pointwise op (``where``, ``masked_fill``,
+``lerp``, in-place operators included) only when every other tensor operand is constant along the
+token axis, never moves a node that mutates (in-place operators are refused before the catalogue is
+asked), and checks ``random`` before moving a draw. The manual reader looks through ``CAST`` ops
+and shaped reshapes only (see ``shaped`` and ``IDENTITY`` above).
 """
 
 from __future__ import annotations
@@ -187,12 +183,13 @@ SOURCES = names_of(SOURCE)
 FRESH_TENSORS = names_of(FRESH)
 RANDOM = frozenset(n for n, r in RULES.items() if r.random)
 PRODUCTS = names_of(PRODUCT)
-# Ops a score tensor may pass through between its product and the softmax in a hand-written
-# attention (patterns/manual.py): none moves an axis (a softmax over a transposed product is over
-# the queries, not attention).
-SCORE_PATH = frozenset({
-    "add", "iadd", "radd", "sub", "rsub", "mul", "div", "truediv", "masked_fill", "where", "neg",
-    "tanh", "clamp", "clamp_min", "clamp_max"}) | CASTS | SHAPED_RESHAPES
+# The steps between the product and the softmax of a hand-written attention that the manual reader
+# reads exactly (patterns/manual.py): scales, added biases, keep-masks, casts and shaped views.
+SCORE_STEPS = frozenset({"add", "iadd", "radd", "mul", "div", "truediv", "masked_fill", "where"}) | CASTS | SHAPED_RESHAPES
+# What a score tensor may pass through on its way to a softmax for the site to look like attention
+# even when the reader cannot read it (reported, not rewritten): none of these moves an axis (a
+# softmax over a transposed product is over the queries, not attention).
+SCORE_PATH = SCORE_STEPS | {"sub", "rsub", "neg", "tanh", "clamp", "clamp_min", "clamp_max"}
 # Output shares storage with the first argument (views) ...
 VIEWING = RESHAPES | PERMUTES | SPLITS | {
     "getitem", "narrow", "slice", "select", "expand", "expand_as", "broadcast_to", "detach", "alias",

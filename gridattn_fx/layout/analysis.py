@@ -46,14 +46,56 @@ import torch.fx as fx
 
 from ..grid import TokenLayout
 from ..ir.module_paths import module_path
-from ..ir.op_catalogue import (ATTRIBUTE, BROADCAST, CAST, CAT, CHANNEL_NORM, FEATURES, IDENTITY, INDEX,
-                               KEEPDIM_REDUCTION, NARROW, PAD, PERMUTE, POINTWISE, PRODUCT, REPEAT, RESHAPE, RESHAPES,
-                               SELECT, SOFTMAX, SPLIT, STACK, arg, permutation, resolve, rule, source_rank, split_dim)
+from ..ir.op_catalogue import (
+    ATTRIBUTE,
+    BROADCAST,
+    CAST,
+    CAT,
+    CHANNEL_NORM,
+    FEATURES,
+    IDENTITY,
+    INDEX,
+    KEEPDIM_REDUCTION,
+    NARROW,
+    PAD,
+    PERMUTE,
+    POINTWISE,
+    PRODUCT,
+    REPEAT,
+    RESHAPE,
+    RESHAPES,
+    SELECT,
+    SOFTMAX,
+    SPLIT,
+    STACK,
+    arg,
+    permutation,
+    resolve,
+    rule,
+    source_rank,
+    split_dim,
+)
 from ..ir.ops import mutates, op_name, written_args
 from ..ir.values import shape_of as _shape
 from ..ir.values import value_of as _val
-from .facts import (LayoutSource, Spatial, Tokens, _frames_merged, _hint, _image_text, _image_text_sizes, _merge,
-                    _positions, _remap, _same_size, _shift, _static, _step, _trail_text, layout_source)
+from .facts import (
+    LayoutSource,
+    Spatial,
+    Tokens,
+    _frames_merged,
+    _hint,
+    _image_text,
+    _image_text_sizes,
+    _merge,
+    _positions,
+    _remap,
+    _same_size,
+    _shift,
+    _static,
+    _step,
+    _trail_text,
+    layout_source,
+)
 from .mutation import _alias_closure, _feature_fills, _written_tensors
 from .reshape import _broadcast, _index, _normalized_shape, _permute, _reshape
 

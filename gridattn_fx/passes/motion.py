@@ -33,15 +33,29 @@ import torch
 import torch.fx as fx
 
 from ..grid import GridPlan, TokenLayout, cluster_image_axis, recover_image_axis
-from ..patterns import AttentionSite
+from ..ir.op_catalogue import (
+    CAST,
+    FEATURES,
+    IDENTITY,
+    INDEX,
+    PERMUTE,
+    POINTWISE,
+    RANDOM,
+    RESHAPE,
+    SPLIT,
+    is_identity_draw,
+    permutation,
+    rule,
+    split_dim,
+)
 from ..ir.ops import mutates as _mutates
 from ..ir.ops import op_name
 from ..ir.values import value_of as _val
-from .rewrite import call_on_values, inline, propagate_values, rewrite_site
-from .policy import is_symbolic
-from ..ir.op_catalogue import (FEATURE_OPS, KEEPS_POSITIONS, PERMUTES, RANDOM, RESHAPES, SPLITS,
-                                  is_identity_draw, permutation, split_dim)
 from ..layout.reshape import _normalized_shape
+from ..patterns import AttentionSite
+from .policy import is_symbolic
+from .rewrite import call_on_values, inline, propagate_values, rewrite_site
+
 
 @dataclass
 class Motion:
@@ -93,9 +107,10 @@ def _independent(operand, out_shape, axis: int) -> bool:
     return axis < lead or shape[axis - lead] == 1
 
 
-def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> int | None:  # noqa: C901 - one case per catalogue kind
+def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> int | None:
     """If ``node`` is per-token along axis ``axis`` of its operand ``data``: the token axis of its
-    output (of every element, for tuple outputs); else None."""
+    output (of every element, for tuple outputs); else None. Asks the op catalogue's kind of the op
+    (ir/op_catalogue.py) and that kind's rule below."""
     if node.op not in ("call_function", "call_method"):
         return None  # modules (symbolic_trace graphs) are not opened
     if _mutates(node):
@@ -105,56 +120,81 @@ def _per_token(node: fx.Node, data: fx.Node, axis: int, gm: fx.GraphModule) -> i
     in_shape = _shape(in_value[0] if isinstance(in_value, (tuple, list)) and in_value else in_value)
     if name is None or not _static(in_shape) or not 0 <= axis < len(in_shape):
         return None
-
-    if name == "getitem":
-        index = node.args[1] if len(node.args) > 1 else None
-        if node.args[0] is not data or not isinstance(index, int):
-            return None
-        if isinstance(in_value, torch.Tensor):
-            return axis - 1 if axis > 0 else None  # x[i] drops axis 0
-        return axis
+    op_rule = rule(name)
+    kind = op_rule.kind if op_rule is not None else None
+    if kind == INDEX:
+        return _index_axis(node, data, axis, in_value)
     if isinstance(in_value, (tuple, list)):
         return None
-    if name in SPLITS:
-        if node.args[0] is not data:
-            return None
-        dim = split_dim(node, name)
-        if not isinstance(dim, int) or dim % len(in_shape) == axis:
-            return None
-        return axis - 1 if name == "unbind" and dim % len(in_shape) < axis else axis
-
-    out_shape = _shape(out_value)
-    if not _static(out_shape):
+    per_token = _PER_TOKEN.get(kind)
+    if per_token is None:
         return None
-    if name in FEATURE_OPS:
-        if node.args[0] is not data:
-            return None
-        normalized = 1 if name == "linear" else len(_normalized_shape(node, gm))
-        if axis >= len(in_shape) - max(normalized, 1) or out_shape[:-1] != in_shape[:-1]:
-            return None
-        return axis
-    if name in RESHAPES:
-        if node.args[0] is not data:
-            return None
-        return _axis_in_reshape(in_shape, out_shape, axis)
-    if name in PERMUTES:
-        if node.args[0] is not data:
-            return None
-        try:
-            perm = permutation(node, name, len(in_shape))
-        except (TypeError, ValueError, IndexError):  # dims we cannot read as ints
-            return None
-        return perm.index(axis) if sorted(perm) == list(range(len(in_shape))) else None
-    if name in KEEPS_POSITIONS:  # mutating forms were refused above
-        if out_shape != in_shape:
-            return None
-        if name in RANDOM and not is_identity_draw(node):
-            return None  # random: the same draw on reordered tokens is not the same result
-        others = [a for a in (*node.args, *node.kwargs.values()) if a is not data]
-        if data not in node.args and data not in node.kwargs.values():
-            return None
-        return axis if all(_independent(a, out_shape, axis) for a in others) else None
-    return None
+    out_shape = _shape(out_value)
+    if kind != SPLIT and not _static(out_shape):
+        return None
+    return per_token(node, data, axis, gm, name, in_shape, out_shape)
+
+
+def _index_axis(node, data, axis, in_value):
+    index = node.args[1] if len(node.args) > 1 else None
+    if node.args[0] is not data or not isinstance(index, int):
+        return None
+    if isinstance(in_value, torch.Tensor):
+        return axis - 1 if axis > 0 else None  # x[i] drops axis 0
+    return axis  # an element of a tuple of per-token pieces
+
+
+def _split_axis(node, data, axis, gm, name, in_shape, out_shape):
+    if node.args[0] is not data:
+        return None
+    dim = split_dim(node, name)
+    if not isinstance(dim, int) or dim % len(in_shape) == axis:
+        return None
+    return axis - 1 if name == "unbind" and dim % len(in_shape) < axis else axis  # unbind drops its axis
+
+
+def _features_axis(node, data, axis, gm, name, in_shape, out_shape):
+    if node.args[0] is not data:
+        return None
+    normalized = 1 if name == "linear" else len(_normalized_shape(node, gm))  # linear: no normalized_shape
+    if axis >= len(in_shape) - max(normalized, 1) or out_shape[:-1] != in_shape[:-1]:
+        return None
+    return axis
+
+
+def _reshape_axis(node, data, axis, gm, name, in_shape, out_shape):
+    if node.args[0] is not data:
+        return None
+    return _axis_in_reshape(in_shape, out_shape, axis)
+
+
+def _permute_axis(node, data, axis, gm, name, in_shape, out_shape):
+    if node.args[0] is not data:
+        return None
+    try:
+        perm = permutation(node, name, len(in_shape))
+    except (TypeError, ValueError, IndexError):  # dims we cannot read as ints
+        return None
+    return perm.index(axis) if sorted(perm) == list(range(len(in_shape))) else None
+
+
+def _pointwise_axis(node, data, axis, gm, name, in_shape, out_shape):
+    if out_shape != in_shape:
+        return None
+    if name in RANDOM and not is_identity_draw(node):
+        return None  # random: the same draw on reordered tokens is not the same result
+    others = [a for a in (*node.args, *node.kwargs.values()) if a is not data]
+    if data not in node.args and data not in node.kwargs.values():
+        return None
+    return axis if all(_independent(a, out_shape, axis) for a in others) else None
+
+
+# The kinds of the op catalogue the motion moves across, each with its rule (mutating forms were
+# refused before): kinds without an entry are not per-token.
+_PER_TOKEN = {
+    SPLIT: _split_axis, FEATURES: _features_axis, RESHAPE: _reshape_axis, PERMUTE: _permute_axis,
+    POINTWISE: _pointwise_axis, CAST: _pointwise_axis, IDENTITY: _pointwise_axis,
+}
 
 
 def _mutation_between(gm: fx.GraphModule, first: fx.Node, last: fx.Node, order) -> fx.Node | None:

@@ -12,19 +12,19 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import GridAttnConfig
 from ..config.sites import names_site
-from ..reasons import Skip, SkipKind
-from ..patterns import AttentionSite, find_attention_sites
-from ..report import REWRITTEN, SKIPPED, Report, SiteReport
-from .rewrite import fake_evaluation, plan_sizes, rewrite_site
-from ..ir.values import value_of as _val
+from ..crossgraph.hints import strip_layout_hints
+from ..crossgraph.region import find_region
+from ..crossgraph.split_handoff import inherited_facts, leave_facts
 from ..ir.module_paths import module_path
+from ..ir.values import value_of as _val
 from ..layout.analysis import LayoutAnalysis
 from ..layout.facts import _hint, layout_source
-from ..crossgraph.hints import strip_layout_hints
-from .policy import at_hints, decide
-from ..crossgraph.region import find_region
+from ..patterns import AttentionSite, find_attention_sites
+from ..reasons import Skip, SkipKind
+from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .motion import apply_motion, check_motion, plan_motion
-from ..crossgraph.split_handoff import inherited_facts, leave_facts
+from .policy import at_hints, decide
+from .rewrite import fake_evaluation, plan_sizes, rewrite_site
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -46,10 +46,9 @@ def ensure_values(gm: fx.GraphModule, example_inputs) -> None:
     """Give every node a (fake) value: Dynamo graphs have them, symbolic_trace graphs do not."""
     if all(n.op == "output" or _val(n) is not None for n in gm.graph.nodes):
         return
+    from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    from torch._guards import detect_fake_mode
 
     mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
     FakeTensorProp(gm, mode).propagate(*example_inputs)
@@ -184,7 +183,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             chosen.append((row, site, d.plan))
     if shared_graph:
         _warn(f"gridattn: graph #{report.graph}: " + "; ".join(shared_graph))
-    if stride_warnings:  # once per graph (issue 13: a triple on 2-D sites applies its (Gh, Gw))
+    if stride_warnings:  # once per graph (a triple on 2-D sites applies its (Gh, Gw))
         _warn(f"gridattn: graph #{report.graph}: " + "; ".join(
             f"{text} ({', '.join(paths)})" for text, paths in stride_warnings.items()))
     _check_site_keys(report, config, served_paths)

@@ -17,8 +17,16 @@ from typing import Callable
 import torch
 
 from ..config import GridAttnConfig
-from ..grid import GridPlan, MaskSpec, RelPosSpec, TokenLayout, attention_flops, format_stride, grouping_named
-from ..grid import normalize_stride
+from ..grid import (
+    GridPlan,
+    MaskSpec,
+    RelPosSpec,
+    TokenLayout,
+    attention_flops,
+    format_stride,
+    grouping_named,
+    normalize_stride,
+)
 from ..layout.analysis import LayoutAnalysis
 from ..layout.facts import _hint, _same_size
 from ..patterns import AttentionSite

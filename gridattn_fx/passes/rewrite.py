@@ -22,14 +22,14 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+from dataclasses import replace as dc_replace
 
 import torch
 import torch.fx as fx
-from dataclasses import replace as dc_replace
 
 from ..grid import GridPlan
-from ..patterns import AttentionSite
 from ..ir.values import value_of as _val
+from ..patterns import AttentionSite
 
 logger = logging.getLogger("gridattn_fx")
 

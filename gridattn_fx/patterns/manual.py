@@ -32,10 +32,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..ir.op_catalogue import CASTS, PRODUCTS, SCORE_PATH, SHAPED_RESHAPES, arg
+from ..ir.op_catalogue import CASTS, PRODUCTS, SCORE_PATH, SCORE_STEPS, SHAPED_RESHAPES, arg
 from ..ir.ops import op_name
-from .site import AttentionSite
 from ..ir.values import shape_of, value_of
+from .relpos_bias import call_plan_relpos, relpos_bias_terms, relpos_grid, relpos_terms
+from .site import AttentionSite
 
 # Casts the reading looks through, and the reshapes it reads (given a whole target shape): from the
 # op catalogue (ir/op_catalogue.py), which says why detach and flatten-like reshapes are not among them.
@@ -197,7 +198,7 @@ def _reaches_product(node, depth=8) -> bool:
             name = _name(n)
             if name in PRODUCTS:
                 return True
-            if name in ("add", "iadd", "radd", "mul", "div", "truediv", "masked_fill", "where", *CASTS, *SHAPED_RESHAPES):
+            if name in SCORE_STEPS:
                 nxt.extend(a for a in n.args if isinstance(a, fx.Node))
         frontier = nxt
     return False
@@ -227,52 +228,6 @@ def _read_relpos(add_node, reading: _Reading):
             reading.nodes.extend([add_node, inner, x])
             reading.steps.append(("relpos", *terms))
             return x.args[0]
-    return None
-
-
-def relpos_terms(a, b):
-    """(rel_h term, rel_w term) when ``a`` and ``b`` are (N, qh, qw, kh, 1) and (N, qh, qw, 1, kw)."""
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-        return None
-    terms = {_broadcast_axis(a): a, _broadcast_axis(b): b}
-    return (terms[-1], terms[-2]) if set(terms) == {-1, -2} else None
-
-
-def relpos_bias_terms(bias: fx.Node):
-    """``(rel_h[..., None] + rel_w[..., None, :]).reshape(N, L, L)`` -> the two terms, else None."""
-    if _name(bias) not in SHAPED_RESHAPES:
-        return None
-    total = bias.args[0]
-    if _name(total) != "add" or len(shape_of(total) or ()) != 5:
-        return None
-    return relpos_terms(total.args[0], total.args[1])
-
-
-def relpos_grid(h_term, w_term) -> tuple:
-    """(qh, qw, kh, kw) of the decomposed bias the two terms describe."""
-    h_shape, w_shape = shape_of(h_term), shape_of(w_term)
-    return h_shape[1], h_shape[2], h_shape[3], w_shape[4]
-
-
-def call_plan_relpos(plan, implementation):
-    """Replacement for sites whose inputs are (q, k, v, rel_h term, rel_w term)."""
-    attend = getattr(plan, implementation)
-
-    def replacement(q, k, v, h_term, w_term):
-        return attend(q, k, v, (h_term.squeeze(-1), w_term.squeeze(-2)))
-
-    return replacement
-
-
-def _broadcast_axis(node) -> int | None:
-    """-1 for a (N, qh, qw, kh, 1) term, -2 for a (N, qh, qw, 1, kw) term."""
-    shape = shape_of(node)
-    if shape is None or len(shape) != 5:
-        return None
-    if shape[-1] == 1 and shape[-2] != 1:
-        return -1
-    if shape[-2] == 1 and shape[-1] != 1:
-        return -2
     return None
 
 
@@ -516,7 +471,67 @@ def _swapped(shape):
     return shape[:-2] + (shape[-1], shape[-2])
 
 
-def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, tscales, dropout_p, reading):  # noqa: C901 - builds one site from every part of a reading
+@dataclass(frozen=True)
+class _Replacement:
+    """The replacement of a hand-written site for a plan: the original's own feature-wise ops on
+    its own tensors (normalize, transposes, tensor scales, v's cast), then the plan's attention
+    with the site's biases and keep-masks summed into one additive mask (or its rel-pos terms)."""
+
+    q_norm: tuple | None
+    k_norm: tuple | None
+    channels_first: bool
+    k_transposed: bool
+    divides: tuple          # per tensor scale: divide (True) or multiply
+    n_bias: int
+    n_keep: int
+    multipliers: tuple      # per bias: its constant factor
+    negations: tuple        # per keep-mask: True where the mask marks what to drop
+    relpos: bool
+    score_dtype: torch.dtype
+    v_cast: bool
+    out_dtype: torch.dtype
+
+    def __call__(self, plan, implementation):
+        attend = getattr(plan, implementation)
+        n_factors = len(self.divides)
+
+        def replacement(q, k, v, *extra):
+            if self.q_norm is not None:
+                q = F.normalize(q, *self.q_norm)
+            if self.k_norm is not None:
+                k = F.normalize(k, *self.k_norm)
+            if self.channels_first:
+                q, v = q.transpose(-2, -1), v.transpose(-2, -1)
+            if self.k_transposed:
+                k = k.transpose(-2, -1)
+            if n_factors:  # scale * t * (q @ k^T) == scale * (t * q) @ k^T: t is constant along tokens
+                extra, given = extra[:len(extra) - n_factors], extra[len(extra) - n_factors:]
+                for factor, divide in zip(given, self.divides):
+                    q = q / factor if divide else q * factor
+            if self.v_cast:
+                out = same_dtype(q, k, v.to(self.score_dtype), *extra).to(self.out_dtype)
+            else:
+                out = same_dtype(q, k, v, *extra)
+            # v @ P^T gave a contiguous (..., dv, N) tensor, and its readers may view it as such
+            return out.transpose(-2, -1).contiguous() if self.channels_first else out
+
+        def same_dtype(q, k, v, *extra):
+            if self.relpos:
+                return call_plan_relpos(plan, implementation)(q, k, v, *extra)
+            mask = None
+            for node, mult in zip(extra[:self.n_bias], self.multipliers):
+                term = node if mult == 1.0 else node * mult
+                mask = term if mask is None else mask + term
+            for node, negate in zip(extra[self.n_bias:self.n_bias + self.n_keep], self.negations):
+                term = torch.where(node, float("-inf"), 0.0) if negate else torch.where(node, 0.0, float("-inf"))
+                term = term.to(q.dtype)
+                mask = term if mask is None else mask + term
+            return attend(q, k, v, mask)
+
+        return replacement
+
+
+def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, relpos, tscales, dropout_p, reading):
     channels_first = reading.channels_first
     q_shape, v_shape = shape_of(q), shape_of(v)
     k_shape = shape_of(k)
@@ -552,48 +567,11 @@ def _site(softmax, output, q, k, v, k_transposed_input, scale, biases, keeps, re
 
     # diffusers' upcast_attention runs q @ k^T in float32 while v stays in the model dtype: attend
     # in the scores' dtype and give the output the dtype the original product had.
-    score_dtype = value_of(q).dtype
-    v_cast = value_of(v).dtype != score_dtype
-    out_dtype = value_of(output).dtype
-
-    def build(plan, implementation):
-        attend = getattr(plan, implementation)
-
-        def replacement(q, k, v, *extra):
-            # The original's own feature-wise ops first, on its own tensors: then the SDPA convention.
-            if q_norm is not None:
-                q = F.normalize(q, *q_norm)
-            if k_norm is not None:
-                k = F.normalize(k, *k_norm)
-            if channels_first:
-                q, v = q.transpose(-2, -1), v.transpose(-2, -1)
-            if k_transposed_input:
-                k = k.transpose(-2, -1)
-            if factors:  # scale * t * (q @ k^T) == scale * (t * q) @ k^T: t is constant along tokens
-                extra, given = extra[:len(extra) - len(factors)], extra[len(extra) - len(factors):]
-                for factor, divide in zip(given, divides):
-                    q = q / factor if divide else q * factor
-            if v_cast:
-                out = replacement_same_dtype(q, k, v.to(score_dtype), *extra).to(out_dtype)
-            else:
-                out = replacement_same_dtype(q, k, v, *extra)
-            # v @ P^T gave a contiguous (..., dv, N) tensor, and its readers may view it as such
-            return out.transpose(-2, -1).contiguous() if channels_first else out
-
-        def replacement_same_dtype(q, k, v, *extra):
-            if grid is not None:
-                return call_plan_relpos(plan, implementation)(q, k, v, *extra)
-            mask = None
-            for node, mult in zip(extra[:n_bias], multipliers):
-                term = node if mult == 1.0 else node * mult
-                mask = term if mask is None else mask + term
-            for node, negate in zip(extra[n_bias:n_bias + n_keep], negations):
-                term = torch.where(node, float("-inf"), 0.0) if negate else torch.where(node, 0.0, float("-inf"))
-                term = term.to(q.dtype)
-                mask = term if mask is None else mask + term
-            return attend(q, k, v, mask)
-
-        return replacement
+    build = _Replacement(
+        q_norm=q_norm, k_norm=k_norm, channels_first=channels_first, k_transposed=k_transposed_input,
+        divides=tuple(divides), n_bias=n_bias, n_keep=n_keep, multipliers=tuple(multipliers),
+        negations=tuple(negations), relpos=grid is not None, score_dtype=value_of(q).dtype,
+        v_cast=value_of(v).dtype != value_of(q).dtype, out_dtype=value_of(output).dtype)
 
     form = ("manual-" + reading.product + ("+relpos" if relpos else "") + ("+cosine" if q_norm or k_norm else "")
             + ("+tensor-scale" if factors else "") + ("+channels-first" if channels_first else ""))

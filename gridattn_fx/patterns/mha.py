@@ -15,8 +15,8 @@ import operator
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .site import AttentionSite
 from ..ir.values import shape_of
+from .site import AttentionSite
 
 _MHA_PARAMS = list(inspect.signature(F.multi_head_attention_forward).parameters)
 

@@ -7,9 +7,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .manual import call_plan_relpos, relpos_bias_terms, relpos_grid
-from .site import AttentionSite, call_plan
 from ..ir.values import shape_of, value_of
+from .relpos_bias import call_plan_relpos, relpos_bias_terms, relpos_grid
+from .site import AttentionSite, call_plan
 
 _SDPA_TARGETS = {
     F.scaled_dot_product_attention,

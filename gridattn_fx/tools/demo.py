@@ -93,7 +93,10 @@ def _timed_call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return (time.perf_counter() - t0) * 1e3, out
 
 
-def run_demo(  # noqa: C901 - a script: build, compile, report, time, compare, in order
+_BACKENDS = ("inductor", "gridattn")
+
+
+def run_demo(
     image_size: int = 1024,
     stride: int = 2,
     runs: int = 10,
@@ -105,7 +108,6 @@ def run_demo(  # noqa: C901 - a script: build, compile, report, time, compare, i
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run the demo and return what it measured; progress and tables go to ``echo``."""
-    import gridattn_fx
     from gridattn_fx.tools.demo_model import build_demo_model
 
     if runs < 1:
@@ -115,109 +117,114 @@ def run_demo(  # noqa: C901 - a script: build, compile, report, time, compare, i
 
     model, x = build_demo_model(image_size, **(model_kwargs or {}))
     model.eval()
-    blocks = len(model.blocks)
-    width = model.pos_embed.shape[-1]
-    heads = model.blocks[0].attn.num_heads
-    g = model.grid_size
-
     options: dict[str, Any] = {"stride": stride}
     if min_image_tokens is not None:
         options["min_image_tokens"] = min_image_tokens
     if implementation is not None:
         options["implementation"] = implementation
-
-    echo(
-        f"gridattn-fx demo: DemoViT on a {image_size}x{image_size} image -> {g}x{g} = {g * g} image "
-        f"tokens + 1 cls token, {blocks} blocks, width {width}, {heads} heads, batch 1"
-    )
-    echo(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads "
-        f"({os.cpu_count()} CPUs), device cpu"
-    )
-    echo("")
+    _echo_setup(model, image_size, echo)
 
     result = DemoResult(image_size=image_size, stride=stride, runs=runs, warmup=warmup)
-
     torch._dynamo.reset()
-    baseline = torch.compile(model, backend="inductor")
-    candidate = torch.compile(model, backend="gridattn", options=options)
-    compiled = {"inductor": baseline, "gridattn": candidate}
-    labels = {
-        "inductor": 'torch.compile(model, backend="inductor")',
-        "gridattn": f'torch.compile(model, backend="gridattn", options={options!r})',
-    }
-
+    compiled = {"inductor": torch.compile(model, backend="inductor"),
+                "gridattn": torch.compile(model, backend="gridattn", options=options)}
     with torch.no_grad():
         eager_out = model(x)
-        outputs: dict[str, torch.Tensor] = {}
-        # Compilation happens on the first call.
-        for i, name in enumerate(("inductor", "gridattn"), start=1):
-            echo(f"[{i}/2] compiling {labels[name]} ...")
-            t0 = time.perf_counter()
-            outputs[name] = compiled[name](x)
-            result.compile_s[name] = time.perf_counter() - t0
-            echo(f"      done in {result.compile_s[name]:.1f} s (first call, includes compilation)")
-
-        report = gridattn_fx.last_report()
-        result.report = report
-        echo("")
-        echo(f"Rewrite report (gridattn_fx.last_report(), stride {stride}):")
-        echo(str(report) if report is not None else "  (no report: the gridattn backend compiled no graph)")
-        echo("")
-        if report is not None:
-            result.sites = len(report.sites)
-            result.rewritten = len(report.rewritten)
-            result.failure = report.failure
-            result.flops_before, result.flops_after = _sum_flops(report)
-        if result.failure:
-            echo(
-                "WARNING: the gridattn pass failed and the original graph was compiled instead: "
-                f"{result.failure}"
-            )
-            echo("")
-        elif report is not None and result.rewritten == 0:
-            echo("NOTE: no attention site was rewritten (see the reasons above).")
-            echo("")
-
-        # Warm-up (beyond the compiling call), then interleaved timed runs.
-        for _ in range(warmup):
-            for name in ("inductor", "gridattn"):
-                compiled[name](x)
-        times: dict[str, list[float]] = {"inductor": [], "gridattn": []}
-        for _ in range(runs):
-            for name in ("inductor", "gridattn"):
-                ms, outputs[name] = _timed_call(compiled[name], x)
-                times[name].append(ms)
+        outputs = _compile(compiled, x, options, result, echo)
+        _echo_report(result, stride, echo)
+        times = _time_interleaved(compiled, x, runs, warmup, outputs)
 
     result.times_ms = times
     result.median_ms = {name: statistics.median(ts) for name, ts in times.items()}
     diff = (outputs["gridattn"].double() - outputs["inductor"].double()).abs()
     result.max_abs_diff = float(diff.max())
     result.mean_abs_diff = float(diff.mean())
-    for name in ("inductor", "gridattn"):
-        result.max_abs_diff_vs_eager[name] = float(
-            (outputs[name].double() - eager_out.double()).abs().max()
-        )
-    out_scale = float(outputs["inductor"].abs().max())
+    for name in _BACKENDS:
+        result.max_abs_diff_vs_eager[name] = float((outputs[name].double() - eager_out.double()).abs().max())
+    _echo_latency(result, times, echo)
+    _echo_outputs_and_flops(result, float(outputs["inductor"].abs().max()), echo)
+    return result
 
-    base = result.median_ms["inductor"]
+
+def _echo_setup(model, image_size: int, echo) -> None:
+    g = model.grid_size
+    echo(
+        f"gridattn-fx demo: DemoViT on a {image_size}x{image_size} image -> {g}x{g} = {g * g} image "
+        f"tokens + 1 cls token, {len(model.blocks)} blocks, width {model.pos_embed.shape[-1]}, "
+        f"{model.blocks[0].attn.num_heads} heads, batch 1"
+    )
+    echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), device cpu")
+    echo("")
+
+
+def _compile(compiled: dict, x, options: dict, result: DemoResult, echo) -> dict[str, torch.Tensor]:
+    """The first call of each compiled model (compilation happens there), timed."""
+    labels = {
+        "inductor": 'torch.compile(model, backend="inductor")',
+        "gridattn": f'torch.compile(model, backend="gridattn", options={options!r})',
+    }
+    outputs: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(_BACKENDS, start=1):
+        echo(f"[{i}/2] compiling {labels[name]} ...")
+        t0 = time.perf_counter()
+        outputs[name] = compiled[name](x)
+        result.compile_s[name] = time.perf_counter() - t0
+        echo(f"      done in {result.compile_s[name]:.1f} s (first call, includes compilation)")
+    return outputs
+
+
+def _echo_report(result: DemoResult, stride: int, echo) -> None:
+    import gridattn_fx
+
+    report = gridattn_fx.last_report()
+    result.report = report
+    echo("")
+    echo(f"Rewrite report (gridattn_fx.last_report(), stride {stride}):")
+    echo(str(report) if report is not None else "  (no report: the gridattn backend compiled no graph)")
+    echo("")
+    if report is not None:
+        result.sites = len(report.sites)
+        result.rewritten = len(report.rewritten)
+        result.failure = report.failure
+        result.flops_before, result.flops_after = _sum_flops(report)
+    if result.failure:
+        echo(f"WARNING: the gridattn pass failed and the original graph was compiled instead: {result.failure}")
+        echo("")
+    elif report is not None and result.rewritten == 0:
+        echo("NOTE: no attention site was rewritten (see the reasons above).")
+        echo("")
+
+
+def _time_interleaved(compiled: dict, x, runs: int, warmup: int, outputs: dict) -> dict[str, list[float]]:
+    """Warm-up (beyond the compiling call), then interleaved timed runs; ``outputs`` keeps the last."""
+    for _ in range(warmup):
+        for name in _BACKENDS:
+            compiled[name](x)
+    times: dict[str, list[float]] = {name: [] for name in _BACKENDS}
+    for _ in range(runs):
+        for name in _BACKENDS:
+            ms, outputs[name] = _timed_call(compiled[name], x)
+            times[name].append(ms)
+    return times
+
+
+def _echo_latency(result: DemoResult, times: dict, echo) -> None:
+    base, runs, warmup = result.median_ms["inductor"], result.runs, result.warmup
     echo(
         f"Latency: batch 1, median of {runs} interleaved runs each "
         f"(after {warmup} warm-up run{'s' if warmup != 1 else ''} each), torch.no_grad, eval mode"
     )
     rows = [("backend", "median ms", "min ms", "ratio vs inductor", "speedup", "max |out - eager|")]
-    for name in ("inductor", "gridattn"):
+    for name in _BACKENDS:
         med = result.median_ms[name]
-        rows.append(
-            (
-                name if name == "inductor" else f"gridattn (stride {stride})",
-                f"{med:.1f}",
-                f"{min(times[name]):.1f}",
-                f"{med / base:.3f}",
-                f"{base / med:.2f}x",
-                f"{result.max_abs_diff_vs_eager[name]:.3g}",
-            )
-        )
+        rows.append((
+            name if name == "inductor" else f"gridattn (stride {result.stride})",
+            f"{med:.1f}",
+            f"{min(times[name]):.1f}",
+            f"{med / base:.3f}",
+            f"{base / med:.2f}x",
+            f"{result.max_abs_diff_vs_eager[name]:.3g}",
+        ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
@@ -233,25 +240,27 @@ def run_demo(  # noqa: C901 - a script: build, compile, report, time, compare, i
             + "): the CPU may be busy with another process; rerun, or raise --runs"
         )
     echo("")
+
+
+def _echo_outputs_and_flops(result: DemoResult, out_scale: float, echo) -> None:
     echo(
         f"Output difference gridattn vs inductor: max abs {result.max_abs_diff:.3g}, "
         f"mean abs {result.mean_abs_diff:.3g} (outputs reach |{out_scale:.3g}|; informational: "
         "grid attention restricts each image token to its own grid group by design)"
     )
-    if result.flops_before is not None:
-        if result.flops_after == result.flops_before:
-            ratio = " (unchanged)"
-        elif result.flops_after:
-            ratio = f" ({result.flops_before / result.flops_after:.2f}x fewer)"
-        else:
-            ratio = ""
-        echo(
-            f"Attention FLOPs ({result.sites} sites, {result.rewritten} rewritten): "
-            f"{_fmt_flops(result.flops_before)} -> {_fmt_flops(result.flops_after)}{ratio}"
-        )
-    else:
+    if result.flops_before is None:
         echo("Attention FLOPs: not available from the report")
-    return result
+        return
+    if result.flops_after == result.flops_before:
+        ratio = " (unchanged)"
+    elif result.flops_after:
+        ratio = f" ({result.flops_before / result.flops_after:.2f}x fewer)"
+    else:
+        ratio = ""
+    echo(
+        f"Attention FLOPs ({result.sites} sites, {result.rewritten} rewritten): "
+        f"{_fmt_flops(result.flops_before)} -> {_fmt_flops(result.flops_after)}{ratio}"
+    )
 
 
 def add_demo_arguments(parser: Any) -> None:

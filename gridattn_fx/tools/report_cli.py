@@ -11,9 +11,9 @@ from collections import Counter
 
 import torch
 
+from ..config.presets import PRESETS, preset_for_model
 from ..reasons import SkipKind
 from .flops import count_flops
-from ..config.presets import PRESETS, preset_for_model
 
 
 class ReportError(Exception):

@@ -1,4 +1,4 @@
-"""Differential fuzzer for the gridattn pass (issue 12 item 9): see README.md next to this file.
+"""Differential fuzzer for the gridattn pass: see README.md next to this file.
 
 ``generator`` builds small random models from a seeded spec and knows the true token layout of
 every attention site; ``check`` runs the pass on them and compares with the oracle.

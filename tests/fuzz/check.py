@@ -25,7 +25,7 @@ from oracle import ATOL, RTOL, stride_tuple
 from . import generator as gen
 
 # Categories of filed, still-open bugs (key -> issue and item). Empty: the five categories the
-# fuzzer first found (issue 12 items 1, 2, 3, 4, 6) are fixed, and every case must pass.
+# fuzzer first found are fixed, and every case must pass.
 KNOWN_BUGS: dict[str, str] = {}
 
 # (atol, rtol): rewrite() keeps the model's dtype; inductor reorders float arithmetic.

@@ -1,4 +1,4 @@
-"""Differential fuzzer in CI (issue 12 item 9): a fixed set of seeded random models through
+"""Differential fuzzer in CI: a fixed set of seeded random models through
 ``gridattn_fx.rewrite`` (a few also through ``torch.compile(backend="gridattn")``), each compared
 with the oracle of its true layout where the report says rewritten and with the untouched model
 where it says skipped (tests/fuzz/check.py). Longer runs: tests/fuzz/README.md.

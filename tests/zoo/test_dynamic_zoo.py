@@ -1,4 +1,4 @@
-"""Issue 11 item 4 (dynamic shapes): real library models across a resolution change under default
+"""Dynamic shapes on real library models across a resolution change under default
 torch.compile (dynamic=None: the second resolution recompiles with symbolic sizes). Every call must
 equal (float64) the static-shape gridattn rewrite at that resolution; stride 1 gives the untouched
 model. The compiles run the gridattn pass without inductor (tests/test_dynamic_shapes.py checks

@@ -1,4 +1,4 @@
-"""Issue 4 on real models: the sd-unet preset's choices, and `python -m gridattn_fx report`."""
+"""Presets on real models: the sd-unet preset's choices, and `python -m gridattn_fx report`."""
 
 import re
 

@@ -1,4 +1,4 @@
-"""Issue 3 on real library models (random weights from configs): every attention form they use is
+"""Attention forms of real library models (random weights from configs): every attention form they use is
 found, the right sites are rewritten, the rest are skipped with a specific reason, and the grouped
 rewrite equals the masked oracle form end to end (float64).
 """
@@ -71,7 +71,7 @@ CASES = {
     "clip-mha": ("clip-mha", {}, {
         r"attn$": ("rewritten", "nn.MultiheadAttention", ""),
     }),
-    # --- issue 4's families (default attention implementations) ---
+    # --- families with default attention implementations ---
     "timm-vit": ("timm:vit_base_patch16_224", {}, {r"attn$": ("rewritten", "sdpa", "")}),
     "timm-deit-distilled": ("timm:deit_base_distilled_patch16_224", {}, {r"attn$": ("rewritten", "sdpa", "")}),
     "timm-dinov2-reg4": ("timm:vit_small_patch14_reg4_dinov2", {}, {r"attn$": ("rewritten", "sdpa", "")}),

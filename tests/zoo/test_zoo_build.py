@@ -99,7 +99,7 @@ def test_rewrite_runs_and_reports(case):
     assert report.failure is None, report.failure
     # Same output structure, shapes and dtypes as the eager model.
     assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in expected]
-    # The model's checkpoints load into the graph module: same state_dict keys (issue 14).
+    # The model's checkpoints load into the graph module: same state_dict keys.
     assert list(gm.state_dict()) == list(model.state_dict())
 
     layout = EXPECTED_ALL_REWRITTEN.get((name, tuple(sorted(opts.items()))))

@@ -1,4 +1,4 @@
-"""Hand-written attention forms (issue 3): every spelling real models use is found, rewritten to
+"""Hand-written attention forms: every spelling real models use is found, rewritten to
 exactly the oracle, and forms that are not attention are left alone.
 
 Each module below writes ``softmax(scale * q @ k^T + bias) @ v`` one way. Its oracle path (eager
