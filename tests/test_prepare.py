@@ -14,7 +14,7 @@ import torch.nn as nn
 import gridattn_fx
 from gridattn_fx import ImageTokens
 from models import DIM, Block, GraphBreakViT, ViT, build, image
-from oracle import assert_close64, assert_differs, assert_equal_exact, oracle_mode
+from oracle import assert_close64, assert_differs, assert_equal_exact, oracle_mode, oracle_sdpa
 
 OPTS = {"stride": 2, "min_image_tokens": 1, "strict": True}
 
@@ -392,3 +392,50 @@ def test_region_site_strides_keys_of_other_served_modules_are_not_unmatched():
         warnings.simplefilter("error", RuntimeWarning)  # "key ... matches no attention site" would raise
         _, _, _, (site,) = _regional_reports({"site_strides": {"blocks.0.attn": 2, "blocks.1.attn": 2}})
     assert site.decision == "rewritten"
+
+
+class _RoundTripAttention(nn.Module):
+    """Packed tokens viewed as an H x W image and flattened back before attention: the declared
+    layout reaches the site through a Spatial fact and back into Tokens."""
+
+    def __init__(self, side=8, dim=8):
+        super().__init__()
+        self.side = side
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states, oracle_layout=None):
+        b, n, c = hidden_states.shape
+        x = hidden_states.transpose(1, 2).reshape(b, c, self.side, self.side)
+        x = self.proj(x.flatten(2).transpose(1, 2))
+        q = x.unflatten(-1, (2, c // 2)).transpose(1, 2)
+        if oracle_layout is not None:
+            return oracle_sdpa(q, q, q, q_layout=oracle_layout, k_layout=oracle_layout, stride=2)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+class _RoundTrip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _RoundTripAttention()
+
+    def forward(self, hidden_states):
+        return self.attn(hidden_states)
+
+
+def test_declared_input_of_a_site_module_survives_a_reshape_round_trip():
+    """The declared input goes straight into the module that holds the site (its marker is what
+    that module's input is), and reaches the site through an image view: remembered, rewritten to
+    the oracle, and reported as declared all the way."""
+    model = _RoundTrip().double()
+    x = torch.randn(1, 64, 8, dtype=torch.float64)
+    gridattn_fx.prepare(model, (x,), hidden_states=ImageTokens(height=8, width=8))
+    assert gridattn_fx.prepared_layouts(model) == {"attn": [(0, "0+8x8+0 tokens on axis 1 (declared)")]}
+    gridattn_fx.report_history(clear=True)
+    with torch.no_grad():
+        got = torch.compile(model, backend="gridattn", options=OPTS)(x)
+        expected = model.attn(x, oracle_layout=(0, 8, 8, 0))
+        assert_differs(expected, model.attn(x))  # the grid is not the dense attention here
+    assert_close64(got, expected)
+    (site,) = _reports()
+    assert (site.decision, str(site.q_layout), site.layout_source) == ("rewritten", "8x8", "declared"), site
+    gridattn_fx.unprepare(model)

@@ -42,7 +42,7 @@ from ..layout.facts import LayoutSource, Tokens
 from ..patterns import find_attention_sites
 from .declarations import ImageTokens
 from .hints import strip_layout_hints
-from .markers import LAYOUT_HINT, PROBE, MarkerHint, is_probe
+from .markers import LAYOUT_HINT, PROBE, MarkerHint, is_layout_hint, is_probe
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -365,7 +365,10 @@ def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
     probed = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and is_probe(node.target):
-            probed.setdefault(node.args[1], node.args[0])
+            source = node.args[0]
+            while source.op == "call_function" and is_layout_hint(source.target):
+                source = source.args[0]  # a declared input probed as it is: the marker goes, its fact is its input's
+            probed.setdefault(node.args[1], source)
     hints, conflicts = strip_layout_hints(gm)
     sites = find_attention_sites(gm)
     analysis = LayoutAnalysis(gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},

@@ -144,7 +144,8 @@ def _reshape_fact(fact, in_shape, out_shape, name):
             # the tokens unflattened into one axis per image axis, in their storage order
             if all(_same_size(out_shape[o], n) for o, n in zip(go, fact.storage_shape)):
                 axes = tuple(go[fact.order.index(i)] for i in range(fact.rank))
-                return _step(Spatial(axes, fact.image_shape, fact.origin, fact.trail, fact.image, fact.batch), name)
+                return _step(Spatial(axes, fact.image_shape, fact.origin, fact.trail, fact.image, fact.batch,
+                                     source=fact.source, marked=fact.marked), name)
         if gi == [fact.dim] and len(go) == 2 and fact.rank == 3 and fact.order[0] == 0 and whole:
             # a video's tokens split into (frames, tokens per frame): frames into the batch, each
             # frame an image of its own (per-frame spatial attention)
@@ -169,7 +170,8 @@ def _reshape_fact(fact, in_shape, out_shape, name):
         if len(go) != 1 or sorted(gi) != sorted(fact.axes):
             return None
         order = tuple(sorted(range(fact.rank), key=lambda i: fact.axes[i]))
-        return _step(Tokens(go[0], 0, fact.sizes, 0, order, fact.origin, fact.trail, fact.image, fact.batch), name)
+        return _step(Tokens(go[0], 0, fact.sizes, 0, order, fact.origin, fact.trail, fact.image, fact.batch,
+                            source=fact.source, marked=fact.marked), name)
     if len({id(g) for g in groups_of}) != fact.rank or any(len(g[0]) != 1 for g in groups_of):
         return None  # some image axes merged with each other or with other axes
     axes = tuple(g[1][0] for g in groups_of)
