@@ -51,7 +51,7 @@ def test_a_lost_layout_names_the_op_that_lost_it():
     _, report = gridattn_fx.rewrite(Scrambled(), (torch.randn(1, 3, 8, 8),), min_image_tokens=0)
     (row,) = report.sites
     assert row.skip is SkipKind.NO_QUERY_LAYOUT and row.lost_at == "getitem", str(report)
-    assert skip_label(row) == "query image layout lost at getitem"
+    assert skip_label(row) == "query image layout lost at indexing that drops or reorders image tokens"
 
 
 def test_no_spatial_source_has_no_lost_op():

@@ -12,6 +12,7 @@ from collections import Counter
 import torch
 
 from ..config.presets import PRESETS, preset_for_model
+from ..ir.op_catalogue import CAT, INDEX, PAD, RESHAPE, rule
 from ..reasons import SkipKind
 from .flops import count_flops
 
@@ -46,16 +47,27 @@ def _parse_value(text: str):
     return {"True": True, "False": False, "None": None}.get(text, text)
 
 
+# How the totals name a lost layout, by the catalogue kind of the op that lost it.
+_LOSSES = {
+    RESHAPE: "a reshape that splits or merges the image axes (a window partition: windowed attention)",
+    PAD: "padding of the image axes (to the window size: windowed attention)",
+    INDEX: "indexing that drops or reorders image tokens",
+    CAT: "a concatenation of two image layouts",
+}
+
+
 def skip_label(site) -> str:
-    """How the totals name a skipped site's reason: its kind, and for a lost layout the op that
-    lost it (from the report's structured fields, never from the reason's words)."""
+    """How the totals name a skipped site's reason: its kind, and for a lost layout what lost it
+    (from the report's structured fields, never from the reason's words)."""
     if site.skip is None:
         return "not decided"
     if site.skip in (SkipKind.NO_QUERY_LAYOUT, SkipKind.NO_KEY_LAYOUT):
         side = "query" if site.skip is SkipKind.NO_QUERY_LAYOUT else "key"
         if site.lost_at is None:
             return f"{side} tokens have no image layout: no conv/pool/interpolate output reaches them"
-        return f"{side} image layout lost at {site.lost_at}"
+        op_rule = rule(site.lost_at)
+        phrase = _LOSSES.get(op_rule.kind) if op_rule is not None else None
+        return f"{side} image layout lost at " + (phrase or site.lost_at)
     return site.skip.value
 
 
