@@ -26,6 +26,7 @@ Kinds (what the op does to the axes of its first tensor operand):
 ``CAT``         concatenation along one axis.
 ``FEATURES``    acts on the trailing feature axes only, token by token (linear, layer_norm, rms_norm).
 ``CHANNEL_NORM`` a norm over the channel axis 1 (batch / group / instance norm): never moves a value.
+                ``per_channel``: statistics per channel (batch norm) rather than per sample.
 ``KEEPDIM_REDUCTION`` ``x.mean(dim, keepdim=True)`` and friends (hand-written norms over features).
 ``SOURCE``      a spatial source: the output's trailing axes are an image (conv / pool / resize); a
                 ``rank`` of None means "the output's rank minus 2" (ATen's rank-generic convolution).
@@ -96,6 +97,7 @@ class OpRule:
     random: bool = False
     may_alias: bool = False
     shaped: bool = False       # RESHAPE: given a whole target shape
+    per_channel: bool = False  # CHANNEL_NORM: statistics per channel (batch norm), not per sample
     rank: int | None = None    # SOURCE: image rank of the output (None: output rank - 2)
 
 
@@ -141,7 +143,8 @@ _add(OpRule(SOFTMAX), "softmax", "log_softmax", "_softmax")
 _add(OpRule(PRODUCT), "matmul", "bmm", "baddbmm", "einsum")
 
 _add(OpRule(FEATURES), "linear", "layer_norm", "rms_norm")
-_add(OpRule(CHANNEL_NORM), "group_norm", "batch_norm", "instance_norm", "_native_batch_norm_legit_no_training")
+_add(OpRule(CHANNEL_NORM, per_channel=True), "batch_norm", "_native_batch_norm_legit_no_training")
+_add(OpRule(CHANNEL_NORM), "group_norm", "instance_norm")
 _add(OpRule(KEEPDIM_REDUCTION), "mean", "sum", "amax", "amin")   # all (x, dim, keepdim)
 
 _add(OpRule(SOURCE, rank=2), "conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
@@ -262,6 +265,16 @@ def permutation(node: fx.Node, name: str, ndim: int) -> list[int]:
         out[d] = s
     it = iter(rest)
     return [o if o is not None else next(it) for o in out]
+
+
+def narrowed(node: fx.Node, name: str) -> tuple:
+    """A NARROW op's (dim, slice): ``narrow(x, dim, start, length)`` or ``aten.slice(x, dim, start,
+    end, step)``."""
+    if name == "narrow":
+        dim, start, length = (resolve(arg(node, i, n)) for i, n in ((1, "dim"), (2, "start"), (3, "length")))
+        return dim, slice(start, start + length)
+    return resolve(arg(node, 1, "dim", 0)), slice(resolve(arg(node, 2, "start")), resolve(arg(node, 3, "end")),
+                                                  resolve(arg(node, 4, "step", 1)))
 
 
 def split_dim(node: fx.Node, name: str):

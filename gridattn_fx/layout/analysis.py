@@ -69,6 +69,7 @@ from ..ir.op_catalogue import (
     SPLIT,
     STACK,
     arg,
+    narrowed,
     permutation,
     resolve,
     rule,
@@ -444,7 +445,7 @@ class LayoutAnalysis:
     def _channel_norm(self, node, name, fact, out):
         """Norms with a channel axis 1: per-channel statistics (batch norm, in eval or training
         mode) or per-sample ones (group / instance norm) never move a value to another position."""
-        if name in ("batch_norm", "_native_batch_norm_legit_no_training"):
+        if rule(name).per_channel:
             ok = 1 not in fact.dims() and 1 not in fact.batch and len(_shape(node.args[0])) >= 2
         else:
             ok = all(d >= 2 for d in fact.dims()) and set(fact.batch) <= {0}
@@ -535,12 +536,7 @@ class LayoutAnalysis:
 
     def _narrow(self, node, name, fact, out):
         shape = _shape(node.args[0])
-        if name == "narrow":
-            dim, start, length = (resolve(arg(node, i, n)) for i, n in ((1, "dim"), (2, "start"), (3, "length")))
-            sl = slice(start, start + length)
-        else:  # aten.slice(x, dim, start, end, step)
-            dim = resolve(arg(node, 1, "dim", 0))
-            sl = slice(resolve(arg(node, 2, "start")), resolve(arg(node, 3, "end")), resolve(arg(node, 4, "step", 1)))
+        dim, sl = narrowed(node, name)
         idx = [slice(None)] * (dim % len(shape)) + [sl]
         return _index(fact, shape, tuple(idx), node.name)
 

@@ -1,6 +1,6 @@
-"""Graph passes: layout inference, the rewrite policy, the grid rewrite, and the pipeline tying them."""
+"""The pass on one graph: the pipeline (find, prove, decide, rewrite, re-check), the policy's rules,
+the inlining of a site's replacement, and the regroup motion."""
 
-from ..layout.analysis import LayoutAnalysis
 from .pipeline import run_pass
 
-__all__ = ["LayoutAnalysis", "run_pass"]
+__all__ = ["run_pass"]
