@@ -157,25 +157,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
                 shared_graph.append(f"{path}: {disagreement}")
         else:
             d = decide(site, layouts, config, path, training)
-        row = SiteReport(
-            node=site.output.name,
-            module_path=path,
-            form=site.form,
-            q_shape=tuple(site.q_shape or ()),
-            k_shape=tuple(site.k_shape or ()),
-            q_layout=d.q_layout,
-            k_layout=d.k_layout,
-            evidence=d.evidence,
-            decision=REWRITTEN if d.rewrite else SKIPPED,
-            reason=d.reason,
-            stride=d.plan.stride if d.plan else None,
-            grouping=d.plan.grouping.name if d.plan else "grid",
-            flops_before=d.flops_before,
-            flops_after=d.flops_after,
-            layout_source=layout_source(layouts.facts.get(site.query)) if d.q_layout else "",
-            skip=d.skip.kind if d.skip else None,
-            lost_at=d.skip.lost_at if d.skip else None,
-        )
+        row = _site_row(site, path, d, layouts)
         report.sites.append(row)
         if d.stride_warning:
             stride_warnings.setdefault(d.stride_warning, []).append(path or site.output.name)
@@ -208,6 +190,29 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
         new_gm.graph.lint()
         new_gm.recompile()
     return new_gm, report
+
+
+def _site_row(site: AttentionSite, path: str, d, layouts: LayoutAnalysis) -> SiteReport:
+    """The report's row for one decided site."""
+    return SiteReport(
+        node=site.output.name,
+        module_path=path,
+        form=site.form,
+        q_shape=tuple(site.q_shape or ()),
+        k_shape=tuple(site.k_shape or ()),
+        q_layout=d.q_layout,
+        k_layout=d.k_layout,
+        evidence=d.evidence,
+        decision=REWRITTEN if d.rewrite else SKIPPED,
+        reason=d.reason,
+        stride=d.plan.stride if d.plan else None,
+        grouping=d.plan.grouping.name if d.plan else "grid",
+        flops_before=d.flops_before,
+        flops_after=d.flops_after,
+        layout_source=layout_source(layouts.facts.get(site.query)) if d.q_layout else "",
+        skip=d.skip.kind if d.skip else None,
+        lost_at=d.skip.lost_at if d.skip else None,
+    )
 
 
 def _decide_shared(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, paths: list[str],
