@@ -45,6 +45,8 @@ Kinds (what the op does to the axes of its first tensor operand):
 
 Flags:
 
+``template``    ``x.view_as(t)`` / ``reshape_as`` / ``expand_as`` / ``type_as``: ``t`` is read for its shape
+                or dtype only, its values flow nowhere.
 ``random``      draws random numbers (dropout): it keeps positions, so the layout proof carries a fact
                 through it, but recomputed in another token order it is not the same draw, so the
                 regrouping motion moves it only when it is the identity (p == 0 or not training).
@@ -98,6 +100,7 @@ class OpRule:
     may_alias: bool = False
     shaped: bool = False       # RESHAPE: given a whole target shape
     per_channel: bool = False  # CHANNEL_NORM: statistics per channel (batch norm), not per sample
+    template: bool = False     # x.op_as(template): the second operand is read for its shape / dtype only
     rank: int | None = None    # SOURCE: image rank of the output (None: output rank - 2)
 
 
@@ -122,11 +125,13 @@ _add(OpRule(POINTWISE), "radd", "rmul", "rsub")                    # operator's 
 _add(OpRule(POINTWISE), "iadd", "imul", "isub", "itruediv")        # x += y (mutates: see ops.mutates)
 _add(OpRule(POINTWISE, random=True, may_alias=True), "dropout", "feature_dropout", "dropout1d", "dropout2d",
      "dropout3d", "alpha_dropout", "feature_alpha_dropout")
-_add(OpRule(CAST, may_alias=True), "to", "type", "type_as", "float", "half", "double", "bfloat16", "contiguous")
+_add(OpRule(CAST, may_alias=True), "to", "type", "float", "half", "double", "bfloat16", "contiguous")
+_add(OpRule(CAST, may_alias=True, template=True), "type_as")
 _add(OpRule(CAST), "_to_copy", "clone")
 _add(OpRule(IDENTITY), "detach", "alias", "lift_fresh_copy")
 
-_add(OpRule(RESHAPE, shaped=True), "view", "reshape", "_unsafe_view", "view_as", "reshape_as")
+_add(OpRule(RESHAPE, shaped=True), "view", "reshape", "_unsafe_view")
+_add(OpRule(RESHAPE, shaped=True, template=True), "view_as", "reshape_as")
 _add(OpRule(RESHAPE), "flatten", "unflatten", "squeeze", "unsqueeze")
 _add(OpRule(PERMUTE), "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t")
 _add(OpRule(SPLIT), "split", "chunk", "unbind", "tensor_split", "split_with_sizes")
@@ -136,7 +141,8 @@ _add(OpRule(INDEX), "getitem")
 _add(OpRule(NARROW), "narrow", "slice")
 _add(OpRule(SELECT), "select")
 _add(OpRule(REPEAT), "repeat_interleave")
-_add(OpRule(BROADCAST), "expand", "expand_as", "broadcast_to")
+_add(OpRule(BROADCAST), "expand", "broadcast_to")
+_add(OpRule(BROADCAST, template=True), "expand_as")
 _add(OpRule(PAD), "pad")
 _add(OpRule(ATTRIBUTE), "getattr")
 _add(OpRule(SOFTMAX), "softmax", "log_softmax", "_softmax")
@@ -185,6 +191,8 @@ KEEPDIM_REDUCTIONS = names_of(KEEPDIM_REDUCTION)
 SOURCES = names_of(SOURCE)
 FRESH_TENSORS = names_of(FRESH)
 RANDOM = frozenset(n for n, r in RULES.items() if r.random)
+# ``x.view_as(t)`` and friends: ``t`` gives a shape or dtype, its values flow nowhere.
+TEMPLATE_READS = frozenset(n for n, r in RULES.items() if r.template)
 PRODUCTS = names_of(PRODUCT)
 # The steps between the product and the softmax of a hand-written attention that the manual reader
 # reads exactly (patterns/manual.py): scales, added biases, keep-masks, casts and shaped views.

@@ -68,6 +68,7 @@ from ..ir.op_catalogue import (
     SOFTMAX,
     SPLIT,
     STACK,
+    TEMPLATE_READS,
     arg,
     narrowed,
     permutation,
@@ -576,6 +577,6 @@ _FROM_SEVERAL_INPUTS = frozenset({POINTWISE, CAST, IDENTITY, CAT, STACK})
 def _data_inputs(node: fx.Node, gm) -> list[fx.Node]:
     """The inputs whose values flow into ``node``; ``x.reshape_as(template)`` only reads the
     template's shape."""
-    if op_name(node, gm) in ("view_as", "reshape_as", "expand_as", "type_as") and isinstance(node.args[0], fx.Node):
+    if op_name(node, gm) in TEMPLATE_READS and isinstance(node.args[0], fx.Node):
         return [node.args[0]]
     return node.all_input_nodes

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..ir.op_catalogue import CASTS, PRODUCTS, SCORE_PATH, SCORE_STEPS, SHAPED_RESHAPES, arg
+from ..ir.op_catalogue import CASTS, PRODUCTS, SCORE_PATH, SCORE_STEPS, SHAPED_RESHAPES, TEMPLATE_READS, arg
 from ..ir.ops import op_name
 from ..ir.values import shape_of, value_of
 from .manual_replacement import ManualReplacement
@@ -41,7 +41,8 @@ from .site import AttentionSite
 # Casts the reading looks through, and the reshapes it reads (given a whole target shape): from the
 # op catalogue (ir/op_catalogue.py), which says why detach and flatten-like reshapes are not among them.
 # Users that read only a tensor's shape (``x.reshape_as(scores)``) do not use its values.
-_SHAPE_ONLY = {"view_as", "reshape_as", "expand_as"}
+# Users that read a node only as a shape template (type_as is a cast the reader looks through).
+_SHAPE_ONLY = TEMPLATE_READS - CASTS
 
 
 class NoMatch(Exception):
