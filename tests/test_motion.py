@@ -20,7 +20,7 @@ from gridattn_fx.frontends.api import capture  # noqa: E402
 from gridattn_fx.grid import cluster, cluster_axis, recover_axis  # noqa: E402
 from gridattn_fx.ir.module_paths import module_path  # noqa: E402
 from gridattn_fx.layout.analysis import LayoutAnalysis  # noqa: E402
-from gridattn_fx.passes.pipeline import ensure_values  # noqa: E402
+from gridattn_fx.ir.graphs import ensure_values  # noqa: E402
 from gridattn_fx.passes.policy import decide  # noqa: E402
 from gridattn_fx.passes.motion import plan_motion  # noqa: E402
 from gridattn_fx.patterns import find_attention_sites  # noqa: E402

@@ -8,7 +8,9 @@ import warnings
 import torch.fx as fx
 
 from ..config.options import GridAttnConfig
+from ..ir.module_paths import module_path
 from ..passes.pipeline import is_dynamo_restart, run_pass
+from ..patterns import find_attention_sites
 from ..reasons import SkipKind
 from ..report import SKIPPED, Report, SiteReport, record
 from .torch_logs import publish
@@ -79,9 +81,6 @@ def _report_undecided_sites(gm: fx.GraphModule, report: Report) -> None:
     """A pass that failed part-way has rows only for the sites it decided before failing; every
     attention site still gets one (docs/design.md section 2), saying the failure left it dense."""
     try:
-        from ..ir.module_paths import module_path
-        from ..patterns import find_attention_sites
-
         sites = find_attention_sites(gm)
     except Exception:  # finding them is what failed: the report's failure line says so
         logger.debug("could not list the sites of a graph whose pass failed", exc_info=True)

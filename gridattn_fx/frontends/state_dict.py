@@ -17,6 +17,8 @@ import logging
 import torch
 import torch.fx as fx
 
+from ..ir.graphs import copy_graph_module
+
 logger = logging.getLogger("gridattn_fx")
 
 # Dynamo's record of which model path each flat attribute name came from.
@@ -64,8 +66,6 @@ def _renamed(gm: fx.GraphModule, model: torch.nn.Module) -> fx.GraphModule | Non
         logger.info("gridattn: state_dict keys left as Dynamo's flat names (%s would clash with "
                     "GraphModule attributes)", ", ".join(clashes))
         return None
-
-    from ..passes.pipeline import copy_graph_module
 
     gm = copy_graph_module(gm)
     for target in retarget:

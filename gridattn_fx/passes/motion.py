@@ -33,6 +33,8 @@ import torch
 import torch.fx as fx
 
 from ..grid import GridPlan, TokenLayout, cluster_image_axis, recover_image_axis
+from ..ir.graphs import call_on_values, propagate_values
+from ..ir.insertion import inline
 from ..ir.op_catalogue import (
     CAST,
     FEATURES,
@@ -54,7 +56,7 @@ from ..ir.values import value_of as _val
 from ..layout.reshape import _normalized_shape
 from ..patterns import AttentionSite
 from .policy import is_symbolic
-from .rewrite import call_on_values, inline, propagate_values, rewrite_site
+from .rewrite import rewrite_site
 
 
 @dataclass

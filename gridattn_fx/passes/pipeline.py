@@ -15,6 +15,7 @@ from ..config.sites import names_site
 from ..crossgraph.hints import strip_layout_hints
 from ..crossgraph.region import find_region
 from ..crossgraph.split_handoff import inherited_facts, leave_facts
+from ..ir.graphs import copy_graph_module, ensure_values, fake_evaluation
 from ..ir.module_paths import module_path
 from ..ir.values import value_of as _val
 from ..layout.analysis import LayoutAnalysis
@@ -24,34 +25,9 @@ from ..reasons import Skip, SkipKind
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .motion import apply_motion, check_motion, plan_motion
 from .policy import at_hints, decide
-from .rewrite import fake_evaluation, plan_sizes, rewrite_site
+from .rewrite import plan_sizes, rewrite_site
 
 logger = logging.getLogger("gridattn_fx")
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copied graph (sharing parameters), so the original stays intact."""
-    graph = fx.Graph()
-    graph._codegen = gm.graph._codegen
-    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    value, old_output = out
-    graph.output(value, type_expr=old_output.type)
-    graph.output_node().meta.update(old_output.meta)
-    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new.meta.update(getattr(gm, "meta", {}))
-    return new
-
-
-def ensure_values(gm: fx.GraphModule, example_inputs) -> None:
-    """Give every node a (fake) value: Dynamo graphs have them, symbolic_trace graphs do not."""
-    if all(n.op == "output" or _val(n) is not None for n in gm.graph.nodes):
-        return
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(*example_inputs)
 
 
 def _check_replacement(site: AttentionSite, plan, implementation: str) -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..config.options import GridAttnConfig
+from ..frontends.api import capture
 from ..grid import Stride, format_stride, normalize_stride
 from ..passes.pipeline import run_pass
 
@@ -134,8 +135,6 @@ def calibrate(model, sample_inputs, budget: float = 0.01, strides=(1, 2, 4), met
     eligible sites as in the backend. Returns a :class:`Calibration`; pass ``.options`` to
     ``torch.compile(..., backend="gridattn", options=...)``.
     """
-    from ..frontends.api import capture
-
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget < 0:
         raise ValueError(f"calibrate: budget must be a non-negative number, got {budget!r}")
     try:

@@ -20,6 +20,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..report import last_report
+from .demo_model import build_demo_model
+
 __all__ = ["DemoResult", "run_demo", "QUICK_IMAGE_SIZE"]
 
 #: image size used by ``--quick``: 32x32 = 1024 image tokens, exactly the default
@@ -108,8 +111,6 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run the demo and return what it measured; progress and tables go to ``echo``."""
-    from gridattn_fx.tools.demo_model import build_demo_model
-
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     if warmup < 0:
@@ -174,9 +175,7 @@ def _compile(compiled: dict, x, options: dict, result: DemoResult, echo) -> dict
 
 
 def _echo_report(result: DemoResult, stride: int, echo) -> None:
-    import gridattn_fx
-
-    report = gridattn_fx.last_report()
+    report = last_report()
     result.report = report
     echo("")
     echo(f"Rewrite report (gridattn_fx.last_report(), stride {stride}):")

@@ -11,7 +11,9 @@ from collections import Counter
 
 import torch
 
+from ..config.options import GridAttnConfig
 from ..config.presets import PRESETS, preset_for_model
+from ..frontends.api import capture, rewrite
 from ..ir.op_catalogue import CAT, INDEX, PAD, RESHAPE, rule
 from ..reasons import SkipKind
 from .flops import count_flops
@@ -157,8 +159,6 @@ def _one_line(err: BaseException) -> str:
 
 def _report_options(args) -> dict:
     """The pass's options from the command line, validated (a bad value is a ReportError)."""
-    from ..config.options import GridAttnConfig
-
     options = {"preset": args.preset or preset_for_model(args.model)}
     if args.stride is not None:
         options["stride"] = args.stride
@@ -177,8 +177,6 @@ def _report_options(args) -> dict:
 
 
 def run_report(args, echo=print) -> int:
-    from .. import rewrite
-
     if args.list:
         return _list_models(echo)
     if not args.model:
@@ -203,8 +201,6 @@ def run_report(args, echo=print) -> int:
          + (f"  ({100 * (1 - after / before):.1f}% less)" if before else ""))
     # Both counts on captured graphs (the original one and the rewritten one): the same ops the
     # compiled model runs, and no per-module hooks on library models.
-    from .. import capture
-
     total_before, total_after = count_flops(capture(model, inputs), inputs), count_flops(gm, inputs)
     echo(f"whole-model FLOPs: {total_before / 1e9:10.2f} G -> {total_after / 1e9:10.2f} G"
          + (f"  ({100 * (1 - total_after / total_before):.1f}% less)" if total_before else "")

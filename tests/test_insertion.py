@@ -1,4 +1,4 @@
-"""Replacement insertion (passes/rewrite.py ``inline``): the grid form is traced straight into
+"""Replacement insertion (ir/insertion.py ``inline``): the grid form is traced straight into
 the graph through fx.Proxy objects of the site's inputs, and every inserted node carries the
 metadata inductor's pattern matcher gives its replacements (stack_trace, nn_module_stack,
 source_fn_stack), so that inductor's debug output and provenance still name the model's source line.
@@ -13,7 +13,7 @@ from oracle import assert_close64, oracle_mode
 
 gridattn_fx = pytest.importorskip("gridattn_fx")
 from gridattn_fx.frontends.api import capture  # noqa: E402
-from gridattn_fx.passes.rewrite import inline  # noqa: E402
+from gridattn_fx.ir.insertion import inline  # noqa: E402
 
 
 def _sdpa_nodes(gm):
