@@ -79,8 +79,10 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConf
     why = "move_regrouping=False" if not config.move_regrouping else (
         "implementation='masked'" if config.implementation != "grouped" else "")
     if not why and site.value_dim % plan.ndim != plan.ndim - 2:
-        # passes/motion.py tracks v on axis -2: a channels-first v (``v @ P^T``) stays put
-        why = "the value and output are channels-first (v @ P^T)"
+        # passes/motion.py tracks v on axis -2: a channels-first v (``v @ P^T``) or a (batch, tokens,
+        # heads, features) op's stays put
+        why = ("the value and output are channels-first (v @ P^T)" if site.value_dim % plan.ndim == plan.ndim - 1
+               else "the op's tensors are (batch, tokens, heads, features)")
     if not why:
         try:
             motion, why = plan_motion(gm, site, plan)

@@ -4,12 +4,13 @@ Every finder takes an ``fx.GraphModule`` and returns :class:`AttentionSite` obje
 form means adding a finder to :data:`FINDERS`, nothing downstream changes.
 """
 
+from .attention_ops import find_op_sites
 from .manual import find_manual_sites
 from .mha import find_mha_sites
 from .sdpa import find_sdpa_sites
 from .site import AttentionSite
 
-FINDERS = (find_sdpa_sites, find_manual_sites, find_mha_sites)
+FINDERS = (find_sdpa_sites, find_manual_sites, find_mha_sites, find_op_sites)
 
 
 def find_attention_sites(gm):

@@ -1,0 +1,205 @@
+"""Attention kernels called as custom ops (flash-attn, diffusers' FA3 wrapper): one table entry each.
+
+PyTorch has no registry that says "this op is attention", so the table does. An entry names the
+op (``namespace::name``, matched on ``OpOverload`` and ``OpOverloadPacket`` targets), the layout of
+its q / k / v (``BLHD``: batch, tokens, heads, features; ``BHLD``: SDPA's), which element of its
+tuple output is the attention output, and the names its schema gives to the arguments that change
+what it computes (scale, causal, dropout, window, softcap, ALiBi, fp8 descales, ...). Arguments
+are read by their schema names, so an entry needs no positions. An op whose sites can never be
+rewritten (already sparse, quantised, packed sequences) says why in ``dense``.
+
+A site is rewritten like an SDPA one: the replacement transposes BLHD tensors to SDPA's layout,
+runs the plan's grouped (or masked) attention, and gives the output back contiguous in the op's
+layout. Its other outputs (the softmax log-sum-exp, ...) are not produced by the grouped form: a
+site whose other outputs are read stays dense with that reason. Ops inside a higher-order op's
+subgraph (``autograd_function_apply``: flash-attn's forward under autograd) are reported, dense,
+against the higher-order op.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..ir.values import shape_of
+from .site import AttentionSite
+
+
+@dataclass(frozen=True)
+class AttentionOp:
+    name: str                      # "namespace::op"
+    form: str                      # how the report names its sites
+    layout: str = "BLHD"           # of q, k, v and the output: "BLHD" or "BHLD"
+    q: str = "q"                   # schema names of the three tensors
+    k: str = "k"
+    v: str = "v"
+    output: int | None = 0         # index of the attention output in a tuple result (None: a tensor)
+    scale: str | None = None       # schema name of the softmax scale (None / absent: 1/sqrt(d))
+    causal: str | None = None
+    dropout: str | None = None
+    window: tuple = ()             # (left, right) schema names; (-1, -1) is global attention
+    softcap: str | None = None
+    alibi: str | None = None
+    # Arguments that must keep their default for the op to be plain softmax attention, with why.
+    plain: dict = field(default_factory=dict)
+    dense: str | None = None       # every site of this op stays dense, with this reason
+
+
+_FP8 = "fp8 descaling (quantised attention): left dense"
+
+OPS = (
+    AttentionOp("flash_attn::_flash_attn_forward", "flash-attn", scale="softmax_scale", causal="causal",
+                dropout="dropout_p", window=("window_size_left", "window_size_right"), softcap="softcap",
+                alibi="alibi_slopes"),
+    AttentionOp("flash_attn::_flash_attn_varlen_forward", "flash-attn-varlen",
+                dense="variable-length packing (cu_seqlens): several sequences share one token axis, and "
+                      "which tokens form one image is not proven; left dense"),
+    AttentionOp("_diffusers_flash_attn_3::_flash_attn_forward", "flash-attn-3 (diffusers)", scale="softmax_scale",
+                causal="causal", softcap="softcap",
+                plain={"qv": "an extra qv operand", "q_descale": _FP8, "k_descale": _FP8, "v_descale": _FP8,
+                       "attention_chunk": "chunked (local) attention"}),
+)
+_BY_NAME = {op.name: op for op in OPS}
+
+
+def op_entry(target) -> AttentionOp | None:
+    """The table entry of a call target (an OpOverload or its OpOverloadPacket), if any."""
+    if isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        name = target._qualified_op_name
+    else:
+        return None
+    return _BY_NAME.get(name)
+
+
+def _schema(target):
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = target.default
+    return target._schema
+
+
+def op_arguments(node: fx.Node) -> dict:
+    """Every argument of an op call by its schema name (defaults filled in)."""
+    values = {}
+    for i, arg in enumerate(_schema(node.target).arguments):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+    return values
+
+
+def _why_not_plain(op: AttentionOp, a: dict) -> str | None:
+    """Why this call is not plain softmax attention the grid may restrict, or None."""
+    if op.window and tuple(a.get(n, -1) for n in op.window) != (-1, -1):
+        return (f"windowed attention (window_size=({a[op.window[0]]}, {a[op.window[1]]})): already local, "
+                "left dense")
+    if op.softcap and a.get(op.softcap) not in (0, 0.0, None):
+        return f"softcapped scores (softcap={a[op.softcap]}): not plain softmax attention, left dense"
+    if op.alibi and a.get(op.alibi) is not None:
+        return "ALiBi slopes: a position-dependent bias the grouped form does not carry; left dense"
+    if op.dropout and a.get(op.dropout) not in (0, 0.0, None):
+        return f"dropout inside the op (dropout_p={a[op.dropout]}): left dense"
+    for name, why in op.plain.items():
+        if a.get(name) not in (None, 0, False):
+            return f"{why} (`{name}`)"
+    for role in ("q", "k", "v"):
+        if not isinstance(a.get(getattr(op, role)), fx.Node):
+            return f"its {role} is not a tensor of the graph"
+    if op.scale and not isinstance(a.get(op.scale), (int, float, type(None))):
+        return f"its softmax scale is not a constant ({a.get(op.scale)!r})"
+    return None
+
+
+def _transposed(op: AttentionOp, shape):
+    """A shape in SDPA's convention (..., heads, tokens, features)."""
+    if shape is None or op.layout == "BHLD":
+        return shape
+    return (*shape[:-3], shape[-2], shape[-3], shape[-1])
+
+
+def _outputs(node: fx.Node, op: AttentionOp):
+    """(the node holding the attention output, the other outputs' nodes that are read, every getitem)."""
+    if op.output is None:
+        return node, [], []
+    getitems = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem]
+    if len(getitems) != len(node.users):
+        return None, [u for u in node.users if u not in getitems], getitems
+    outs = [g for g in getitems if g.args[1] == op.output]
+    read = [g for g in getitems if g.args[1] != op.output and g.users]
+    return (outs[0] if len(outs) == 1 else None), read, getitems
+
+
+def _replacement(op: AttentionOp):
+    def build(plan, implementation):
+        attend = getattr(plan, implementation)
+        if op.layout == "BHLD":
+            return attend
+
+        def replacement(q, k, v):
+            out = attend(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2))
+            return out.transpose(-3, -2).contiguous()  # the op's output is a contiguous BLHD tensor
+        return replacement
+    return build
+
+
+def _site(node: fx.Node, op: AttentionOp) -> AttentionSite | None:
+    a = op_arguments(node)
+    q, k, v = (a.get(getattr(op, role)) for role in ("q", "k", "v"))
+    output, read, getitems = _outputs(node, op)
+    why = op.dense or _why_not_plain(op, a)
+    if why is None and read:
+        why = (f"its other outputs are read ({', '.join(f'`{r.name}`' for r in read)}, e.g. the softmax "
+               "log-sum-exp): the grouped form does not produce them; left dense")
+    if why is None and output is None:
+        why = "its attention output is not read through one index"
+    seq = -3 if op.layout == "BLHD" else -2
+    shapes = [_transposed(op, shape_of(x)) if isinstance(x, fx.Node) else None for x in (q, k, v)]
+    if why is not None:
+        anchor = output if output is not None else node
+        return AttentionSite(form=op.form, output=anchor, query=anchor, key=anchor, inputs=[], build=None,
+                             q_shape=shapes[0], k_shape=shapes[1], v_shape=shapes[2], nodes=[],
+                             unsupported=why)
+    scale = a.get(op.scale) if op.scale else None
+    heads_q, heads_k = shapes[0][-3], shapes[1][-3]
+    return AttentionSite(
+        form=op.form, output=output, query=q, key=k, inputs=[q, k, v], build=_replacement(op),
+        q_shape=shapes[0], k_shape=shapes[1], v_shape=shapes[2], query_dim=seq, key_dim=seq, value_dim=seq,
+        scale=None if scale is None else float(scale), is_causal=bool(op.causal and a.get(op.causal)),
+        enable_gqa=heads_q != heads_k, nodes=[output, *getitems, node])
+
+
+def _in_subgraphs(gm: fx.GraphModule):
+    """(higher-order op node, table entry) for every table op inside a subgraph a higher-order op calls."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        for arg in node.args:
+            sub = getattr(gm, arg.target, None) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+            if isinstance(sub, fx.GraphModule):
+                for inner in sub.graph.nodes:
+                    op = op_entry(inner.target) if inner.op == "call_function" else None
+                    if op is not None:
+                        yield node, op
+
+
+def find_op_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    sites = []
+    for node in gm.graph.nodes:
+        op = op_entry(node.target) if node.op == "call_function" else None
+        if op is not None:
+            site = _site(node, op)
+            if site is not None:
+                sites.append(site)
+    for hop, op in _in_subgraphs(gm):
+        why = (f"{op.name} inside the subgraph of `{hop.name}` ({hop.target.name()}, e.g. its forward under "
+               "autograd): not rewritten there; left dense")
+        sites.append(AttentionSite(form=op.form, output=hop, query=hop, key=hop, inputs=[], build=None,
+                                   q_shape=None, k_shape=None, v_shape=None, nodes=[], unsupported=why))
+    return sites

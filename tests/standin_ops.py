@@ -1,0 +1,112 @@
+"""CPU stand-ins for the attention kernels of the op table (gridattn_fx/patterns/attention_ops.py).
+
+Each stand-in is registered under the real op's name with exactly its schema (flash-attn 2.7's
+``flash_attn_interface.py``; diffusers' ``attention_dispatch.py`` for its FA3 wrapper), computes
+plain softmax attention with SDPA on the CPU, and has a fake implementation, so a model calling
+``torch.ops.flash_attn._flash_attn_forward`` compiles here exactly as it would on a GPU. Where the
+real package is importable, its op is used instead (nothing is registered over it).
+
+Window, softcap and ALiBi arguments are accepted and ignored: the tests only check that sites
+using them stay untouched (the compiled model calls the same stand-in as the eager one).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def _maybe_contiguous(x):
+    """flash-attn's own rule: only a tensor whose last axis is strided is copied."""
+    return x.contiguous() if x is not None and x.stride(-1) != 1 else x
+
+
+def _like_q(q, out):
+    """``out`` with the strides flash-attn gives its output: those of (contiguous-last-axis) q."""
+    return torch.empty_like(_maybe_contiguous(q)).copy_(out)
+
+
+def _attention(q, k, v, dropout_p, scale, causal):
+    """BLHD attention and its log-sum-exp (B, H, L) in float32, as flash-attn returns them."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    gqa = qt.shape[1] != kt.shape[1]
+    out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p, is_causal=causal, scale=scale,
+                                         enable_gqa=gqa)
+    if gqa:
+        kt = kt.repeat_interleave(qt.shape[1] // kt.shape[1], dim=1)
+    scores = (qt @ kt.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    return out.transpose(1, 2).contiguous(), torch.logsumexp(scores.float(), dim=-1)
+
+
+def _register_flash_attn_2():
+    @torch.library.custom_op("flash_attn::_flash_attn_forward", mutates_args=())
+    def _flash_attn_forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, softmax_scale: float,
+        causal: bool, window_size_left: int, window_size_right: int, softcap: float,
+        alibi_slopes: Optional[torch.Tensor], return_softmax: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, lse = _attention(q, k, v, dropout_p, softmax_scale, causal)
+        return _like_q(q, out), lse, torch.empty(0, dtype=q.dtype), torch.zeros(2, dtype=torch.int64)
+
+    @_flash_attn_forward.register_fake
+    def _(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
+          alibi_slopes, return_softmax):
+        b, lq, h, _d = q.shape
+        return (torch.empty_like(_maybe_contiguous(q)), q.new_empty((b, h, lq), dtype=torch.float32), q.new_empty((0,)),
+                q.new_empty((2,), dtype=torch.int64))
+
+    @torch.library.custom_op("flash_attn::_flash_attn_varlen_forward", mutates_args=())
+    def _flash_attn_varlen_forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
+        softmax_scale: float, causal: bool, window_size_left: int = -1, window_size_right: int = -1,
+        softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, return_softmax: bool = False,
+        block_table: Optional[torch.Tensor] = None, leftpad_k: Optional[torch.Tensor] = None,
+        seqused_k: Optional[torch.Tensor] = None, zero_tensors: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (total, H, D) packed sequences; the stand-in attends within each [cu[i], cu[i+1]) slice
+        outs, lses = [], []
+        bounds = cu_seqlens_q.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            o, lse = _attention(q[None, start:end], k[None, start:end], v[None, start:end], dropout_p,
+                                softmax_scale, causal)
+            outs.append(o[0])
+            lses.append(lse[0])
+        return (torch.cat(outs), torch.cat(lses, dim=-1), torch.empty(0, dtype=q.dtype),
+                torch.zeros(2, dtype=torch.int64))
+
+    @_flash_attn_varlen_forward.register_fake
+    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+          window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
+          block_table=None, leftpad_k=None, seqused_k=None, zero_tensors=False):
+        total, h, _d = q.shape
+        return (torch.empty_like(q), q.new_empty((h, total), dtype=torch.float32), q.new_empty((0,)),
+                q.new_empty((2,), dtype=torch.int64))
+
+
+def _register_diffusers_fa3_cpu():
+    """diffusers defines ``_diffusers_flash_attn_3::_flash_attn_forward`` (CUDA only) when its attention
+    dispatcher is imported; the stand-in adds a CPU kernel to that very op."""
+    import diffusers.models.attention_dispatch  # noqa: F401  (defines the op)
+
+    def cpu(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None,
+            attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0):
+        out, lse = _attention(q, k, v, 0.0, softmax_scale, causal)
+        return out, lse.permute(0, 2, 1).contiguous()
+
+    torch.library.register_kernel("_diffusers_flash_attn_3::_flash_attn_forward", "cpu", cpu)
+
+
+def register() -> None:
+    """Idempotent: stand-ins only where no op of that name exists (the real package wins)."""
+    if importlib.util.find_spec("flash_attn") is not None:
+        import flash_attn.flash_attn_interface  # noqa: F401  (registers the real ops)
+    elif not hasattr(torch.ops.flash_attn, "_flash_attn_forward"):
+        _register_flash_attn_2()
+    if not getattr(register, "_fa3_done", False) and importlib.util.find_spec("diffusers") is not None:
+        _register_diffusers_fa3_cpu()
+        register._fa3_done = True

@@ -1,0 +1,189 @@
+"""The attention-op table (gridattn_fx/patterns/attention_ops.py): models whose blocks call attention
+kernels as custom ops (flash-attn 2.x, diffusers' FA3 wrapper), compiled with the gridattn backend.
+
+The ops are the CPU stand-ins of tests/standin_ops.py (the real schemas; the real op where the
+package is importable). Rewritten sites equal the masked oracle in float64; sites the table leaves
+dense equal the untouched model and say why.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import importlib.util
+
+import standin_ops
+from models import build, image
+from oracle import assert_close64, assert_differs, oracle_sdpa
+
+gridattn_fx = pytest.importorskip("gridattn_fx")
+from gridattn_fx.reasons import SkipKind  # noqa: E402
+
+standin_ops.register()
+OPTS = {"stride": 2, "min_image_tokens": 0}
+
+
+class OpAttention(nn.Module):
+    """q, k, v as (B, L, H, D) straight from the projection (no transpose), as flash-attn users write."""
+
+    def __init__(self, dim=16, heads=2, kv_heads=2, call="fa2", **op_args):
+        super().__init__()
+        self.heads, self.kv_heads, self.call, self.op_args = heads, kv_heads, call, op_args
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+        self.oracle = None   # (layout, stride): compute the masked reference instead (eager only)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.heads, self.head_dim)
+        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).unbind(2)
+        scale = 1 / math.sqrt(self.head_dim)
+        if self.oracle is not None:
+            layout, stride = self.oracle
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            kt, vt = (t.repeat_interleave(self.heads // self.kv_heads, 1) for t in (kt, vt))
+            out = oracle_sdpa(qt, kt, vt, scale=scale, q_layout=layout, k_layout=layout, stride=stride)
+            out = out.transpose(1, 2)
+        elif self.call == "fa2":
+            a = {"dropout_p": 0.0, "causal": False, "window_size_left": -1, "window_size_right": -1,
+                 "softcap": 0.0, "alibi_slopes": None, **self.op_args}
+            out = torch.ops.flash_attn._flash_attn_forward(
+                q, k, v, a["dropout_p"], scale, a["causal"], a["window_size_left"], a["window_size_right"],
+                a["softcap"], a["alibi_slopes"], False)[0]
+        elif self.call == "fa2-lse":   # reads the log-sum-exp too
+            out, lse, _, _ = torch.ops.flash_attn._flash_attn_forward(q, k, v, 0.0, scale, False, -1, -1, 0.0,
+                                                                      None, False)
+            out = out + lse.transpose(1, 2)[..., None].to(out.dtype) * 0
+        elif self.call == "varlen":
+            cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32)
+            out = torch.ops.flash_attn._flash_attn_varlen_forward(
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, n, n, 0.0, scale, False)[0]
+            out = out.view(b, n, self.heads, self.head_dim)
+        else:  # diffusers' FA3 wrapper
+            out = torch.ops._diffusers_flash_attn_3._flash_attn_forward(q, k, v, scale, **self.op_args)[0]
+        return self.proj(out.reshape(b, n, c))
+
+
+class OpViT(nn.Module):
+    def __init__(self, n_cls=0, **attn):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 2, 2)
+        self.cls = nn.Parameter(torch.randn(1, n_cls, 16)) if n_cls else None
+        self.attn = OpAttention(**attn)
+
+    def forward(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.attn(x)
+
+
+def _need(call: str) -> None:
+    """diffusers defines the FA3 wrapper op: without it (GRIDATTN_SKIP_ZOO=1) those cases skip."""
+    if call == "fa3-diffusers" and importlib.util.find_spec("diffusers") is None:
+        from zoo_required import missing_library
+        missing_library("diffusers")
+
+
+def _compiled(model, **options):
+    return torch.compile(model, backend="gridattn", options={**OPTS, **options})
+
+
+def _site():
+    (site,) = gridattn_fx.last_report().sites
+    return site
+
+
+@pytest.mark.parametrize("call,n_cls,kv_heads,px", [
+    ("fa2", 0, 2, (16, 16)), ("fa2", 1, 2, (12, 16)), ("fa2", 0, 1, (16, 20)), ("fa3-diffusers", 0, 2, (16, 16)),
+])
+def test_op_sites_are_rewritten_to_the_oracle(call, n_cls, kv_heads, px):
+    """Image tokens, a cls prefix, and MQA (one key/value head: flash-attn's own GQA)."""
+    _need(call)
+    model = build(OpViT, n_cls=n_cls, call=call, kv_heads=kv_heads)
+    x = image(2, *px)
+    with torch.no_grad():
+        out = _compiled(model)(x)
+    site = _site()
+    assert site.decision == "rewritten" and site.stride == (2, 2), str(gridattn_fx.last_report())
+    layout = (n_cls, px[0] // 2, px[1] // 2, 0)
+    model.attn.oracle = (layout, 2)
+    with torch.no_grad():
+        expected = model(x)
+        model.attn.oracle = None
+        assert_differs(expected, model(x))
+    assert_close64(out, expected)
+
+
+def test_masked_implementation_is_the_oracle_too():
+    model, x = build(OpViT), image(1, 16, 16)
+    with torch.no_grad():
+        out = _compiled(model, implementation="masked")(x)
+        model.attn.oracle = ((0, 8, 8, 0), 2)
+        assert_close64(out, model(x))
+
+
+@pytest.mark.parametrize("call,op_args,kind,words", [
+    ("fa2", {"causal": True}, SkipKind.CAUSAL, "causal"),
+    ("fa2", {"window_size_left": 4, "window_size_right": 4}, SkipKind.UNREADABLE, "windowed attention"),
+    ("fa2", {"softcap": 30.0}, SkipKind.UNREADABLE, "softcap"),
+    ("fa2", {"dropout_p": 0.1}, SkipKind.UNREADABLE, "dropout"),
+    ("fa2-lse", {}, SkipKind.UNREADABLE, "other outputs are read"),
+    ("varlen", {}, SkipKind.UNREADABLE, "variable-length"),
+    ("fa3-diffusers", {"attention_chunk": 4}, SkipKind.UNREADABLE, "chunked"),
+])
+def test_sites_the_table_leaves_dense_are_untouched_and_say_why(call, op_args, kind, words):
+    _need(call)
+    model, x = build(OpViT, call=call, **op_args), image(1, 16, 16)
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model(x)
+        torch.manual_seed(0)
+        out = _compiled(model)(x)
+    site = _site()
+    assert site.decision == "skipped" and site.skip is kind and words in site.reason, site.reason
+    if op_args.get("dropout_p"):
+        return  # the stand-in draws its own dropout: outputs are not comparable
+    assert_close64(out, expected)  # the untouched model (inductor may reorder float64 sums)
+
+
+def test_alibi_slopes_leave_the_site_dense():
+    model, x = build(OpViT), image(1, 16, 16)
+    model.attn.op_args = {"alibi_slopes": torch.ones(2, dtype=torch.float32)}
+    with torch.no_grad():
+        expected = model(x)
+        out = _compiled(model)(x)
+    site = _site()
+    assert site.skip is SkipKind.UNREADABLE and "ALiBi" in site.reason
+    assert_close64(out, expected)  # the untouched model (inductor may reorder float64 sums)
+
+
+def test_a_table_op_inside_a_higher_order_subgraph_is_reported_dense():
+    """An op Dynamo puts inside a higher-order op's subgraph (activation checkpointing here; flash-attn's
+    own autograd.Function gives ``autograd_function_apply``) is reported against the higher-order op,
+    dense, never silently."""
+    from torch.utils.checkpoint import checkpoint
+
+    def attend(q, k, v):
+        return torch.ops.flash_attn._flash_attn_forward(q, k, v, 0.0, 0.5, False, -1, -1, 0.0, None, False)[0]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 8, 2, 2)
+
+        def forward(self, img):
+            x = self.patch(img).flatten(2).transpose(1, 2).unflatten(-1, (2, 4)).contiguous()
+            return checkpoint(attend, x, x, x, use_reentrant=False)
+
+    model, x = Block().double(), image(1, 16, 16).requires_grad_()
+    gm, report = gridattn_fx.rewrite(model, (x,), **OPTS)   # captured with gradients on: the HOP is there
+    assert len(report.sites) == 1 and report.sites[0].decision == "skipped", str(report)
+    assert "flash_attn::_flash_attn_forward inside the subgraph" in report.sites[0].reason
+    with torch.no_grad():
+        assert_close64(gm(x), model(x))
