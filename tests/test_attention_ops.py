@@ -187,3 +187,52 @@ def test_a_table_op_inside_a_higher_order_subgraph_is_reported_dense():
     assert "flash_attn::_flash_attn_forward inside the subgraph" in report.sites[0].reason
     with torch.no_grad():
         assert_close64(gm(x), model(x))
+
+
+class FlexViT(nn.Module):
+    """FlexAttention over (B, H, L, D) image tokens; ``mode`` adds a score_mod or a block mask."""
+
+    def __init__(self, dim=16, heads=2, mode=None):
+        super().__init__()
+        self.heads, self.mode = heads, mode
+        self.patch = nn.Conv2d(3, dim, 2, 2)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.oracle = None
+
+    def forward(self, img):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.oracle is not None:
+            return oracle_sdpa(q, k, v, q_layout=self.oracle, k_layout=self.oracle, stride=2)
+        if self.mode == "score_mod":
+            return flex_attention(q, k, v, score_mod=lambda s, b_, h, i, j: s + (i - j) * 0.01)
+        if self.mode == "block_mask":
+            causal = create_block_mask(lambda b_, h, i, j: i >= j, None, None, n, n, device="cpu")
+            return flex_attention(q, k, v, block_mask=causal)
+        return flex_attention(q, k, v)
+
+
+def test_flex_attention_without_score_mod_or_block_mask_is_rewritten_to_the_oracle():
+    """float32: FlexAttention refuses float64 on the CPU."""
+    model, x = FlexViT(), image(2, 16, 16, dtype=torch.float32)
+    with torch.no_grad():
+        out = _compiled(model)(x)
+        site = _site()
+        assert site.decision == "rewritten" and site.form == "flex", str(gridattn_fx.last_report())
+        model.oracle = (0, 8, 8, 0)
+        expected = model(x)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mode,words", [("score_mod", "score_mod"), ("block_mask", "block mask")])
+def test_flex_attention_with_a_score_mod_or_block_mask_stays_dense(mode, words):
+    model, x = FlexViT(mode=mode), image(1, 16, 16, dtype=torch.float32)
+    with torch.no_grad():
+        expected = torch.compile(model, backend="inductor")(x)
+        out = _compiled(model)(x)
+    site = _site()
+    assert site.decision == "skipped" and words in site.reason, site.reason
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)

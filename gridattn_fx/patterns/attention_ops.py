@@ -1,4 +1,4 @@
-"""Attention kernels called as custom ops (flash-attn, diffusers' FA3 wrapper): one table entry each.
+"""Attention kernels called as ops (flash-attn, diffusers' FA3 wrapper, FlexAttention): one table entry each.
 
 PyTorch has no registry that says "this op is attention", so the table does. An entry names the
 op (``namespace::name``, matched on ``OpOverload`` and ``OpOverloadPacket`` targets), the layout of
@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
 
+from ..ir.ops import op_name
 from ..ir.values import shape_of
 from .site import AttentionSite
 
@@ -46,9 +48,50 @@ class AttentionOp:
     # Arguments that must keep their default for the op to be plain softmax attention, with why.
     plain: dict = field(default_factory=dict)
     dense: str | None = None       # every site of this op stays dense, with this reason
+    # A higher-order op has no schema: the names of its positional arguments, in order.
+    positions: tuple = ()
+    # Further conditions for plain attention: (call node, its arguments, graph module) -> why not, or None.
+    check: Callable | None = None
 
 
 _FP8 = "fp8 descaling (quantised attention): left dense"
+# The block size torch gives the block mask of flex_attention(..., block_mask=None): one block over
+# everything (torch.nn.attention.flex_attention._LARGE_SPARSE_BLOCK_SIZE).
+_NO_BLOCK_MASK = 1 << 30
+
+
+def _subgraph(gm: fx.GraphModule, node) -> fx.GraphModule | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        sub = getattr(gm, node.target, None)
+        return sub if isinstance(sub, fx.GraphModule) else None
+    return None
+
+
+def _returned(sub: fx.GraphModule) -> fx.Node | None:
+    out = sub.graph.output_node().args[0]
+    return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+
+def _always_true(node) -> bool:
+    """A mask_mod result that is True everywhere: ``new_ones`` / ``ones`` of dtype bool."""
+    return (isinstance(node, fx.Node) and op_name(node) in ("new_ones", "ones")
+            and node.kwargs.get("dtype") is torch.bool)
+
+
+def _flex_plain(node: fx.Node, a: dict, gm: fx.GraphModule) -> str | None:
+    """flex_attention is plain attention only without a score_mod (its subgraph returns the score
+    as it is) and without a block mask (torch's empty block mask: one block over everything, and a
+    mask_mod that is True everywhere)."""
+    score_mod = _subgraph(gm, a.get("score_mod"))
+    placeholders = [n for n in score_mod.graph.nodes if n.op == "placeholder"] if score_mod else []
+    if score_mod is None or not placeholders or _returned(score_mod) is not placeholders[0]:
+        return "a score_mod changes the scores: left dense"
+    block_mask = a.get("block_mask")
+    mask_mod = _subgraph(gm, block_mask[-1]) if isinstance(block_mask, tuple) and block_mask else None
+    if (mask_mod is None or tuple(block_mask[-3:-1]) != (_NO_BLOCK_MASK, _NO_BLOCK_MASK)
+            or not _always_true(_returned(mask_mod))):
+        return "a block mask restricts which keys each query sees: left dense"
+    return None
 
 OPS = (
     AttentionOp("flash_attn::_flash_attn_forward", "flash-attn", scale="softmax_scale", causal="causal",
@@ -61,6 +104,10 @@ OPS = (
                 causal="causal", softcap="softcap",
                 plain={"qv": "an extra qv operand", "q_descale": _FP8, "k_descale": _FP8, "v_descale": _FP8,
                        "attention_chunk": "chunked (local) attention"}),
+    AttentionOp("higher_order::flex_attention", "flex", layout="BHLD", q="query", k="key", v="value",
+                scale="scale", check=_flex_plain,
+                positions=("query", "key", "value", "score_mod", "block_mask", "scale", "kernel_options",
+                           "score_mod_other_buffers", "mask_mod_other_buffers")),
 )
 _BY_NAME = {op.name: op for op in OPS}
 
@@ -71,6 +118,8 @@ def op_entry(target) -> AttentionOp | None:
         name = target._schema.name
     elif isinstance(target, torch._ops.OpOverloadPacket):
         name = target._qualified_op_name
+    elif isinstance(target, torch._ops.HigherOrderOperator):
+        name = f"higher_order::{target.name()}"
     else:
         return None
     return _BY_NAME.get(name)
@@ -82,8 +131,10 @@ def _schema(target):
     return target._schema
 
 
-def op_arguments(node: fx.Node) -> dict:
+def op_arguments(node: fx.Node, op: AttentionOp) -> dict:
     """Every argument of an op call by its schema name (defaults filled in)."""
+    if op.positions:
+        return {**dict(zip(op.positions, node.args)), **node.kwargs}
     values = {}
     for i, arg in enumerate(_schema(node.target).arguments):
         if i < len(node.args):
@@ -95,7 +146,7 @@ def op_arguments(node: fx.Node) -> dict:
     return values
 
 
-def _why_not_plain(op: AttentionOp, a: dict) -> str | None:
+def _why_not_plain(op: AttentionOp, a: dict, node: fx.Node, gm: fx.GraphModule) -> str | None:
     """Why this call is not plain softmax attention the grid may restrict, or None."""
     if op.window and tuple(a.get(n, -1) for n in op.window) != (-1, -1):
         return (f"windowed attention (window_size=({a[op.window[0]]}, {a[op.window[1]]})): already local, "
@@ -114,7 +165,7 @@ def _why_not_plain(op: AttentionOp, a: dict) -> str | None:
             return f"its {role} is not a tensor of the graph"
     if op.scale and not isinstance(a.get(op.scale), (int, float, type(None))):
         return f"its softmax scale is not a constant ({a.get(op.scale)!r})"
-    return None
+    return op.check(node, a, gm) if op.check else None
 
 
 def _transposed(op: AttentionOp, shape):
@@ -149,11 +200,11 @@ def _replacement(op: AttentionOp):
     return build
 
 
-def _site(node: fx.Node, op: AttentionOp) -> AttentionSite | None:
-    a = op_arguments(node)
+def _site(node: fx.Node, op: AttentionOp, gm: fx.GraphModule) -> AttentionSite | None:
+    a = op_arguments(node, op)
     q, k, v = (a.get(getattr(op, role)) for role in ("q", "k", "v"))
     output, read, getitems = _outputs(node, op)
-    why = op.dense or _why_not_plain(op, a)
+    why = op.dense or _why_not_plain(op, a, node, gm)
     if why is None and read:
         why = (f"its other outputs are read ({', '.join(f'`{r.name}`' for r in read)}, e.g. the softmax "
                "log-sum-exp): the grouped form does not produce them; left dense")
@@ -194,7 +245,7 @@ def find_op_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     for node in gm.graph.nodes:
         op = op_entry(node.target) if node.op == "call_function" else None
         if op is not None:
-            site = _site(node, op)
+            site = _site(node, op, gm)
             if site is not None:
                 sites.append(site)
     for hop, op in _in_subgraphs(gm):
