@@ -32,7 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import standin_ops
 from oracle import as_additive, coord_group, mask_from_groups, stride_tuple
+
+standin_ops.register()  # the op forms call flash-attn's op (its CPU stand-in where it is not installed)
 
 DIM = 16
 
@@ -200,6 +203,13 @@ def random_spec(seed: int, compiled: bool = False) -> Spec:
         spec = replace(spec, grouping="window")
     if rng.random() < 0.3:
         spec = _video_spec(rng, spec)
+    # Drawn last (the same rule): some unmasked SDPA blocks call flash-attn's op instead (the CPU
+    # stand-in of tests/standin_ops.py; gridattn_fx/patterns/attention_ops.py), on (B, L, H, D).
+    if rng.random() < 0.35:
+        to_op = {"sdpa": "op_flash", "sdpa_scale": "op_flash_scale", "sdpa_gqa": "op_flash_gqa",
+                 "sdpa_mqa": "op_flash_mqa", "sdpa_causal": "op_flash_causal"}
+        spec = replace(spec, blocks=tuple(
+            replace(b, form=to_op[b.form]) if b.form in to_op and b.mask == "none" else b for b in spec.blocks))
     return spec
 
 
@@ -318,7 +328,7 @@ class SiteTruth:
 
     @property
     def causal(self) -> bool:
-        return self.spec.form == "sdpa_causal"
+        return self.spec.form in ("sdpa_causal", "op_flash_causal")
 
     @property
     def mirrored_window(self) -> bool:
@@ -695,8 +705,8 @@ class FuzzAttention(nn.Module):
         self.kv_ops = kv_ops
         self.form, self.cross, self.heads = blk.form, blk.cross, blk.heads
         self.d = DIM // blk.heads
-        self.kv_heads = (blk.heads // 2 if blk.form == "sdpa_gqa"
-                         else 1 if blk.form in ("sdpa_mqa", "m_mqa") else blk.heads)
+        self.kv_heads = (blk.heads // 2 if blk.form in ("sdpa_gqa", "op_flash_gqa")
+                         else 1 if blk.form in ("sdpa_mqa", "m_mqa", "op_flash_mqa") else blk.heads)
         self.norm = nn.LayerNorm(DIM)
         self.oracle = None
         if blk.form.startswith("mha"):
@@ -771,6 +781,28 @@ class FuzzAttention(nn.Module):
 
     def _sdpa_mqa(self, q, k, v):  # k, v: (B, 1, L, d), broadcast over the query heads
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self._sdpa_mask())
+
+    # --- attention kernels called as ops, on (B, L, H, D) tensors (no mask: the oracle path is SDPA);
+    # flash-attn pairs query and key/value heads by their counts (GQA / MQA)
+    def _op_flash(self, q, k, v, causal=False, scale=None):
+        scale = self.d ** -0.5 if scale is None else scale
+        if self.oracle is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.oracle.to(q.dtype), scale=scale,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
+        out = torch.ops.flash_attn._flash_attn_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0,
+                                                       scale, causal, -1, -1, 0.0, None, False)[0]
+        return out.transpose(1, 2)
+
+    def _op_flash_scale(self, q, k, v):
+        return self._op_flash(q, k, v, scale=0.3)
+
+    _op_flash_gqa = _op_flash
+    _op_flash_mqa = _op_flash
+
+    def _op_flash_causal(self, q, k, v):  # never a grid site: the oracle path is plain attention
+        if self.oracle is not None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self._op_flash(q, k, v, causal=True)
 
     # --- manual chains, one spelling each
     def _m_qscale(self, q, k, v):  # timm: scale q first
