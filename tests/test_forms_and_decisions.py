@@ -535,3 +535,25 @@ def test_every_attention_site_of_real_models_is_in_the_report(name):
         out = gm(x)
         assert_close64(out, masked(x))
         assert_differs(out, reference)
+
+
+def test_attention_inside_a_checkpointed_subgraph_is_reported_dense():
+    """Activation checkpointing puts the block's SDPA inside a higher-order op's subgraph: the pass
+    rewrites top-level sites only, so the site is reported against the higher-order op, dense."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 8, 2, 2)
+
+        def forward(self, img):
+            x = self.patch(img).flatten(2).transpose(1, 2).unflatten(-1, (2, 4)).transpose(1, 2)
+            return checkpoint(F.scaled_dot_product_attention, x, x, x, use_reentrant=False)
+
+    model, x = Checkpointed().double(), image(1, 16, 16).requires_grad_()
+    gm, report = gridattn_fx.rewrite(model, (x,), **OPTS)
+    (site,) = report.sites
+    assert site.decision == "skipped" and "sdpa attention" in site.reason and "inside the subgraph" in site.reason
+    with torch.no_grad():
+        assert_close64(gm(x), model(x))

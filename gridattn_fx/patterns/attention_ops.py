@@ -11,9 +11,8 @@ rewritten (already sparse, quantised, packed sequences) says why in ``dense``.
 A site is rewritten like an SDPA one: the replacement transposes BLHD tensors to SDPA's layout,
 runs the plan's grouped (or masked) attention, and gives the output back contiguous in the op's
 layout. Its other outputs (the softmax log-sum-exp, ...) are not produced by the grouped form: a
-site whose other outputs are read stays dense with that reason. Ops inside a higher-order op's
-subgraph (``autograd_function_apply``: flash-attn's forward under autograd) are reported, dense,
-against the higher-order op.
+site whose other outputs are read stays dense with that reason. (Sites inside a higher-order op's
+subgraph, such as flash-attn's forward under autograd, are reported by patterns/__init__.py.)
 """
 
 from __future__ import annotations
@@ -226,20 +225,6 @@ def _site(node: fx.Node, op: AttentionOp, gm: fx.GraphModule) -> AttentionSite |
         enable_gqa=heads_q != heads_k, nodes=[output, *getitems, node])
 
 
-def _in_subgraphs(gm: fx.GraphModule):
-    """(higher-order op node, table entry) for every table op inside a subgraph a higher-order op calls."""
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
-            continue
-        for arg in node.args:
-            sub = getattr(gm, arg.target, None) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-            if isinstance(sub, fx.GraphModule):
-                for inner in sub.graph.nodes:
-                    op = op_entry(inner.target) if inner.op == "call_function" else None
-                    if op is not None:
-                        yield node, op
-
-
 def find_op_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     sites = []
     for node in gm.graph.nodes:
@@ -248,9 +233,4 @@ def find_op_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             site = _site(node, op, gm)
             if site is not None:
                 sites.append(site)
-    for hop, op in _in_subgraphs(gm):
-        why = (f"{op.name} inside the subgraph of `{hop.name}` ({hop.target.name()}, e.g. its forward under "
-               "autograd): not rewritten there; left dense")
-        sites.append(AttentionSite(form=op.form, output=hop, query=hop, key=hop, inputs=[], build=None,
-                                   q_shape=None, k_shape=None, v_shape=None, nodes=[], unsupported=why))
     return sites
