@@ -1,7 +1,8 @@
 """CPU stand-ins for the attention kernels of the op table (gridattn_fx/patterns/attention_ops.py).
 
 Each stand-in is registered under the real op's name with exactly its schema (flash-attn 2.7's
-``flash_attn_interface.py``; diffusers' ``attention_dispatch.py`` for its FA3 wrapper), computes
+``flash_attn_interface.py``; diffusers' ``attention_dispatch.py`` for its FA3 wrapper; NATTEN
+0.21's ``_libnatten/torch_wrappers.py``), computes
 plain softmax attention with SDPA on the CPU, and has a fake implementation, so a model calling
 ``torch.ops.flash_attn._flash_attn_forward`` compiles here exactly as it would on a GPU. Where the
 real package is importable, its op is used instead (nothing is registered over it).
@@ -101,12 +102,94 @@ def _register_diffusers_fa3_cpu():
     torch.library.register_kernel("_diffusers_flash_attn_3::_flash_attn_forward", "cpu", cpu)
 
 
+def _register_natten():
+    """NATTEN 0.21's ops (``natten/_libnatten/torch_wrappers.py``): tensors are (batch, tokens..., heads,
+    features), the log-sum-exp heads-last. The neighbourhood-attention stand-ins compute plain
+    attention over all tokens (their sites are only ever left dense)."""
+
+    def fmha(query, key, value, is_causal, scale):
+        out, lse = _attention(query, key, value, 0.0, scale, is_causal)
+        return out, lse.transpose(1, 2).contiguous()
+
+    def fmha_fake(query, value):
+        return query.new_empty((*query.shape[:-1], value.shape[-1])), query.new_empty(query.shape[:-1],
+                                                                                  dtype=torch.float32)
+
+    @torch.library.custom_op("natten::fmha_forward", mutates_args=())
+    def fmha_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool, scale: float,
+                     q_tile_size: int, kv_tile_size: int, cumulative_seqlen_Q: Optional[torch.Tensor],
+                     cumulative_seqlen_KV: Optional[torch.Tensor], max_seqlen_Q: int, max_seqlen_KV: int,
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return fmha(query, key, value, is_causal, scale)
+
+    @torch.library.custom_op("natten::hopper_fmha_forward", mutates_args=())
+    def hopper_fmha_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool,
+                            scale: float, q_tile_size: int, kv_tile_size: int, kernel_schedule_int: int,
+                            cumulative_seqlen_Q: Optional[torch.Tensor], cumulative_seqlen_KV: Optional[torch.Tensor],
+                            max_seqlen_Q: int, max_seqlen_KV: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return fmha(query, key, value, is_causal, scale)
+
+    @torch.library.custom_op("natten::blackwell_fmha_forward", mutates_args=())
+    def blackwell_fmha_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool,
+                               scale: float, q_tile_size: int, kv_tile_size: int, run_persistent_kernel: bool,
+                               cumulative_seqlen_Q: Optional[torch.Tensor],
+                               cumulative_seqlen_KV: Optional[torch.Tensor], max_seqlen_Q: int, max_seqlen_KV: int,
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return fmha(query, key, value, is_causal, scale)
+
+    for op in (fmha_forward, hopper_fmha_forward, blackwell_fmha_forward):
+        op.register_fake(lambda query, key, value, *args: fmha_fake(query, value))
+
+    def na(query, key, value, scale):  # plain attention over the flattened tokens (see the docstring)
+        b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
+        out, lse = _attention(query.reshape(b, -1, h, d), key.reshape(b, -1, h, d),
+                              value.reshape(b, -1, h, value.shape[-1]), 0.0, scale, False)
+        return out.reshape(*query.shape[:-1], value.shape[-1]), lse.transpose(1, 2).reshape(query.shape[:-1])
+
+    for rank in (1, 2, 3):
+        @torch.library.custom_op(f"natten::na{rank}d_forward", mutates_args=())
+        def na_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: list[int],
+                       stride: list[int], dilation: list[int], is_causal: list[bool], scale: float,
+                       q_tile_shape: list[int], kv_tile_shape: list[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+            return na(query, key, value, scale)
+
+        @torch.library.custom_op(f"natten::hopper_na{rank}d_forward", mutates_args=())
+        def hopper_na_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: list[int],
+                              stride: list[int], dilation: list[int], is_causal: list[bool], scale: float,
+                              q_shape: list[int], kv_shape: list[int], qkv_shape: list[int],
+                              q_tile_shape: list[int], kv_tile_shape: list[int], kernel_schedule_int: int,
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+            return na(query, key, value, scale)
+
+        @torch.library.custom_op(f"natten::blackwell_na{rank}d_forward", mutates_args=())
+        def blackwell_na_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 kernel_size: list[int], stride: list[int], dilation: list[int],
+                                 is_causal: list[bool], scale: float, q_shape: list[int], kv_shape: list[int],
+                                 qkv_shape: list[int], q_tile_shape: list[int], kv_tile_shape: list[int],
+                                 run_persistent_kernel: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            return na(query, key, value, scale)
+
+        @torch.library.custom_op(f"natten::reference_na{rank}d_forward", mutates_args=())
+        def reference_na_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 kernel_size: list[int], stride: list[int], dilation: list[int],
+                                 is_causal: list[bool], scale: float, qkv_shape: list[int], num_extra_kv: int,
+                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+            return na(query, key, value, scale)
+
+        for op in (na_forward, hopper_na_forward, blackwell_na_forward, reference_na_forward):
+            op.register_fake(lambda query, key, value, *args: fmha_fake(query, value))
+
+
 def register() -> None:
     """Idempotent: stand-ins only where no op of that name exists (the real package wins)."""
     if importlib.util.find_spec("flash_attn") is not None:
         import flash_attn.flash_attn_interface  # noqa: F401  (registers the real ops)
     elif not hasattr(torch.ops.flash_attn, "_flash_attn_forward"):
         _register_flash_attn_2()
+    if importlib.util.find_spec("natten") is not None:
+        import natten  # noqa: F401  (registers the real ops)
+    elif not hasattr(torch.ops.natten, "fmha_forward"):
+        _register_natten()
     if not getattr(register, "_fa3_done", False) and importlib.util.find_spec("diffusers") is not None:
         _register_diffusers_fa3_cpu()
         register._fa3_done = True

@@ -63,6 +63,11 @@ class OpAttention(nn.Module):
             out = torch.ops.flash_attn._flash_attn_varlen_forward(
                 q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, n, n, 0.0, scale, False)[0]
             out = out.view(b, n, self.heads, self.head_dim)
+        elif self.call.startswith("natten-"):  # NATTEN's FMHA: (B, L, H, D), heads-last lse
+            arch = {"natten-fmha": "", "natten-hopper": "hopper_", "natten-blackwell": "blackwell_"}[self.call]
+            extra = {"hopper_": (0,), "blackwell_": (False,), "": ()}[arch]
+            cu = self.op_args.get("cumulative_seqlen")
+            out = getattr(torch.ops.natten, f"{arch}fmha_forward")(q, k, v, False, scale, 64, 64, *extra, cu, cu, n, n)[0]
         else:  # diffusers' FA3 wrapper
             out = torch.ops._diffusers_flash_attn_3._flash_attn_forward(q, k, v, scale, **self.op_args)[0]
         return self.proj(out.reshape(b, n, c))
@@ -100,6 +105,7 @@ def _site():
 
 @pytest.mark.parametrize("call,n_cls,kv_heads,px", [
     ("fa2", 0, 2, (16, 16)), ("fa2", 1, 2, (12, 16)), ("fa2", 0, 1, (16, 20)), ("fa3-diffusers", 0, 2, (16, 16)),
+    ("natten-fmha", 0, 2, (16, 16)), ("natten-hopper", 1, 2, (12, 16)), ("natten-blackwell", 0, 1, (16, 16)),
 ])
 def test_op_sites_are_rewritten_to_the_oracle(call, n_cls, kv_heads, px):
     """Image tokens, a cls prefix, and MQA (one key/value head: flash-attn's own GQA)."""
@@ -135,6 +141,8 @@ def test_masked_implementation_is_the_oracle_too():
     ("fa2-lse", {}, SkipKind.UNREADABLE, "other outputs are read"),
     ("varlen", {}, SkipKind.UNREADABLE, "variable-length"),
     ("fa3-diffusers", {"attention_chunk": 4}, SkipKind.UNREADABLE, "chunked"),
+    ("natten-fmha", {"cumulative_seqlen": torch.tensor([0, 64], dtype=torch.int32)}, SkipKind.UNREADABLE,
+     "variable-length"),
 ])
 def test_sites_the_table_leaves_dense_are_untouched_and_say_why(call, op_args, kind, words):
     _need(call)
@@ -236,3 +244,33 @@ def test_flex_attention_with_a_score_mod_or_block_mask_stays_dense(mode, words):
     site = _site()
     assert site.decision == "skipped" and words in site.reason, site.reason
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["", "hopper_", "blackwell_", "reference_"])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_natten_neighborhood_attention_is_left_dense(arch, rank):
+    """NATTEN's neighbourhood attention is already sparse: every one of its ops is reported dense."""
+    extra = {"": ([4, 4], [4, 4]), "hopper_": ([1] * rank, [1] * rank, [1] * rank, [4] * rank, [4] * rank, 0),
+             "blackwell_": ([1] * rank, [1] * rank, [1] * rank, [4] * rank, [4] * rank, False),
+             "reference_": ([1] * rank, 0)}[arch]
+
+    class NA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 8, 2, 2)
+
+        def forward(self, img):
+            x = self.patch(img).permute(0, 2, 3, 1)                # (B, h, w, C)
+            x = {1: x.flatten(1, 2), 2: x, 3: x[:, None]}[rank]     # (B, *spatial, C)
+            q = x.unflatten(-1, (2, 4))
+            out = getattr(torch.ops.natten, f"{arch}na{rank}d_forward")(
+                q, q, q, [3] * rank, [1] * rank, [1] * rank, [False] * rank, 0.5, *extra)[0]
+            return out.flatten(-2)
+
+    model, x = NA().double(), image(1, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        out = _compiled(model)(x)
+    site = _site()
+    assert site.decision == "skipped" and "neighborhood attention" in site.reason, site.reason
+    assert_close64(out, expected)

@@ -54,6 +54,7 @@ class AttentionOp:
 
 
 _FP8 = "fp8 descaling (quantised attention): left dense"
+_VARLEN = "variable-length packing: several sequences share one token axis; left dense"
 # The block size torch gives the block mask of flex_attention(..., block_mask=None): one block over
 # everything (torch.nn.attention.flex_attention._LARGE_SPARSE_BLOCK_SIZE).
 _NO_BLOCK_MASK = 1 << 30
@@ -103,6 +104,12 @@ OPS = (
                 causal="causal", softcap="softcap",
                 plain={"qv": "an extra qv operand", "q_descale": _FP8, "k_descale": _FP8, "v_descale": _FP8,
                        "attention_chunk": "chunked (local) attention"}),
+    *(AttentionOp(f"natten::{arch}fmha_forward", "natten-fmha", q="query", k="key", v="value", scale="scale",
+                  causal="is_causal", plain={"cumulative_seqlen_Q": _VARLEN, "cumulative_seqlen_KV": _VARLEN})
+      for arch in ("", "hopper_", "blackwell_")),
+    *(AttentionOp(f"natten::{arch}na{rank}d_forward", "natten-na", q="query", k="key", v="value",
+                  dense="neighborhood attention: already sparse (each query sees its own neighbourhood); left dense")
+      for arch in ("", "hopper_", "blackwell_", "reference_") for rank in (1, 2, 3)),
     AttentionOp("higher_order::flex_attention", "flex", layout="BHLD", q="query", k="key", v="value",
                 scale="scale", check=_flex_plain,
                 positions=("query", "key", "value", "score_mod", "block_mask", "scale", "kernel_options",
