@@ -102,3 +102,11 @@ def erase_dead(graph: fx.Graph, nodes) -> None:
                 graph.erase_node(node)
                 alive.discard(node)
                 changed = True
+
+
+def subgraph_of(gm: fx.GraphModule, node) -> fx.GraphModule | None:
+    """The graph module a ``get_attr`` argument of a higher-order op names, or None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        sub = getattr(gm, node.target, None)
+        return sub if isinstance(sub, fx.GraphModule) else None
+    return None

@@ -7,6 +7,7 @@ form means adding a finder to :data:`FINDERS`, nothing downstream changes.
 import torch
 import torch.fx as fx
 
+from ..ir.graphs import subgraph_of
 from .attention_ops import find_op_sites
 from .manual import find_manual_sites
 from .mha import find_mha_sites
@@ -32,8 +33,8 @@ def _sites_in_subgraphs(gm: fx.GraphModule) -> list[AttentionSite]:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
             continue
         for arg in node.args:
-            sub = getattr(gm, arg.target, None) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-            if not isinstance(sub, fx.GraphModule):
+            sub = subgraph_of(gm, arg)
+            if sub is None:
                 continue
             for inner in find_attention_sites(sub):
                 why = (f"{inner.form} attention `{inner.output.name}` inside the subgraph of `{node.name}` "

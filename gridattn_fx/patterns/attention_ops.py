@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from ..ir.graphs import subgraph_of
 from ..ir.ops import op_name
 from ..ir.values import shape_of
 from .site import AttentionSite
@@ -60,13 +61,6 @@ _VARLEN = "variable-length packing: several sequences share one token axis; left
 _NO_BLOCK_MASK = 1 << 30
 
 
-def _subgraph(gm: fx.GraphModule, node) -> fx.GraphModule | None:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        sub = getattr(gm, node.target, None)
-        return sub if isinstance(sub, fx.GraphModule) else None
-    return None
-
-
 def _returned(sub: fx.GraphModule) -> fx.Node | None:
     out = sub.graph.output_node().args[0]
     return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
@@ -82,12 +76,12 @@ def _flex_plain(node: fx.Node, a: dict, gm: fx.GraphModule) -> str | None:
     """flex_attention is plain attention only without a score_mod (its subgraph returns the score
     as it is) and without a block mask (torch's empty block mask: one block over everything, and a
     mask_mod that is True everywhere)."""
-    score_mod = _subgraph(gm, a.get("score_mod"))
+    score_mod = subgraph_of(gm, a.get("score_mod"))
     placeholders = [n for n in score_mod.graph.nodes if n.op == "placeholder"] if score_mod else []
     if score_mod is None or not placeholders or _returned(score_mod) is not placeholders[0]:
         return "a score_mod changes the scores: left dense"
     block_mask = a.get("block_mask")
-    mask_mod = _subgraph(gm, block_mask[-1]) if isinstance(block_mask, tuple) and block_mask else None
+    mask_mod = subgraph_of(gm, block_mask[-1]) if isinstance(block_mask, tuple) and block_mask else None
     if (mask_mod is None or tuple(block_mask[-3:-1]) != (_NO_BLOCK_MASK, _NO_BLOCK_MASK)
             or not _always_true(_returned(mask_mod))):
         return "a block mask restricts which keys each query sees: left dense"
