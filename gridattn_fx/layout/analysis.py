@@ -40,6 +40,7 @@ from __future__ import annotations
 import operator
 from collections import deque
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -112,6 +113,13 @@ _LOSS_HINTS = {
 }
 
 
+class Loss(NamedTuple):
+    """Where a layout was lost: the op (the report command groups skips by it) and why, for humans."""
+
+    op: str
+    text: str
+
+
 # --- the analysis -----------------------------------------------------------------------------
 
 class LayoutAnalysis:
@@ -147,9 +155,7 @@ class LayoutAnalysis:
 
     def _run(self):
         self.facts: dict[fx.Node, object] = {}
-        self.lost: dict[fx.Node, str] = dict(self.hint_conflicts)
-        # The op at which each lost layout was lost (the report command groups skips by it).
-        self.lost_op: dict[fx.Node, str] = {n: "layout_hint" for n in self.hint_conflicts}
+        self.lost: dict[fx.Node, Loss] = {n: Loss("layout_hint", why) for n, why in self.hint_conflicts.items()}
         self._inplace_pointwise = set()
         self._fill_of = {w: fresh for fresh, writes in self.fills.items() for w in writes}
         self._fill_failed = set()
@@ -165,9 +171,9 @@ class LayoutAnalysis:
             writer = self.written.get(node)
             if writer is not None:
                 if fact is not None:  # the write, not the op, is what loses this layout
-                    self.lost_op[node] = str(op_name(writer, self.gm) or writer.target)
-                    self.lost[node] = (f"in-place {op_name(writer, self.gm) or writer.target} `{writer.name}` "
-                                       "(a write into this tensor or a view of it can move its tokens)")
+                    op = str(op_name(writer, self.gm) or writer.target)
+                    self.lost[node] = Loss(op, f"in-place {op} `{writer.name}` (a write into this tensor or a "
+                                               "view of it can move its tokens)")
                 fact = None
             if fact is not None:
                 self.facts[node] = fact
@@ -175,8 +181,8 @@ class LayoutAnalysis:
                     _val(node), torch.Tensor) and any(self.facts.get(a) is not None for a in _data_inputs(node, self.gm)):
                 name = op_name(node, self.gm)
                 why = _LOSS_HINTS.get(name, "")
-                self.lost_op[node] = str(name or node.target)
-                self.lost[node] = f"{name or node.target} `{node.name}`" + (f" ({why})" if why else "")
+                self.lost[node] = Loss(str(name or node.target),
+                                       f"{name or node.target} `{node.name}`" + (f" ({why})" if why else ""))
 
     def _fill(self, write: fx.Node):
         """``fresh[..., idx] = value`` (see :func:`_feature_fills`): the fresh tensor takes the
@@ -201,30 +207,30 @@ class LayoutAnalysis:
         else:
             self._fill_failed.add(fresh)
             self.facts.pop(fresh, None)
-            self.lost_op[fresh] = "setitem"
-            self.lost[fresh] = (f"setitem `{write.name}` (a write whose value has no layout, another "
-                                "layout, or indexes the token axes)")
+            self.lost[fresh] = Loss("setitem", f"setitem `{write.name}` (a write whose value has no layout, "
+                                               "another layout, or indexes the token axes)")
 
     def _with_hint(self, node: fx.Node, proven):
         hint = self.hints[node]
-        self.lost_op[node] = "layout_hint"  # read only where a text below is recorded in self.lost
         if proven is None:
             shape = _shape(node)
             if shape is None or any(d >= len(shape) for d in hint.dims()):
-                self.lost[node] = f"{hint.origin} does not fit `{node.name}` of shape {shape}"
+                self.lost[node] = Loss("layout_hint", f"{hint.origin} does not fit `{node.name}` of shape {shape}")
                 return None
             if isinstance(hint, Tokens) and _hint(shape[hint.dim]) != _hint(hint.prefix + hint.image_tokens + hint.suffix):
-                self.lost[node] = (f"{hint.origin}: {hint.prefix}+{_image_text_sizes(hint.image_shape)}+{hint.suffix} "
-                                   f"tokens do not match `{node.name}`'s {shape[hint.dim]}")
+                self.lost[node] = Loss("layout_hint", f"{hint.origin}: {hint.prefix}+{_image_text_sizes(hint.image_shape)}"
+                                                      f"+{hint.suffix} tokens do not match `{node.name}`'s {shape[hint.dim]}")
                 return None
             if isinstance(hint, Spatial) and tuple(_hint(shape[d]) for d in hint.axes) != tuple(
                     _hint(n) for n in hint.sizes):
-                self.lost[node] = f"{hint.origin}: {_image_text_sizes(hint.sizes)} does not match `{node.name}` {shape}"
+                self.lost[node] = Loss("layout_hint", f"{hint.origin}: {_image_text_sizes(hint.sizes)} does not match "
+                                                      f"`{node.name}` {shape}")
                 return None
             return hint
         if _positions(proven) == _positions(hint):
             return proven  # the graph proves it by itself: report it as proven here
-        self.lost[node] = f"{hint.origin} contradicts this graph's proof ({proven.origin}) at `{node.name}`"
+        self.lost[node] = Loss("layout_hint", f"{hint.origin} contradicts this graph's proof ({proven.origin}) at "
+                                              f"`{node.name}`")
         return None
 
     # -- queries --------------------------------------------------------------------------------
@@ -262,7 +268,7 @@ class LayoutAnalysis:
             return "no spatial source (conv/pool/interpolate output) reaches it"
         src = next((self.facts[a] for a in loss.all_input_nodes if a in self.facts), None)
         origin = f" (from {src.origin})" if src is not None else ""
-        return f"image layout{origin} lost at {self.lost[loss]}"
+        return f"image layout{origin} lost at {self.lost[loss].text}"
 
     def _loss(self, node: fx.Node) -> fx.Node | None:
         """The nearest node upstream of ``node`` at which an image layout was lost, if any."""
@@ -285,7 +291,7 @@ class LayoutAnalysis:
         if node in self.facts:
             return None
         loss = self._loss(node)
-        return None if loss is None else self.lost_op.get(loss)
+        return None if loss is None else self.lost[loss].op
 
     def writer_of(self, node: fx.Node) -> fx.Node | None:
         """The in-place op that writes into ``node``'s tensor or an alias of it in a way that can
