@@ -38,7 +38,7 @@ class AttentionOp:
     q: str = "q"                   # schema names of the three tensors
     k: str = "k"
     v: str = "v"
-    output: int | None = 0         # index of the attention output in a tuple result (None: a tensor)
+    output: int = 0                # index of the attention output in the op's tuple result
     scale: str | None = None       # schema name of the softmax scale (None / absent: 1/sqrt(d))
     causal: str | None = None
     dropout: str | None = None
@@ -86,6 +86,7 @@ def _flex_plain(node: fx.Node, a: dict, gm: fx.GraphModule) -> str | None:
             or not _always_true(_returned(mask_mod))):
         return "a block mask restricts which keys each query sees: left dense"
     return None
+
 
 OPS = (
     AttentionOp("flash_attn::_flash_attn_forward", "flash-attn", scale="softmax_scale", causal="causal",
@@ -177,8 +178,6 @@ def _transposed(op: AttentionOp, shape):
 
 def _outputs(node: fx.Node, op: AttentionOp):
     """(the node holding the attention output, the other outputs' nodes that are read, every getitem)."""
-    if op.output is None:
-        return node, [], []
     getitems = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem]
     if len(getitems) != len(node.users):
         return None, [u for u in node.users if u not in getitems], getitems
@@ -200,7 +199,7 @@ def _replacement(op: AttentionOp):
     return build
 
 
-def _site(node: fx.Node, op: AttentionOp, gm: fx.GraphModule) -> AttentionSite | None:
+def _site(node: fx.Node, op: AttentionOp, gm: fx.GraphModule) -> AttentionSite:
     a = op_arguments(node, op)
     q, k, v = (a.get(getattr(op, role)) for role in ("q", "k", "v"))
     output, read, getitems = _outputs(node, op)
@@ -231,7 +230,5 @@ def find_op_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     for node in gm.graph.nodes:
         op = op_entry(node.target) if node.op == "call_function" else None
         if op is not None:
-            site = _site(node, op, gm)
-            if site is not None:
-                sites.append(site)
+            sites.append(_site(node, op, gm))
     return sites
