@@ -135,6 +135,12 @@ class SiteFacts:
         return (f"option '{option}' {tuple(self.configured)} is a video stride (Gt, Gh, Gw) but these sites are "
                 f"2-D images: applying (Gh, Gw) = {self.stride}")
 
+    @cached_property
+    def mask(self) -> MaskSpec | Skip | None:
+        """The site's attn_mask as the plan describes it, or why it cannot be regrouped (asked by a
+        rule, then by the plan)."""
+        return mask_spec(self)
+
     @property
     def shown_stride(self) -> str:
         return format_stride(self.stride)
@@ -329,8 +335,7 @@ def mask_spec(f: SiteFacts) -> MaskSpec | Skip | None:
 
 
 def mask_broadcasts(f: SiteFacts) -> Skip | None:
-    spec = mask_spec(f)
-    return spec if isinstance(spec, Skip) else None
+    return f.mask if isinstance(f.mask, Skip) else None
 
 
 ELIGIBILITY: tuple[Rule, ...] = (
@@ -358,7 +363,7 @@ def _plan(f: SiteFacts) -> tuple[GridPlan, str]:
     if site.relpos is not None:
         relpos = RelPosSpec(heads=site.mask_shape[-3] if len(site.mask_shape) == 4 else 0)
     plan = GridPlan(q_layout=f.q_layout, k_layout=f.k_layout, stride=f.stride, ndim=len(f.shapes[0]),
-                    mask=mask_spec(f), relpos=relpos, dropout_p=site.dropout_p, scale=site.scale,
+                    mask=f.mask, relpos=relpos, dropout_p=site.dropout_p, scale=site.scale,
                     enable_gqa=site.enable_gqa, grouping=f.grouping)
     if f.config.distributing != "shuffle":
         return plan, ""
