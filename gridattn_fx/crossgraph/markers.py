@@ -65,6 +65,14 @@ class MarkerHint(NamedTuple):
     declared: bool
 
     @classmethod
+    def tokens(cls, ndim: int, dim: int, prefix: int, image_shape, suffix: int, transposed: bool,
+               declared: bool) -> "MarkerHint":
+        """The marker of ``prefix`` tokens, an image (or video) in raster order (``transposed``: the
+        last two axes column-major), then ``suffix`` tokens, on axis ``dim`` of a rank-``ndim`` tensor."""
+        length = prefix + math.prod(image_shape) + suffix
+        return cls(ndim, (dim,), (prefix, *image_shape, suffix), (length,), transposed, declared)
+
+    @classmethod
     def of_fact(cls, fact, ndim: int) -> "MarkerHint | None":
         """The marker for a proven fact of a tensor of rank ``ndim``; None when a marker cannot
         state it (symbolic sizes, tokens merged with outer axes, an order other than row-major or
@@ -80,8 +88,7 @@ class MarkerHint(NamedTuple):
             transposed = fact.order != row_major
             if transposed and fact.order != row_major[:-2] + (fact.rank - 1, fact.rank - 2):
                 return None
-            length = fact.prefix + math.prod(fact.image_shape) + fact.suffix
-            return cls(ndim, (fact.dim,), sizes, (length,), transposed, declared)
+            return cls.tokens(ndim, fact.dim, fact.prefix, fact.image_shape, fact.suffix, transposed, declared)
         if isinstance(fact, Spatial):
             sizes = tuple(fact.sizes)
             if not all(isinstance(s, int) for s in sizes):

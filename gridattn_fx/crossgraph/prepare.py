@@ -42,7 +42,7 @@ from ..layout.facts import LayoutSource, Tokens
 from ..patterns import find_attention_sites
 from .declarations import ImageTokens
 from .hints import strip_layout_hints
-from .markers import LAYOUT_HINT, PROBE, MarkerHint, is_layout_hint, is_probe
+from .markers import PROBE, MarkerHint, is_layout_hint, is_probe
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -341,8 +341,9 @@ def _remembered_layouts(state: _Prepared, args, kwargs, declared: dict) -> dict:
     def declare_hook(module, a, kw):
         bound = state.signature.bind(*a, **kw)
         for name, (dim, prefix, image_shape, suffix, transposed) in declared.items():
-            bound.arguments[name] = LAYOUT_HINT(bound.arguments[name], [dim], [prefix, *image_shape, suffix],
-                                                transposed, True)
+            x = bound.arguments[name]
+            bound.arguments[name] = MarkerHint.tokens(x.dim(), dim, prefix, image_shape, suffix, transposed,
+                                                      declared=True).mark(x)
         return tuple(bound.args), dict(bound.kwargs)
 
     for path, module in model.named_modules():
