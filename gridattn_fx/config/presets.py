@@ -10,7 +10,7 @@ from __future__ import annotations
 PRESETS: dict[str, dict] = {
     "sam": {
         "description": "Segment Anything image encoders: the global-attention blocks, stride 2 "
-                       "(windowed blocks never carry a proven image layout: the window partition "
+                       "(a windowed block's tokens are one window, not the image: the window partition "
                        "reshape splits the image axes)",
         "options": {"stride": 2, "min_image_tokens": 1024},
     },
