@@ -143,23 +143,14 @@ def layout_padded(layout: TokenLayout, stride: Stride) -> bool:
 def _split_axis(x, dim: int, sizes: tuple):
     """``x.unflatten(dim, sizes)`` for a negative ``dim``.
 
-    With symbolic sizes (passes/rewrite.py) the split is spelled as a strided view instead: a
-    reshape's symbolic shape rule derives every inner size by floor division (``H*H // H``,
-    ``H // (H // 2)``), which sympy leaves unsimplified, and those divisions then sit in every index
-    of the generated kernels (they made the dynamic-shape rewrite 1.6x slower than the static one).
-    Splitting one axis is always a view, so the strides below are exact for any layout of ``x``.
+    Always a view, never ``as_strided`` with strides read off ``x``: inductor may store an
+    intermediate with other strides than it was traced with, and ``as_strided`` reads the storage
+    (with symbolic sizes, a strided split of flash-attn's (B, L, H, D) tensors projected from a
+    transposed input read wrong values). The price: with symbolic sizes a view's shape rule derives
+    inner sizes by floor division (``H*H // H``), which stays in the kernels' index math
+    (benchmarks ``--cases dynamic``: about 1.5x the static latency at 32x32 tokens).
     """
-    sizes = tuple(sizes)
-    if all(isinstance(s, int) for s in sizes):
-        return x.unflatten(dim, sizes)
-    strides, step = [], x.stride(dim)
-    for size in reversed(sizes):
-        strides.insert(0, step)
-        step = step * size
-    after = x.shape[dim + 1:] if dim < -1 else ()
-    after_strides = x.stride()[dim + 1:] if dim < -1 else ()
-    return x.as_strided(x.shape[:dim] + sizes + after, x.stride()[:dim] + tuple(strides) + after_strides,
-                        x.storage_offset())
+    return x.unflatten(dim, tuple(sizes))
 
 
 def _to_blocks_then_groups(x, k: int, grouping: Grouping):

@@ -111,6 +111,9 @@ def inline(graph: fx.Graph, fn, inputs: list, before: fx.Node, like: fx.Node, ta
     with graph.inserting_before(before):
         traced = []
         for sym in sizes:
+            if not isinstance(sym, torch.SymInt) or sym.node.expr.is_number:
+                traced.append(int(sym))  # a constant (a guard replaced the symbol): no graph value needed
+                continue
             node, made = size_node(graph, sym, before)
             made_nodes += [made] if made is not None else []
             traced.append(TracedSize(fx.Proxy(node, tracer), sym))

@@ -128,6 +128,32 @@ def _static(size) -> int | None:
         return size
     if isinstance(size, torch.SymInt) and size.node.is_constant():
         return int(size)
+    if isinstance(size, torch.SymInt):
+        return _pinned(size)
+    return None
+
+
+def _pinned(size: torch.SymInt) -> int | None:
+    """The value an equality guard pins a symbolic size to, if one does: ``s0*s1 - 31`` under the
+    guard ``Eq(s0*s1 + 2, 34)`` is 1 in every call this graph serves (Dynamo checks its guards before
+    running it), though the ShapeEnv records no replacement for a product of symbols."""
+    import sympy
+
+    hint, env = size.node.hint, size.node.shape_env
+    if hint is None or env is None:
+        return None
+    offset = size.node.expr - int(hint)
+    symbols = offset.free_symbols
+    for guard in env.guards:
+        condition = guard.expr
+        if not isinstance(condition, sympy.Eq):
+            continue
+        difference = condition.lhs - condition.rhs
+        if not symbols or difference.free_symbols != symbols:
+            continue  # (a constant offset is no pinned size: is_constant() already read it)
+        ratio = sympy.cancel(offset / difference)
+        if ratio.is_number and ratio.is_finite:
+            return int(hint)
     return None
 
 
