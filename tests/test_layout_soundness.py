@@ -628,3 +628,83 @@ def test_written_query_view_reason_is_the_layout():
     s = expect_skipped(report, "", "in-place setitem")
     assert "scores" not in s.reason
     assert_equal_exact(gm(x), model(x))
+
+
+class InputPatchify(nn.Module):
+    """AuraFlow / CogView3 / Lumina: patches cut from the NCHW (NCTHW) model input by view/permute,
+    then a Linear: no convolution anywhere."""
+
+    def __init__(self, patch=2, channels=4, dim=DIM, video=False, cut=True):
+        super().__init__()
+        self.p, self.video, self.cut = patch, video, cut
+        self.embed = nn.Linear(channels * patch * patch, dim) if cut else nn.Linear(channels, dim)
+        self.attn = Attention(dim)
+
+    def forward(self, x):
+        p = self.p
+        if not self.cut:   # pixels straight to tokens: the input's axes are not proven an image
+            x = x.flatten(2).transpose(1, 2)
+        elif self.video:   # (B, C, T, H, W): frames kept whole, rows and columns cut
+            b, c, t, h, w = x.shape
+            x = x.view(b, c, t, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6).flatten(4).flatten(1, 3)
+        else:
+            b, c, h, w = x.shape
+            x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).flatten(-3).flatten(1, 2)
+        x = self.embed(x)
+        return x + self.attn(x)
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_a_patchify_of_the_model_input_is_a_spatial_source(video):
+    model = build(InputPatchify, video=video)
+    shape = (2, 4, 3, 8, 12) if video else (2, 4, 8, 12)
+    x = torch.randn(*shape, dtype=torch.float64)
+    gm, report = gridattn_fx.rewrite(model, (x,), stride=2, min_image_tokens=0)
+    (s,) = report.sites
+    layout = TokenLayout(0, image_shape=(3, 4, 6) if video else (4, 6))
+    assert s.decision == "rewritten" and s.q_layout == layout, str(report)
+    assert "model input" in s.evidence and "patchify" in s.evidence
+    model.attn.oracle = (layout, layout, 2)
+    with torch.no_grad():
+        expected = model(x)
+        model.attn.oracle = None
+        assert_close64(gm(x), expected)
+
+
+def test_a_model_input_flattened_without_patches_is_not_an_image():
+    """Only a patchify proves that a 4-D input is an image: a (B, heads, L, D) tensor or a mask is
+    4-D too."""
+    model = build(InputPatchify, cut=False)
+    x = torch.randn(2, 4, 8, 12, dtype=torch.float64)
+    gm, report = gridattn_fx.rewrite(model, (x,), stride=2, min_image_tokens=0)
+    (s,) = report.sites
+    assert s.decision == "skipped" and "no spatial source" in s.reason, str(report)
+    with torch.no_grad():
+        assert_equal_exact(gm(x), model(x))
+
+
+def test_images_packed_into_one_sequence_stay_dense_and_say_why():
+    """Pixtral: the tokens of differently sized images concatenated along the sequence, kept apart by
+    a block-diagonal mask. One grid per packed image is not modelled: dense, with that reason."""
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, DIM, 2, 2)
+            self.attn = Attention(DIM)
+
+        def forward(self, a, b):
+            ta, tb = (self.patch(i).flatten(2).transpose(1, 2) for i in (a, b))
+            na, nb = ta.shape[1], tb.shape[1]
+            allowed = torch.zeros(na + nb, na + nb, dtype=torch.bool)
+            allowed[:na, :na] = True
+            allowed[na:, na:] = True
+            return self.attn(torch.cat([ta, tb], 1), allowed)
+
+    model = build(Packed)
+    inputs = (image(1, 8, 8), image(1, 4, 8))
+    gm, report = gridattn_fx.rewrite(model, inputs, stride=2, min_image_tokens=0)
+    (s,) = report.sites
+    assert s.decision == "skipped" and "several images packed into one sequence" in s.reason, str(report)
+    with torch.no_grad():
+        assert_equal_exact(gm(*inputs), model(*inputs))

@@ -284,3 +284,70 @@ def test_two_images_merged_into_one_sequence_are_not_a_video():
     s = site(report, "attn")
     assert s.q_layout is None and s.decision == "skipped" and "merged with the batch" in s.reason, str(report)
     assert_equal_exact(gm(*inputs), model(*inputs))
+
+
+class DividedSpaceTime(nn.Module):
+    """TimeSformer's divided space-time attention on frames folded into the batch for a 2-D patch
+    embedding: the temporal half folds positions into the batch (``(B * N, T, C)``), its output is
+    merged back *behind* each position (``view(B, N, T, C).reshape(B, N * T, C)``: time fastest),
+    and the spatial half splits that video again (``reshape(B, H, W, T, C).permute(...)``)."""
+
+    def __init__(self, dim=DIM, joint=False):
+        super().__init__()
+        self.joint = joint
+        self.patch = nn.Conv2d(3, dim, 2, 2)
+        self.temporal = Attention(dim)
+        self.spatial = Attention(dim)
+
+    def forward(self, video):   # (B, T, 3, H, W)
+        b, t = video.shape[:2]
+        x = self.patch(video.flatten(0, 1))                  # (B*T, C, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)                      # (B*T, N, C)
+        x = x.reshape(b, t, h * w, -1).permute(0, 2, 1, 3).reshape(b * h * w, t, -1)
+        x = (x + self.temporal(x)).view(b, h * w, t, -1).reshape(b, h * w * t, -1)   # (B, N*T, C)
+        if self.joint:
+            return x + self.spatial(x)                       # joint space-time over the whole video
+        s = x.reshape(b, h, w, t, -1).permute(0, 3, 1, 2, 4).reshape(b * t, h * w, -1)
+        return s + self.spatial(s)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_divided_space_time_frames_merged_behind_the_tokens(joint):
+    model = build(DividedSpaceTime, joint=joint)
+    inputs = (torch.randn(2, 3, 3, 8, 12, dtype=torch.float64),)
+    gm, report = rewrite(model, inputs)
+    temporal = site(report, "temporal")
+    assert temporal.decision == "skipped" and "temporal attention" in temporal.reason, str(report)
+    assert "window" not in temporal.reason
+    if joint:   # a 3 x 4 x 6 video stored position-major, time fastest
+        layout = video_layout(3, 4, 6, order=(1, 2, 0))
+        expect_video_rewritten(report, "spatial", layout, "1x2x2")
+    else:       # each frame an image of its own
+        layout = TokenLayout(0, 4, 6, 0)
+        s = site(report, "spatial")
+        assert s.q_layout == layout and s.decision == "rewritten", str(report)
+    assert_matches_oracle(gm, model, inputs, {"spatial": layout})
+
+
+def test_frames_behind_tokens_of_two_different_images_are_not_a_video():
+    """The axis merged behind the tokens must index frames of one source tensor: two images
+    concatenated along the batch and interleaved token by token are no video."""
+
+    class Interleaved(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, DIM, 2, 2)
+            self.attn = Attention(DIM)
+
+        def forward(self, a, b):
+            x = torch.cat([self.patch(a), self.patch(b)]).flatten(2).transpose(1, 2)   # (2, N, C)
+            x = x.unsqueeze(0).permute(0, 2, 1, 3).reshape(1, -1, DIM)                 # (1, N*2, C)
+            return self.attn(x)
+
+    model = build(Interleaved)
+    inputs = (torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    gm, report = rewrite(model, inputs)
+    assert [s.decision for s in report.sites] == ["skipped"], str(report)
+    with torch.no_grad():
+        assert_equal_exact(gm(*inputs), model(*inputs))

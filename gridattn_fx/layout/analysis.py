@@ -2,7 +2,8 @@
 
 A forward abstract interpretation over the graph. Spatial tensors are *born* at conv / pool /
 interpolate outputs (NCHW: rows on axis 2, columns on axis 3; NCTHW for a video: frames on axis 2,
-from a Conv3d or a 3-D pool). Every op that moves axes
+from a Conv3d or a 3-D pool) and at a patchify of an NCHW / NCTHW model input
+(:meth:`LayoutAnalysis._patchified_input`). Every op that moves axes
 around (permute, reshape, flatten, cat, slicing, split, ...) or keeps positions in place
 (pointwise ops, linear, norms, attention itself) carries the fact to its output; any op we do not
 understand drops it. A site's layout is therefore proven exactly when an unbroken chain of
@@ -157,6 +158,7 @@ class LayoutAnalysis:
         self.facts: dict[fx.Node, object] = {}
         self.lost: dict[fx.Node, Loss] = {n: Loss("layout_hint", why) for n, why in self.hint_conflicts.items()}
         self._inplace_pointwise = set()
+        self._why: dict[fx.Node, str] = {}   # a transfer's own account of why it lost a fact
         self._fill_of = {w: fresh for fresh, writes in self.fills.items() for w in writes}
         self._fill_failed = set()
         for node in self.gm.graph.nodes:
@@ -180,7 +182,7 @@ class LayoutAnalysis:
             elif node not in self.lost and node not in self.attention_outputs and isinstance(
                     _val(node), torch.Tensor) and any(self.facts.get(a) is not None for a in _data_inputs(node, self.gm)):
                 name = op_name(node, self.gm)
-                why = _LOSS_HINTS.get(name, "")
+                why = self._why.get(node) or _LOSS_HINTS.get(name, "")
                 self.lost[node] = Loss(str(name or node.target),
                                        f"{name or node.target} `{node.name}`" + (f" ({why})" if why else ""))
 
@@ -254,6 +256,10 @@ class LayoutAnalysis:
                 return None, f"image size {_image_text_sizes(fact.image_shape)} is not an integer"
             evidence = f"{fact.origin} via {_trail_text(fact.trail)}"
             return TokenLayout(sizes[0], image_shape=tuple(sizes[1:-1]), suffix=sizes[-1], order=fact.order), evidence
+        if fact is not None and seq_dim in fact.batch:
+            # divided space-time attention's temporal half: image positions folded into the batch
+            return None, (f"temporal attention: the sequence axis indexes frames at one image position (the "
+                          f"image runs along axes {fact.dims()}); only attention within an image is gridded")
         if fact is not None:
             # e.g. window partitioning: the window grid is enumerated along the batch axis (a
             # 1-image batch drops out of the reshape), the sequence holds one window's tokens
@@ -265,7 +271,7 @@ class LayoutAnalysis:
     def _why_not(self, node: fx.Node) -> str:
         loss = self._loss(node)
         if loss is None:
-            return "no spatial source (conv/pool/interpolate output) reaches it"
+            return "no spatial source (conv/pool/interpolate output, patchified model input) reaches it"
         src = next((self.facts[a] for a in loss.all_input_nodes if a in self.facts), None)
         origin = f" (from {src.origin})" if src is not None else ""
         return f"image layout{origin} lost at {self.lost[loss].text}"
@@ -363,9 +369,32 @@ class LayoutAnalysis:
             return None
         inp = node.args[0] if node.args else None
         fact = self.facts.get(inp) if isinstance(inp, fx.Node) else None
+        if fact is None and op_rule.kind == RESHAPE:
+            return self._patchified_input(node, name, inp, out)
         if fact is None and op_rule.kind not in _FROM_SEVERAL_INPUTS:
             return None
         return transfer(self, node, name, fact, out)
+
+    def _patchified_input(self, node, name, inp, out):
+        """A patchify written as a view of a model input (AuraFlow, Lumina, CogView: ``x.view(B, C,
+        H / p, p, W / p, p)``, no convolution): an NCHW (NCTHW) input is an image (video) exactly
+        when its rows and columns are cut into patches; the input's own H and W (T) are then the
+        spatial source. Any other reshape of an input proves nothing (a 4-D input may be a mask or
+        a (B, heads, L, D) tensor), so the input carries no fact of its own."""
+        value = _val(inp) if isinstance(inp, fx.Node) and inp.op == "placeholder" else None
+        if (not isinstance(value, torch.Tensor) or value.dim() not in (4, 5) or not value.is_floating_point()
+                or inp in self.inherited or inp in self.hints):
+            return None
+        sizes = tuple(value.shape[2:])
+        origin = f"model input `{inp.name}` ({'x'.join(str(s) for s in sizes)}, patchified)"
+        image = Spatial(tuple(range(2, value.dim())), sizes, origin=origin, image=(("root", inp.name, id(self.gm)),),
+                        batch=(0,))
+        patches = _reshape(image, tuple(value.shape), tuple(out.shape), name)
+        if patches is None or not patches.trail or not patches.trail[-1].endswith("(patchify)"):
+            return None
+        if any(_static(out.shape[d]) == _static(n) for d, n in zip(patches.axes[-2:], sizes[-2:])):
+            return None  # rows or columns left whole: not cut into patches (frames may stay whole)
+        return patches
 
     # One transfer function per kind of the op catalogue (ir/op_catalogue.py); ``fact`` is the
     # first operand's (None only for the kinds in _FROM_SEVERAL_INPUTS), ``out`` the output value.
@@ -500,6 +529,10 @@ class LayoutAnalysis:
         if not with_fact:
             return None
         if any(dim in f.dims() for _, f in with_fact):
+            if len(with_fact) > 1 and all(isinstance(f, Tokens) and f.dim == dim for _, f in with_fact):
+                self._why[node] = ("several images packed into one sequence, Pixtral-style: a grid is defined "
+                                   "within one image per sequence, and one grid per packed image is not "
+                                   "modelled; batch same-size images to have them rewritten")
             if len(with_fact) != 1 or not isinstance(with_fact[0][1], Tokens) or with_fact[0][1].lead:
                 return None  # two images in one sequence, or rows glued to rows: not a layout we model
             target, fact = with_fact[0]

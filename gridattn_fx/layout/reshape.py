@@ -155,6 +155,8 @@ def _reshape_fact(fact, in_shape, out_shape, name):
                                      order=tuple(a - 1 for a in fact.order[1:]),
                                      batch=tuple(sorted({*fact.batch, go[0]})),
                                      image=fact.image + (("frames split", _hint(frames)),)), name + " (frames)")
+        if len(go) == 1 and gi[0] == fact.dim and len(gi) > 1:
+            return _frames_behind(fact, [(in_shape[d], d in in_batch) for d in gi[1:]], go[0], name)
         if len(go) == 1 and gi[-1] == fact.dim and fact.dim not in in_batch:
             # outer axes merged in front of the tokens (``x.flatten(0, 1)``): tokens stay in order
             # within each outer index; a later reshape must split exactly these axes off again
@@ -185,6 +187,23 @@ def _reshape_fact(fact, in_shape, out_shape, name):
     # than one input axis).
     sizes = tuple(out_shape[g[1][0]] if len(g[1]) > 1 else n for g, n in zip(groups_of, fact.sizes))
     return _step(replace(fact, axes=axes, sizes=sizes), name + " (patchify)")
+
+
+def _frames_behind(fact: Tokens, inner: list, dim: int, name: str):
+    """Frames merged *behind* each token (TimeSformer's divided space-time:
+    ``x.view(B, N, T, C).reshape(B, N * T, C)``): token ``n * T + f`` is frame ``f`` of position
+    ``n``, a T x H x W video stored with time fastest. Proven under the conditions of
+    :func:`_frames_merged` (one merged axis of size > 1 that indexes frames of one source tensor,
+    a whole 2-D image, static frame count); anything else mixes tokens of different images."""
+    outer = [(size, is_batch) for size, is_batch in inner if _hint(size) != 1]
+    if (len(outer) != 1 or not outer[0][1] or fact.rank != 2 or _static(fact.prefix) != 0
+            or _static(fact.suffix) != 0 or _static(outer[0][0]) is None
+            or not fact.image or fact.image[0][0] != "root"):
+        return None
+    frames = _static(outer[0][0])
+    video = replace(fact, dim=dim, image_shape=(frames, *fact.image_shape),
+                    order=(*(a + 1 for a in fact.order), 0), image=fact.image + (("frames", frames),))
+    return _step(video, name + " (frames behind tokens)")
 
 
 def _frames_folded(fact: Spatial, owner: dict) -> Spatial:
