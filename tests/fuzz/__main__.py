@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     ap.add_argument("--spec", help="run this spec text instead of generated ones")
     ap.add_argument("--compiled", action="store_true", help="also run each case through torch.compile")
+    ap.add_argument("--dynamic", action="store_true", help="with --compiled: compile with dynamic=True")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every failing case in full")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -32,7 +33,8 @@ def main(argv=None) -> int:
     if args.spec:
         specs = [eval(args.spec, {**vars(gen), "Spec": gen.Spec, "BlockSpec": gen.BlockSpec})]
     else:
-        specs = [gen.random_spec(s, compiled=args.compiled) for s in range(args.seed, args.seed + args.cases)]
+        compiled = "dynamic" if args.compiled and args.dynamic else args.compiled
+        specs = [gen.random_spec(s, compiled=compiled) for s in range(args.seed, args.seed + args.cases)]
     counts = collections.Counter()
     decisions = collections.Counter()
     video_decisions = collections.Counter()   # the sites of video cases (Spec.frames > 0)

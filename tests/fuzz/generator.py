@@ -126,6 +126,12 @@ class BlockSpec:
     heads: int = 2
     mask: str = "none"         # "none" | "bool:<shape>" | "add:<shape>"
     cross: bool = False        # q from the first half of the batch, k/v from the second (other images)
+    kernel: str = "flash"      # an op form's kernel: OP_KERNELS (drawn last, see random_spec)
+
+
+# The attention ops an op form calls (CPU stand-ins of tests/standin_ops.py): flash-attn 2, FA3's
+# Python op, xformers' flash op, flash-attn's varlen op over a flattened batch (one sequence each).
+OP_KERNELS = ("flash", "fa3", "xformers", "varlen")
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ class Spec:
     stride: object = 2
     move_regrouping: bool = True
     implementation: str = "grouped"
-    compiled: bool = False     # also run through torch.compile(backend="gridattn")
+    compiled: object = False   # also run through torch.compile(backend="gridattn"); "dynamic": dynamic=True
     outputs: str = "last"      # "last" | "all": also return every stage's tokens (other readers)
     embed: str = "conv2d"      # EMBEDDINGS (VIDEO_EMBEDDINGS for a video case)
     # drawn after everything above (random_spec), so their defaults leave every older spec as it was
@@ -161,7 +167,7 @@ class Spec:
 
 
 # --- random specs ------------------------------------------------------------------------------
-def random_spec(seed: int, compiled: bool = False) -> Spec:
+def random_spec(seed: int, compiled: object = False) -> Spec:
     rng = random.Random(seed)
     stride = rng.choices(STRIDES, STRIDE_WEIGHTS)[0]
     gh, gw = stride_tuple(stride)
@@ -210,6 +216,10 @@ def random_spec(seed: int, compiled: bool = False) -> Spec:
                  "sdpa_mqa": "op_flash_mqa", "sdpa_causal": "op_flash_causal"}
         spec = replace(spec, blocks=tuple(
             replace(b, form=to_op[b.form]) if b.form in to_op and b.mask == "none" else b for b in spec.blocks))
+        # Drawn after that (the same rule): which op each op form calls
+        spec = replace(spec, blocks=tuple(
+            replace(b, kernel=rng.choice(OP_KERNELS)) if b.form.startswith("op_") else b
+            for b in spec.blocks))
     return spec
 
 
@@ -703,7 +713,7 @@ class FuzzAttention(nn.Module):
                  gen: torch.Generator, kv_ops: nn.ModuleList):
         super().__init__()
         self.kv_ops = kv_ops
-        self.form, self.cross, self.heads = blk.form, blk.cross, blk.heads
+        self.form, self.cross, self.heads, self.kernel = blk.form, blk.cross, blk.heads, blk.kernel
         self.d = DIM // blk.heads
         self.kv_heads = (blk.heads // 2 if blk.form in ("sdpa_gqa", "op_flash_gqa")
                          else 1 if blk.form in ("sdpa_mqa", "m_mqa", "op_flash_mqa") else blk.heads)
@@ -789,8 +799,20 @@ class FuzzAttention(nn.Module):
         if self.oracle is not None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.oracle.to(q.dtype), scale=scale,
                                                   enable_gqa=k.shape[1] != q.shape[1])
-        out = torch.ops.flash_attn._flash_attn_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0,
-                                                       scale, causal, -1, -1, 0.0, None, False)[0]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        b, n = q.shape[:2]
+        if self.kernel == "fa3":
+            out = torch.ops.flash_attn_3._flash_attn_forward(q, k, v, softmax_scale=scale, causal=causal)[0]
+        elif self.kernel == "xformers":
+            out = torch.ops.xformers_flash.flash_fwd(q, k, v, None, None, None, n, k.shape[1], 0.0, scale, causal,
+                                                     -1, -1, False, None)[0]
+        elif self.kernel == "varlen" and k.shape[1] == n:
+            cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32)
+            out = torch.ops.flash_attn._flash_attn_varlen_forward(
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, n, n, 0.0, scale, causal)[0]
+            out = out.view(b, n, *out.shape[1:])
+        else:
+            out = torch.ops.flash_attn._flash_attn_forward(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)[0]
         return out.transpose(1, 2)
 
     def _op_flash_scale(self, q, k, v):
