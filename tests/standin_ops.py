@@ -2,7 +2,8 @@
 
 Each stand-in is registered under the real op's name with exactly its schema (flash-attn 2.7's
 ``flash_attn_interface.py``; diffusers' ``attention_dispatch.py`` for its FA3 wrapper; NATTEN
-0.21's ``_libnatten/torch_wrappers.py``), computes
+0.21's ``_libnatten/torch_wrappers.py``; xformers 0.0.35 for its ops and FA3's C++ ``fwd``; SDPA's
+CUDA kernels get a CPU kernel under their own aten schemas), computes
 plain softmax attention with SDPA on the CPU, and has a fake implementation, so a model calling
 ``torch.ops.flash_attn._flash_attn_forward`` compiles here exactly as it would on a GPU. Where the
 real package is importable, its op is used instead (nothing is registered over it).
@@ -180,6 +181,136 @@ def _register_natten():
             op.register_fake(lambda query, key, value, *args: fmha_fake(query, value))
 
 
+# flash_attn_3::fwd as xformers 0.0.35 (ops/fmha/flash3.py) checks FA3's C++ op.
+FA3_FWD_SCHEMA = (
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor(k_new!)? k_new=None, Tensor(v_new!)? v_new=None, Tensor? q_v=None, "
+    "Tensor(out!)? out=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, Tensor? cu_seqlens_k_new=None, "
+    "Tensor? seqused_q=None, Tensor? seqused_k=None, int? max_seqlen_q=None, int? max_seqlen_k=None, "
+    "Tensor? page_table=None, Tensor? kv_batch_idx=None, Tensor? leftpad_k=None, Tensor? rotary_cos=None, "
+    "Tensor? rotary_sin=None, Tensor? seqlens_rotary=None, Tensor? q_descale=None, Tensor? k_descale=None, "
+    "Tensor? v_descale=None, float? softmax_scale=None, bool is_causal=False, int window_size_left=-1, "
+    "int window_size_right=-1, int attention_chunk=0, float softcap=0., bool is_rotary_interleaved=False, "
+    "Tensor? scheduler_metadata=None, int num_splits=0, bool? pack_gqa=None, int sm_margin=0) "
+    "-> (Tensor(out!), Tensor, Tensor, Tensor)")
+_LIBS = []   # torch.library.Library objects live as long as their registrations
+
+
+def _lse_heads_first(q):
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+def _register_flash_attn_3():
+    """FA3 (flash-attention's hopper/): the C++ ``fwd`` and the Python custom op
+    ``_flash_attn_forward`` that flash_attn_interface.py wraps it in. The second's schema is written
+    from FA3's interface as we know it (no FA3 source is reachable here): the op table reads
+    arguments by name and leaves a site dense on any argument it does not know."""
+    lib = torch.library.Library("flash_attn_3", "DEF")
+    _LIBS.append(lib)
+    lib.define(FA3_FWD_SCHEMA)
+
+    def fwd(q, k, v, *args, softmax_scale=None, is_causal=False, **kwargs):
+        out, lse = _attention(q, k, v, 0.0, softmax_scale, is_causal)
+        return out, lse, q.new_empty(0), q.new_empty(0)
+
+    def fwd_fake(q, k, v, *args, **kwargs):
+        return torch.empty_like(q), _lse_heads_first(q), q.new_empty(0), q.new_empty(0)
+
+    lib.impl("fwd", fwd, "CPU")
+    torch.library.register_fake("flash_attn_3::fwd", fwd_fake, lib=lib)
+
+    @torch.library.custom_op("flash_attn_3::_flash_attn_forward", mutates_args=())
+    def _flash_attn_forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_new: Optional[torch.Tensor] = None,
+        v_new: Optional[torch.Tensor] = None, qv: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+        cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+        cu_seqlens_k_new: Optional[torch.Tensor] = None, seqused_q: Optional[torch.Tensor] = None,
+        seqused_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
+        max_seqlen_k: Optional[int] = None, page_table: Optional[torch.Tensor] = None,
+        kv_batch_idx: Optional[torch.Tensor] = None, leftpad_k: Optional[torch.Tensor] = None,
+        rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
+        seqlens_rotary: Optional[torch.Tensor] = None, q_descale: Optional[torch.Tensor] = None,
+        k_descale: Optional[torch.Tensor] = None, v_descale: Optional[torch.Tensor] = None,
+        softmax_scale: Optional[float] = None, causal: bool = False, window_size_left: int = -1,
+        window_size_right: int = -1, attention_chunk: int = 0, softcap: float = 0.0, rotary_interleaved: bool = True,
+        scheduler_metadata: Optional[torch.Tensor] = None, num_splits: int = 1, pack_gqa: Optional[bool] = None,
+        sm_margin: int = 0,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        o, lse = _attention(q, k, v, 0.0, softmax_scale, causal)
+        return o, lse, q.new_empty(0), q.new_empty(0)
+
+    _flash_attn_forward.register_fake(lambda q, k, v, *args, **kwargs: fwd_fake(q, k, v))
+
+
+def _register_xformers():
+    """xformers 0.0.35: the op it defines for torch.compile (``ops/fmha/__init__.py``, a bare (B, M, H, K)
+    tensor) and the custom ops of its flash / flash3 kernels (``ops/fmha/flash.py``, ``flash3.py``)."""
+    lib = torch.library.Library("xformer", "DEF")
+    _LIBS.append(lib)
+    lib.define("memory_efficient_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? b = None, "
+               "float? p = 0.0, float? scale = None) -> Tensor")
+    lib.impl("memory_efficient_attention_forward",
+             lambda q, k, v, b=None, p=0.0, scale=None: _attention(q, k, v, p, scale, False)[0], "CPU")
+    torch.library.register_fake("xformer::memory_efficient_attention_forward",
+                                lambda q, k, v, b=None, p=0.0, scale=None: q.new_empty(q.shape), lib=lib)
+
+    @torch.library.custom_op("xformers_flash::flash_fwd", mutates_args=())
+    def flash_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                  seqused_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, p: float,
+                  softmax_scale: float, is_causal: bool, window_left: int, window_right: int, return_softmax: bool,
+                  block_tables: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, lse = _attention(query, key, value, p, softmax_scale, is_causal)
+        return out, lse, torch.zeros(2, dtype=torch.int64)
+
+    flash_fwd.register_fake(lambda query, key, value, *args: (
+        torch.empty_like(query), _lse_heads_first(query), query.new_empty((2,), dtype=torch.int64)))
+
+    @torch.library.custom_op("xformers_flash3::flash_fwd", mutates_args=())
+    def flash3_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                   seqused_k: Optional[torch.Tensor], leftpad_k: Optional[torch.Tensor], max_seqlen_q: int,
+                   max_seqlen_k: int, p: float, softmax_scale: float, is_causal: bool,
+                   descale_q: Optional[torch.Tensor] = None, descale_k: Optional[torch.Tensor] = None,
+                   descale_v: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
+                   use_kvsplit: bool = False, window_left: int = -1, window_right: int = -1,
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _attention(query, key, value, p, softmax_scale, is_causal)
+
+    flash3_fwd.register_fake(lambda query, key, value, *args, **kwargs: (
+        torch.empty_like(query), _lse_heads_first(query)))
+
+
+def _register_aten_kernels_cpu():
+    """SDPA's CUDA kernels have schemas and meta kernels on every build but no CPU kernel: these add one."""
+    lib = torch.library.Library("aten", "IMPL")
+    _LIBS.append(lib)
+
+    def efficient(query, key, value, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                  custom_mask_type, compute_log_sumexp=False, *, scale=None, seqlen_k=None, window_size=None):
+        out, lse = _attention(query, key, value, dropout_p, scale, custom_mask_type != 0)
+        return out, lse, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64), 0, 0
+
+    def flash(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *,
+              scale=None, window_size_left=None, window_size_right=None, seqused_k=None, alibi_slopes=None,
+              block_table=None, num_splits=None):
+        out, lse = _attention(query, key, value, dropout_p, scale, is_causal)
+        empty = query.new_empty(0)
+        return out, lse, torch.zeros(2, dtype=torch.int64), empty, empty
+
+    lib.impl("_efficient_attention_forward", efficient, "CPU")
+    lib.impl("_flash_attention_forward", flash, "CPU")
+
+
+def _register_unlisted():
+    """Ops the table does not list: a SageAttention-like quantised kernel and an unknown fused one."""
+    for qualname in ("sageattention::qk_int8_sv_f16_accum_f32_attn", "mylab::fused_attention"):
+        @torch.library.custom_op(qualname, mutates_args=())
+        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+            return _attention(q, k, v, 0.0, sm_scale, False)[0]
+
+        op.register_fake(lambda q, k, v, sm_scale: torch.empty_like(q))
+
+
 def register() -> None:
     """Idempotent: stand-ins only where no op of that name exists (the real package wins)."""
     if importlib.util.find_spec("flash_attn") is not None:
@@ -190,6 +321,19 @@ def register() -> None:
         import natten  # noqa: F401  (registers the real ops)
     elif not hasattr(torch.ops.natten, "fmha_forward"):
         _register_natten()
+    if importlib.util.find_spec("flash_attn_interface") is not None:
+        import flash_attn_interface  # noqa: F401  (FA3: registers the real ops)
+    elif not hasattr(torch.ops.flash_attn_3, "fwd"):
+        _register_flash_attn_3()
+    if importlib.util.find_spec("xformers") is not None:
+        import xformers.ops  # noqa: F401  (registers the real ops)
+    elif not hasattr(torch.ops.xformer, "memory_efficient_attention_forward"):
+        _register_xformers()
+    if not getattr(register, "_cpu_done", False):
+        if not torch.cuda.is_available():
+            _register_aten_kernels_cpu()
+        _register_unlisted()
+        register._cpu_done = True
     if not getattr(register, "_fa3_done", False) and importlib.util.find_spec("diffusers") is not None:
         _register_diffusers_fa3_cpu()
         register._fa3_done = True

@@ -62,7 +62,8 @@ def test_test_extra_declares_what_the_tests_import():
     test_modules = {f[:-3] for _, _, files in os.walk(os.path.join(REPO, "tests")) for f in files if f.endswith(".py")}
     allowed = {"torch", "numpy", "pytest", "gridattn_fx", "gridattn_fx_torch_logs", "benchmarks",
                "pip",  # its vendored TOML reader, on Python 3.10 only (_pyproject)
-               "flash_attn", "natten",  # the real ops, imported only where installed (tests/standin_ops.py)
+               # the real ops, imported only where installed (tests/standin_ops.py)
+               "flash_attn", "flash_attn_interface", "natten", "xformers",
                "timm", "transformers", "diffusers", "segment_anything", "torchvision"} | test_modules
     for name, where in _imports(os.path.join(REPO, "tests")).items():
         assert name in sys.stdlib_module_names or name in allowed, (name, sorted(where))
