@@ -137,8 +137,6 @@ def _pinned(size: torch.SymInt) -> int | None:
     """The value an equality guard pins a symbolic size to, if one does: ``s0*s1 - 31`` under the
     guard ``Eq(s0*s1 + 2, 34)`` is 1 in every call this graph serves (Dynamo checks its guards before
     running it), though the ShapeEnv records no replacement for a product of symbols."""
-    import sympy
-
     hint, env = size.node.hint, size.node.shape_env
     if hint is None or env is None:
         return None
@@ -146,12 +144,12 @@ def _pinned(size: torch.SymInt) -> int | None:
     symbols = offset.free_symbols
     for guard in env.guards:
         condition = guard.expr
-        if not isinstance(condition, sympy.Eq):
+        if not getattr(condition, "is_Equality", False):
             continue
         difference = condition.lhs - condition.rhs
         if not symbols or difference.free_symbols != symbols:
             continue  # (a constant offset is no pinned size: is_constant() already read it)
-        ratio = sympy.cancel(offset / difference)
+        ratio = (offset / difference).cancel()
         if ratio.is_number and ratio.is_finite:
             return int(hint)
     return None

@@ -134,3 +134,30 @@ def test_real_model_decisions_and_grouped_equals_masked(case):
         assert not torch.equal(grouped, original)  # models such as DINOv2 move it only a little)
     else:  # nothing rewritten: the graph computes exactly what the model does
         assert torch.equal(grouped, original)
+
+
+def test_diffusers_dispatcher_flex_backend_is_rewritten_like_sdpa():
+    """diffusers' attention dispatcher with ``attention_backend="flex"`` (Wan's processors call
+    ``dispatch_attention_fn``): the FlexAttention op without score_mod / block mask is rewritten
+    (float32: FlexAttention refuses float64 on the CPU; rewrite(), since inductor itself cannot lower
+    this graph's flex_attention on the CPU in torch 2.13: "not enough values to unpack")."""
+    if not zoo.library_available("diffusers:wan"):
+        missing_library("diffusers")
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    model, inputs = zoo.build("diffusers:wan", dtype=torch.float32)
+    active = _AttentionBackendRegistry._active_backend
+    model.set_attention_backend("flex")   # also sets diffusers' process-wide active backend
+    try:
+        with torch.no_grad():
+            gm, report = gridattn_fx.rewrite(model, inputs, stride=2, min_image_tokens=0)
+            gm_masked, _ = gridattn_fx.rewrite(model, inputs, stride=2, min_image_tokens=0, implementation="masked")
+            grouped, masked, original = _tensor(gm(*inputs)), _tensor(gm_masked(*inputs)), _tensor(model(*inputs))
+    finally:
+        model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(active)
+    decisions = {s.module_path: (s.form, s.decision) for s in report.sites}
+    assert decisions == {f"blocks.{i}.attn{j}": ("flex", "rewritten" if j == 1 else "skipped")
+                         for i in (0, 1) for j in (1, 2)}, str(report)
+    torch.testing.assert_close(grouped, masked, atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(grouped, original, atol=1e-4)
