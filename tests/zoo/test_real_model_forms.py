@@ -161,3 +161,68 @@ def test_diffusers_dispatcher_flex_backend_is_rewritten_like_sdpa():
                          for i in (0, 1) for j in (1, 2)}, str(report)
     torch.testing.assert_close(grouped, masked, atol=2e-5, rtol=2e-5)
     assert not torch.allclose(grouped, original, atol=1e-4)
+
+
+def _grouped_masked(model, inputs):
+    with torch.no_grad():
+        gm, report = gridattn_fx.rewrite(model, inputs, stride=2, min_image_tokens=0)
+        gm_masked, _ = gridattn_fx.rewrite(model, inputs, stride=2, min_image_tokens=0, implementation="masked")
+        return report, _tensor(gm(*inputs)), _tensor(gm_masked(*inputs)), _tensor(model(*inputs))
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
+def test_transformers_timesformer_space_time_attention(attention_type):
+    """Frames folded into the batch for the patch embedding, merged back *behind* each position for
+    the temporal half: the spatial half (each frame an image) and joint attention (a 4 x 8 x 8 video
+    stored time-fastest) are rewritten; the temporal half is temporal attention, not an image."""
+    if not zoo.library_available("transformers:vit"):
+        missing_library("transformers")
+    import transformers as t
+
+    config = t.TimesformerConfig(image_size=32, patch_size=4, num_frames=4, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, attention_type=attention_type)
+    torch.manual_seed(0)
+    model = t.TimesformerModel(config).eval().double()
+    inputs = (torch.randn(1, 4, 3, 32, 32, dtype=torch.float64),)
+    report, grouped, masked, original = _grouped_masked(model, inputs)
+    rows = {s.module_path.split(".", 3)[-1]: s for s in report.sites}
+    spatial = rows["attention.attention"]
+    assert spatial.decision == "rewritten", str(report)
+    if attention_type == "joint_space_time":
+        assert spatial.q_layout.image_shape == (4, 8, 8) and spatial.q_layout.order == (1, 2, 0), str(report)
+    else:
+        assert spatial.q_layout.image_shape == (8, 8), str(report)
+        temporal = rows["temporal_attention.attention"]
+        assert temporal.decision == "skipped" and "temporal attention" in temporal.reason, str(report)
+    torch.testing.assert_close(grouped, masked, atol=1e-10, rtol=1e-9)
+    assert not torch.allclose(grouped, original)
+
+
+@pytest.mark.parametrize("name", ["AuraFlowTransformer2DModel", "CogView3PlusTransformer2DModel"])
+def test_diffusers_patchify_without_a_convolution(name):
+    """The latents cut into patches by view/permute, then a Linear: the input's own H and W prove the
+    layout (AuraFlow: 8 register tokens + the text in front of the image in its joint blocks)."""
+    if not zoo.library_available("diffusers:dit"):
+        missing_library("diffusers")
+    import diffusers
+
+    torch.manual_seed(0)
+    if name.startswith("AuraFlow"):
+        model = diffusers.AuraFlowTransformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+            out_channels=4, pos_embed_max_size=64)
+        inputs = (torch.randn(1, 4, 16, 16), torch.randn(1, 8, 32), torch.tensor([500.0]))
+    else:
+        model = diffusers.CogView3PlusTransformer2DModel(
+            patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2, out_channels=4,
+            text_embed_dim=32, time_embed_dim=32, condition_dim=8, pos_embed_max_size=32, sample_size=16)
+        inputs = (torch.randn(1, 4, 16, 16), torch.randn(1, 8, 32), torch.tensor([500.0]), torch.randn(1, 2),
+                  torch.randn(1, 2), torch.randn(1, 2))
+    model = model.eval().double()
+    inputs = tuple(x.double() for x in inputs)
+    report, grouped, masked, original = _grouped_masked(model, inputs)
+    assert report.sites and all(s.decision == "rewritten" for s in report.sites), str(report)
+    assert all(s.q_layout.image_shape == (8, 8) and "model input" in s.evidence for s in report.sites), str(report)
+    torch.testing.assert_close(grouped, masked, atol=1e-10, rtol=1e-9)
+    assert not torch.allclose(grouped, original)
