@@ -439,3 +439,19 @@ def test_declared_input_of_a_site_module_survives_a_reshape_round_trip():
     (site,) = _reports()
     assert (site.decision, str(site.q_layout), site.layout_source) == ("rewritten", "8x8", "declared"), site
     gridattn_fx.unprepare(model)
+
+
+def test_a_site_fed_by_packed_tokens_names_the_declaration_that_rewrites_it():
+    """No graph value proves packed tokens an image: the skip reason is the prepare() line, and that
+    line rewrites the site (crossgraph/suggest.py)."""
+    model = build(TokenInput, depth=1)
+    tokens, ids = torch.randn(1, 1 + 8 * 8, DIM, dtype=torch.float64), _pos_ids(8, 8)
+    _gm, report = gridattn_fx.rewrite(model, (tokens, ids), **OPTS)
+    (site,) = report.sites
+    line = 'gridattn_fx.prepare(model, inputs, tokens=ImageTokens.from_position_ids("pos_ids", prefix=1))'
+    assert site.decision == "skipped" and line in site.reason, site.reason
+    gridattn_fx.prepare(model, (tokens, ids), tokens=ImageTokens.from_position_ids("pos_ids", prefix=1))
+    gridattn_fx.report_history(clear=True)
+    with torch.no_grad():
+        torch.compile(model, backend="gridattn", options=OPTS)(tokens, ids)
+    assert [s.decision for s in _reports()] == ["rewritten"]

@@ -23,7 +23,26 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     # frame of its own: export its forward (the whole model, which needs no remembered layouts).
     target = model.forward if "_gridattn_prepared" in model.__dict__ else model
     gm, _guards = torch._dynamo.export(target, assume_static_by_default=True)(*example_inputs)
+    _name_inputs(gm, model.forward, example_inputs)
     return gm
+
+
+def _name_inputs(gm: fx.GraphModule, forward, example_inputs) -> None:
+    """Export names its inputs ``arg0``...; record the forward parameter each one is (``meta
+    ["gridattn_input"]``), so that reports name ``hidden_states`` (crossgraph/suggest.py)."""
+    import inspect
+
+    from torch.utils._pytree import tree_leaves
+
+    try:
+        bound = inspect.signature(forward).bind(*example_inputs)
+    except (TypeError, ValueError):
+        return
+    names = [name for name, value in bound.arguments.items() for _leaf in tree_leaves(value)]  # export's order
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    if len(names) == len(placeholders):
+        for node, name in zip(placeholders, names):
+            node.meta["gridattn_input"] = name
 
 
 def rewrite(model_or_graph_module, example_inputs, config: GridAttnConfig | None = None, **options

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..config import GridAttnConfig
+from ..crossgraph.suggest import declaration_for
 from ..grid import (
     GridPlan,
     MaskSpec,
@@ -188,8 +189,12 @@ def not_causal(f: SiteFacts) -> Skip | None:
 
 def query_is_image(f: SiteFacts) -> Skip | None:
     if f.q_layout is None:
-        return Skip(SkipKind.NO_QUERY_LAYOUT, f"query: {f.q_why}",
-                    lost_at=f.layouts.lost_at(f.site.query))
+        lost_at, why = f.layouts.lost_at(f.site.query), f"query: {f.q_why}"
+        if lost_at is None and f.site.query not in f.layouts.facts:
+            # no image ever reached it: tokens packed before the model (Flux) need a declaration
+            line = declaration_for(f.layouts.gm, f.site.query, f.site.query_dim)
+            why += f"; {line}" if line else ""
+        return Skip(SkipKind.NO_QUERY_LAYOUT, why, lost_at=lost_at)
     return None
 
 
