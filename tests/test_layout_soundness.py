@@ -708,3 +708,52 @@ def test_images_packed_into_one_sequence_stay_dense_and_say_why():
     assert s.decision == "skipped" and "several images packed into one sequence" in s.reason, str(report)
     with torch.no_grad():
         assert_equal_exact(gm(*inputs), model(*inputs))
+
+
+class SliceWrite(nn.Module):
+    """CogView4 writes its rotary embedding into the image part of q and k in place:
+    ``q[:, :, text:, :] = rope(q[:, :, text:, :])``. ``value`` picks what is written there."""
+
+    def __init__(self, value="rope", dim=DIM, heads=HEADS):
+        super().__init__()
+        self.value, self.heads = value, heads
+        self.patch = nn.Conv2d(3, dim, 2, 2)
+        self.text = nn.Parameter(torch.randn(1, 3, dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.oracle = None
+
+    def forward(self, img, other):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.text.expand(x.shape[0], -1, -1), x], 1)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        t = self.text.shape[1]
+        freqs = torch.linspace(0.5, 1.5, n - t, dtype=x.dtype)[:, None]
+        if self.value == "rope":        # per-position values: every token stays where it is
+            q[:, :, t:, :] = q[:, :, t:, :] * freqs.cos() + q[:, :, t:, :].roll(1, -1) * freqs.sin()
+            k[:, :, t:, :] = k[:, :, t:, :] * freqs.cos()
+        elif self.value == "flipped":   # the image tokens reversed: no longer the image's raster
+            q[:, :, t:, :] = q[:, :, t:, :].flip(2)
+        else:                           # another image's tokens written over q's
+            y = self.patch(other).flatten(2).transpose(1, 2)
+            q[:, :, t:, :] = self.qkv(y)[..., :c].view(b, n - t, self.heads, c // self.heads).transpose(1, 2)
+        return attend(self, q, k, v).transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("value,decision", [("rope", "rewritten"), ("flipped", "skipped"), ("other", "skipped")])
+def test_a_slice_written_in_place_keeps_the_layout_only_with_a_value_laid_out_alike(value, decision):
+    model = build(SliceWrite, value=value)
+    inputs = (image(2, 8, 12), image(2, 8, 12))
+    gm, report = gridattn_fx.rewrite(model, inputs, stride=2, min_image_tokens=0)
+    (s,) = report.sites
+    assert s.decision == decision, str(report)
+    with torch.no_grad():
+        if decision == "skipped":
+            assert_equal_exact(gm(*inputs), model(*inputs))
+            return
+        layout = TokenLayout(3, 4, 6, 0)
+        model.oracle = (layout, layout, 2)
+        expected = model(*inputs)
+        model.oracle = None
+        assert_close64(gm(*inputs), expected)
+        assert_differs(expected, model(*inputs))

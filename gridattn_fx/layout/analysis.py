@@ -100,7 +100,7 @@ from .facts import (
     _trail_text,
     layout_source,
 )
-from .mutation import _alias_closure, _feature_fills, _written_tensors
+from .mutation import _alias_closure, _feature_fills, _slice_writes, _written_tensors
 from .reshape import _broadcast, _index, _normalized_shape, _permute, _reshape
 
 __all__ = ["LayoutAnalysis", "LayoutSource", "Spatial", "Tokens", "layout_source"]
@@ -143,16 +143,35 @@ class LayoutAnalysis:
         self.hints = hints or {}
         self.hint_conflicts = dict(hint_conflicts or {})
         self.fills = _feature_fills(gm)
-        self.written = _written_tensors(gm, skip={w for writes in self.fills.values() for w in writes})
+        fill_writes = {w for writes in self.fills.values() for w in writes}
+        self.slice_writes = [w for w in _slice_writes(gm) if w not in fill_writes]
+        self.written = _written_tensors(gm, skip=fill_writes | set(self.slice_writes))
         self._run()
-        # An in-place pointwise op keeps positions only if it adds nothing laid out differently
-        # (``x.add_(x.transpose(1, 2))`` would not): where its own fact is lost, so is its target's.
-        bad = {dest: node for node in gm.graph.nodes if node in self._inplace_pointwise
-               and self.facts.get(node) is None
-               for dest in written_args(node) if self.facts.get(dest) is not None}
-        if bad:
+        while True:
+            # An in-place pointwise op keeps positions only if it adds nothing laid out differently
+            # (``x.add_(x.transpose(1, 2))`` would not): where its own fact is lost, so is its target's.
+            bad = {dest: node for node in gm.graph.nodes if node in self._inplace_pointwise
+                   and self.facts.get(node) is None
+                   for dest in written_args(node) if self.facts.get(dest) is not None}
+            bad.update(self._unproven_slice_writes())
+            if not bad:
+                break
             self.written.update(_alias_closure(gm, bad, self.written))
             self._run()
+
+    def _unproven_slice_writes(self) -> dict[fx.Node, fx.Node]:
+        """The basic-index writes (:func:`_slice_writes`) whose value is not laid out as the part of
+        the tensor it overwrites (or whose tensor has no fact to compare with), not yet counted."""
+        bad = {}
+        for write in self.slice_writes:
+            dest, index, value = write.args
+            if dest in self.written:
+                continue
+            target, laid = self.facts.get(dest), self.facts.get(value)
+            part = _index(target, _shape(dest), resolve(index), write.name) if target is not None else None
+            if part is None or laid is None or _positions(part) != _positions(laid) or part.image != laid.image:
+                bad[dest] = write
+        return bad
 
     def _run(self):
         self.facts: dict[fx.Node, object] = {}

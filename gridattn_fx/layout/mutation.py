@@ -95,6 +95,25 @@ def _feature_fills(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     return fills
 
 
+def _slice_writes(gm: fx.GraphModule) -> list[fx.Node]:
+    """``x[index] = value`` with basic indexing (slices, ints, Ellipsis) and a tensor value: CogView4
+    writes its rotary embedding into the image part of q that way
+    (``q[:, :, text:, :] = rope(q[:, :, text:, :])``). Such a write keeps x's layout when the value
+    is laid out as ``x[index]`` is; :class:`LayoutAnalysis` checks that and counts the write as any
+    other where it fails."""
+    writes = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not operator.setitem or len(node.args) != 3:
+            continue
+        dest, index, value = node.args
+        parts = index if isinstance(index, tuple) else (index,)
+        basic = all(p is Ellipsis or isinstance(p, (int, slice)) and not isinstance(p, bool) for p in parts)
+        if isinstance(dest, fx.Node) and isinstance(value, fx.Node) and basic and all(
+                not isinstance(b, fx.Node) for p in parts if isinstance(p, slice) for b in (p.start, p.stop, p.step)):
+            writes.append(node)
+    return writes
+
+
 def _written_tensors(gm: fx.GraphModule, skip=frozenset()) -> dict[fx.Node, fx.Node]:
     """Every node whose tensor (or an alias of it) some op writes into in a way that can move
     values between positions, mapped to that op. In-place pointwise ops (``x.add_(y)``,
