@@ -455,3 +455,20 @@ def test_a_site_fed_by_packed_tokens_names_the_declaration_that_rewrites_it():
     with torch.no_grad():
         torch.compile(model, backend="gridattn", options=OPTS)(tokens, ids)
     assert [s.decision for s in _reports()] == ["rewritten"]
+
+
+def test_text_tokens_get_no_declaration_hint():
+    """Text or conditioning inputs (by name) are never offered as images: a wrong declaration is no fix."""
+
+    class TextEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block(DIM)
+
+        def forward(self, encoder_hidden_states):
+            return self.block(encoder_hidden_states)
+
+    text = torch.randn(1, 64, DIM, dtype=torch.float64)
+    _gm, report = gridattn_fx.rewrite(build(TextEncoder), (text,), **OPTS)
+    (site,) = report.sites
+    assert site.decision == "skipped" and "declare" not in site.reason, site.reason

@@ -17,6 +17,8 @@ import torch.fx as fx
 from ..ir.values import value_of
 
 _MAX_VISITS = 5000
+# Inputs whose names say they hold text or conditioning, never packed latents.
+_TEXT = re.compile(r"encoder|text|caption|prompt|context|cond", re.IGNORECASE)
 
 
 def input_name(node: fx.Node) -> str:
@@ -97,7 +99,11 @@ def _declaration_for(gm: fx.GraphModule, node: fx.Node, seq_dim: int) -> str | N
         return None
     source = max(inputs, key=lambda p: value_of(p).shape[1])  # the image, not the text of a joint attention
     name, tokens = input_name(source), value_of(source).shape[1]
+    if name.startswith("_"):
+        return None  # a value Dynamo carried across a graph break (``___stack0``), not a model input
     ids = _position_ids(gm, tokens)
+    if ids is None and _TEXT.search(name):
+        return None  # text / conditioning tokens: a declaration would be wrong, not a fix
     if ids is not None:
         prefix = tokens - value_of(ids).shape[-2]
         extra = f", prefix={prefix}" if prefix else ""
