@@ -351,3 +351,41 @@ def test_frames_behind_tokens_of_two_different_images_are_not_a_video():
     assert [s.decision for s in report.sites] == ["skipped"], str(report)
     with torch.no_grad():
         assert_equal_exact(gm(*inputs), model(*inputs))
+
+
+class TemporalBlocks(nn.Module):
+    """UNet3D's layers around its spatial attention: frames folded into the batch for a Conv2d, then
+    a temporal conv (GroupNorm over the 5-D video, a Conv3d over frames, added to its per-frame
+    residual) and a temporal transformer (positions folded into the batch, attention over frames,
+    added back), then per-frame spatial self-attention."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, dim, 2, 2)
+        self.norm = nn.GroupNorm(4, dim)
+        self.temporal_conv = nn.Conv3d(dim, dim, (3, 1, 1), padding=(1, 0, 0))
+        self.temporal = Attention(dim)
+        self.spatial = Attention(dim)
+
+    def forward(self, video):   # (B, T, 3, H, W)
+        b, t = video.shape[:2]
+        x = self.conv_in(video.flatten(0, 1))                                       # (B*T, C, h, w)
+        c, h, w = x.shape[1:]
+        v = x.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)                         # (B, C, T, h, w)
+        v = self.temporal_conv(self.norm(v))
+        x = x + v.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        s = x.reshape(b, t, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, t, c)  # positions in the batch
+        s = s + self.temporal(s)
+        x = s.reshape(b, h * w, t, c).permute(0, 2, 1, 3).reshape(b * t, h * w, c)  # frames in the batch
+        return x + self.spatial(x)
+
+
+def test_spatial_attention_after_temporal_convs_and_temporal_attention():
+    model = build(TemporalBlocks)
+    inputs = (torch.randn(2, 3, 3, 8, 12, dtype=torch.float64),)
+    gm, report = rewrite(model, inputs)
+    temporal, spatial = site(report, "temporal"), site(report, "spatial")
+    assert temporal.decision == "skipped" and "temporal attention" in temporal.reason, str(report)
+    layout = TokenLayout(0, 4, 6, 0)
+    assert spatial.decision == "rewritten" and spatial.q_layout == layout, str(report)
+    assert_matches_oracle(gm, model, inputs, {"spatial": layout})

@@ -367,9 +367,14 @@ class LayoutAnalysis:
             # puts every output token back in place).
             query, query_dim = self.attention_outputs[node]
             fact = self.facts.get(query)
-            on_seq_axis = isinstance(fact, Tokens) and fact.dim == query_dim % len(_shape(query))
+            seq = query_dim % len(_shape(query))
+            on_seq_axis = isinstance(fact, Tokens) and fact.dim == seq
             same_rank = _shape(node) is not None and len(_shape(node)) == len(_shape(query))
-            return _step(fact, "attention") if on_seq_axis and same_rank else None
+            # Attention along an axis that indexes images (the temporal half of divided space-time
+            # attention: frames) mixes values across frames at each position and moves none.
+            across_images = (fact is not None and seq in fact.batch and same_rank and all(
+                _same_size(_shape(node)[d], _shape(query)[d]) for d in (*fact.dims(), *fact.batch)))
+            return _step(fact, "attention") if (on_seq_axis and same_rank) or across_images else None
         if node.op == "call_function" and node.target is operator.getitem and not isinstance(_val(node.args[0]), torch.Tensor):
             pieces = self.facts.get(node.args[0])
             return pieces[node.args[1]] if isinstance(pieces, tuple) else None
@@ -499,11 +504,12 @@ class LayoutAnalysis:
 
     def _channel_norm(self, node, name, fact, out):
         """Norms with a channel axis 1: per-channel statistics (batch norm, in eval or training
-        mode) or per-sample ones (group / instance norm) never move a value to another position."""
+        mode) or per-sample ones (group / instance norm, whose statistics may span the frames of a
+        5-D video) never move a value to another position."""
         if rule(name).per_channel:
             ok = 1 not in fact.dims() and 1 not in fact.batch and len(_shape(node.args[0])) >= 2
-        else:
-            ok = all(d >= 2 for d in fact.dims()) and set(fact.batch) <= {0}
+        else:  # statistics over a sample's channels and positions (and frames): nothing moves
+            ok = all(d >= 2 for d in fact.dims()) and 1 not in fact.batch
         return _step(fact, name) if ok else None
 
     def _source_text(self, node, name, out) -> str:

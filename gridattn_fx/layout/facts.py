@@ -172,11 +172,25 @@ def _merge(facts: list):
     channels): they must agree on positions and image axes; the values mix their images."""
     first = facts[0]
     if any(_positions(f) != _positions(first) for f in facts[1:]):
-        return None
+        facts = [_per_frame(f) for f in facts]  # a video plus its frames as images: images agree
+        first = facts[0]
+        if any(f is None for f in facts) or any(_positions(f) != _positions(first) for f in facts[1:]):
+            return None
     batch = tuple(sorted({b for f in facts for b in f.batch}))  # a size-1 image axis may be untracked
     images = sorted({f.image for f in facts}, key=repr)
     image = images[0] if len(images) == 1 else (("mix", tuple(images)),)
     return replace(first, batch=batch, image=image)
+
+
+def _per_frame(fact):
+    """A Spatial fact as images, one per frame: a video's frame axis becomes an axis that indexes
+    images (UNet3D adds a temporal Conv3d's video to its frames-as-images residual). A weaker fact,
+    never a wrong one: every frame's rows and columns stay where they are. None for token facts."""
+    if not isinstance(fact, Spatial):
+        return None
+    if fact.rank != 3:
+        return fact
+    return replace(fact, axes=fact.axes[1:], sizes=fact.sizes[1:], batch=tuple(sorted({*fact.batch, fact.axes[0]})))
 
 
 def _image_text(image: tuple) -> str:

@@ -198,10 +198,12 @@ def test_transformers_timesformer_space_time_attention(attention_type):
     assert not torch.allclose(grouped, original)
 
 
-@pytest.mark.parametrize("name", ["AuraFlowTransformer2DModel", "CogView3PlusTransformer2DModel"])
+@pytest.mark.parametrize("name", ["AuraFlowTransformer2DModel", "CogView3PlusTransformer2DModel",
+                                  "CogView4Transformer2DModel"])
 def test_diffusers_patchify_without_a_convolution(name):
     """The latents cut into patches by view/permute, then a Linear: the input's own H and W prove the
-    layout (AuraFlow: 8 register tokens + the text in front of the image in its joint blocks)."""
+    layout (AuraFlow: 8 register tokens + the text in front of the image in its joint blocks;
+    CogView4 then writes its rotary embedding into the image part of q and k in place)."""
     if not zoo.library_available("diffusers:dit"):
         missing_library("diffusers")
     import diffusers
@@ -213,6 +215,13 @@ def test_diffusers_patchify_without_a_convolution(name):
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
             out_channels=4, pos_embed_max_size=64)
         inputs = (torch.randn(1, 4, 16, 16), torch.randn(1, 8, 32), torch.tensor([500.0]))
+    elif name.startswith("CogView4"):
+        model = diffusers.CogView4Transformer2DModel(
+            patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2, out_channels=4,
+            text_embed_dim=32, time_embed_dim=32, condition_dim=8, pos_embed_max_size=32, sample_size=16,
+            rope_axes_dim=(8, 8))
+        inputs = (torch.randn(1, 4, 16, 16), torch.randn(1, 8, 32), torch.tensor([500.0]), torch.randn(1, 2),
+                  torch.randn(1, 2), torch.randn(1, 2))
     else:
         model = diffusers.CogView3PlusTransformer2DModel(
             patch_size=2, in_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2, out_channels=4,
@@ -224,5 +233,34 @@ def test_diffusers_patchify_without_a_convolution(name):
     report, grouped, masked, original = _grouped_masked(model, inputs)
     assert report.sites and all(s.decision == "rewritten" for s in report.sites), str(report)
     assert all(s.q_layout.image_shape == (8, 8) and "model input" in s.evidence for s in report.sites), str(report)
+    torch.testing.assert_close(grouped, masked, atol=1e-10, rtol=1e-9)
+    assert not torch.allclose(grouped, original)
+
+
+def test_diffusers_unet3d_spatial_attention_around_temporal_layers():
+    """UNet3DConditionModel: frames folded into the batch for 2-D convs, temporal Conv3d layers and
+    temporal transformers in between. Every spatial self-attention is rewritten, every temporal one
+    says it is temporal attention, cross-attention keys are text."""
+    if not zoo.library_available("diffusers:dit"):
+        missing_library("diffusers")
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.UNet3DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), block_out_channels=(32, 64), layers_per_block=1,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval().double()
+    inputs = (torch.randn(1, 4, 4, 16, 16, dtype=torch.float64), torch.tensor([500]),
+              torch.randn(1, 8, 32, dtype=torch.float64))
+    report, grouped, masked, original = _grouped_masked(model, inputs)
+    for s in report.sites:
+        temporal = "temp_attentions" in s.module_path or s.module_path.startswith("transformer_in")
+        if temporal:
+            assert s.decision == "skipped" and "temporal attention" in s.reason, s.reason
+        elif s.module_path.endswith("attn1"):
+            assert s.decision == "rewritten", s.reason
+        else:
+            assert s.decision == "skipped" and "cross-attention" in s.reason, s.reason
+    assert len(report.rewritten) == 4, str(report)
     torch.testing.assert_close(grouped, masked, atol=1e-10, rtol=1e-9)
     assert not torch.allclose(grouped, original)
