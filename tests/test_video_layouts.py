@@ -389,3 +389,42 @@ def test_spatial_attention_after_temporal_convs_and_temporal_attention():
     layout = TokenLayout(0, 4, 6, 0)
     assert spatial.decision == "rewritten" and spatial.q_layout == layout, str(report)
     assert_matches_oracle(gm, model, inputs, {"spatial": layout})
+
+
+class FramesFlattenedInFront(nn.Module):
+    """EasyAnimate: a Conv2d over frames folded into the batch, the frames unfolded again and
+    flattened with rows and columns into the sequence, time slowest. ``two_images``: the "frames"
+    are two different images concatenated along the batch, which is no video."""
+
+    def __init__(self, dim=DIM, two_images=False):
+        super().__init__()
+        self.two_images = two_images
+        self.proj = nn.Conv2d(3, dim, 2, 2)
+        self.attn = Attention(dim)
+
+    def forward(self, video, other):   # (B, 3, T, H, W)
+        b, t = video.shape[0], video.shape[2]
+        if self.two_images:
+            y = torch.cat([self.proj(video[:, :, 0]), self.proj(other)])               # (2B, C, h, w)
+            t = 2
+        else:
+            y = self.proj(video.permute(0, 2, 1, 3, 4).flatten(0, 1))                   # (B*T, C, h, w)
+        y = y.unflatten(0, (t, b) if self.two_images else (b, t))
+        y = y.transpose(0, 1) if self.two_images else y                                # (B, T, C, h, w)
+        x = y.permute(0, 2, 1, 3, 4).flatten(2, 4).transpose(1, 2)                     # (B, T*h*w, C)
+        return x + self.attn(x)
+
+
+@pytest.mark.parametrize("two_images", [False, True])
+def test_frames_flattened_in_front_of_rows_and_columns(two_images):
+    model = build(FramesFlattenedInFront, two_images=two_images)
+    inputs = (video(2, 3, 8, 12), torch.randn(2, 3, 8, 12, dtype=torch.float64))
+    gm, report = rewrite(model, inputs)
+    if two_images:
+        assert site(report, "attn").decision == "skipped", str(report)
+        with torch.no_grad():
+            assert_equal_exact(gm(*inputs), model(*inputs))
+        return
+    layout = video_layout(3, 4, 6)
+    expect_video_rewritten(report, "attn", layout)
+    assert_matches_oracle(gm, model, inputs, {"attn": layout})

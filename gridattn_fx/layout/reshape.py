@@ -169,6 +169,8 @@ def _reshape_fact(fact, in_shape, out_shape, name):
         return None
     if all(g is groups_of[0] for g in groups_of):  # every image axis merges into one sequence axis
         gi, go = groups_of[0]
+        if len(go) == 1 and sorted(gi) != sorted(fact.axes):
+            return _frames_in_front(fact, gi, go[0], in_shape, in_batch, name)
         if len(go) != 1 or sorted(gi) != sorted(fact.axes):
             return None
         order = tuple(sorted(range(fact.rank), key=lambda i: fact.axes[i]))
@@ -204,6 +206,24 @@ def _frames_behind(fact: Tokens, inner: list, dim: int, name: str):
     video = replace(fact, dim=dim, image_shape=(frames, *fact.image_shape),
                     order=(*(a + 1 for a in fact.order), 0), image=fact.image + (("frames", frames),))
     return _step(video, name + " (frames behind tokens)")
+
+
+def _frames_in_front(fact: Spatial, gi: list, dim: int, in_shape, in_batch, name: str):
+    """Frames (an axis indexing images) merged with rows and columns into one sequence axis, in
+    front of them (EasyAnimate: a Conv2d over frames folded into the batch, then
+    ``x.unflatten(0, (B, T)).permute(0, 2, 1, 3, 4).flatten(2, 4)``): a T x H x W video, time
+    slowest. Proven under the conditions of layout/facts.py _frames_merged (one such axis, of
+    static size, indexing frames of one source tensor); anything else mixes images' tokens."""
+    extra = [d for d in gi if d not in fact.axes]
+    if (fact.rank != 2 or len(extra) != 1 or extra[0] not in in_batch or extra[0] > min(fact.axes)
+            or _static(in_shape[extra[0]]) is None or not fact.image or fact.image[0][0] != "root"):
+        return None
+    frames = _static(in_shape[extra[0]])
+    order = tuple(sorted(range(fact.rank), key=lambda i: fact.axes[i]))
+    batch = tuple(b for b in fact.batch if b != dim)  # (already output axes: the frames went into ``dim``)
+    return _step(Tokens(dim, 0, (frames, *fact.sizes), 0, (0, *(a + 1 for a in order)), fact.origin, fact.trail,
+                        fact.image + (("frames", frames),), batch, source=fact.source, marked=fact.marked),
+                 name + " (frames in front)")
 
 
 def _frames_folded(fact: Spatial, owner: dict) -> Spatial:

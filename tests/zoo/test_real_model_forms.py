@@ -264,3 +264,24 @@ def test_diffusers_unet3d_spatial_attention_around_temporal_layers():
     assert len(report.rewritten) == 4, str(report)
     torch.testing.assert_close(grouped, masked, atol=1e-10, rtol=1e-9)
     assert not torch.allclose(grouped, original)
+
+
+def test_diffusers_easyanimate_frames_flattened_in_front():
+    """EasyAnimate embeds frames folded into the batch with a Conv2d, then flattens frames, rows and
+    columns into one sequence: a 4 x 8 x 8 video behind 8 text tokens."""
+    if not zoo.library_available("diffusers:dit"):
+        missing_library("diffusers")
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=16,
+        sample_height=16, num_layers=1, mmdit_layers=1, time_embed_dim=32, text_embed_dim=32,
+        enable_text_attention_mask=False).eval().double()
+    inputs = (torch.randn(1, 4, 4, 16, 16, dtype=torch.float64), torch.tensor([500]), None,
+              torch.randn(1, 8, 32, dtype=torch.float64))
+    report, grouped, masked, original = _grouped_masked(model, inputs)
+    (s,) = report.sites
+    assert s.decision == "rewritten" and s.q_layout.prefix == 8 and s.q_layout.image_shape == (4, 8, 8), str(report)
+    torch.testing.assert_close(grouped, masked, atol=1e-10, rtol=1e-9)
+    assert not torch.allclose(grouped, original)
