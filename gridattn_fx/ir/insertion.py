@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from .graphs import transfer_meta
+from .values import known_true
 from .values import value_of as _val
 
 
@@ -131,8 +132,6 @@ def size_node(graph: fx.Graph, sym: "torch.SymInt", before: fx.Node):
     """A graph value computing ``sym``, available at ``before``: a node whose value is that SymInt,
     else a new ``sym_size`` of the first tensor that has it as a dimension. Raises ``LookupError``
     when no value before ``before`` carries it."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
     expr = sym.node.expr
     for node in graph.nodes:
         if node is before:
@@ -143,7 +142,7 @@ def size_node(graph: fx.Graph, sym: "torch.SymInt", before: fx.Node):
         if isinstance(value, torch.Tensor):
             for dim, size in enumerate(value.shape):
                 if isinstance(size, torch.SymInt) and (size.node.expr == expr or (
-                        size.node.hint == sym.node.hint and statically_known_true(size == sym))):
+                        size.node.hint == sym.node.hint and known_true(size == sym))):
                     with graph.inserting_before(before):
                         made = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
                     made.meta["gridattn"] = "size"

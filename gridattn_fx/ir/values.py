@@ -15,3 +15,13 @@ def value_of(node):
 def shape_of(node) -> tuple | None:
     val = value_of(node)
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def known_true(condition) -> bool:
+    """A size condition that holds for every size the ShapeEnv allows (no guard is installed); a
+    plain bool as it is."""
+    if isinstance(condition, bool):
+        return condition
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(condition)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..ir.values import known_true
+
 
 class LayoutSource(str, enum.Enum):
     """Where a fact came from (the report's "layout ..." note); a str so that it prints as its value."""
@@ -111,16 +113,7 @@ def _same_size(a, b) -> bool:
         return False
     if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr:
         return True
-    return _known(a == b)
-
-
-def _known(condition) -> bool:
-    """A size condition that holds for every size the ShapeEnv allows (no guard is installed)."""
-    if isinstance(condition, bool):
-        return condition
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return statically_known_true(condition)
+    return known_true(a == b)
 
 
 def _static(size) -> int | None:

@@ -12,7 +12,8 @@ from dataclasses import replace
 import torch
 
 from ..ir.op_catalogue import arg, resolve
-from .facts import Spatial, Tokens, _frames_merged, _hint, _known, _remap, _same_size, _shift, _static, _step
+from ..ir.values import known_true
+from .facts import Spatial, Tokens, _frames_merged, _hint, _remap, _same_size, _shift, _static, _step
 
 
 def _normalized_shape(node, gm):
@@ -337,8 +338,8 @@ def _is_full(item, length) -> bool:
     if not isinstance(item, slice):
         return False
     if any(isinstance(x, torch.SymInt) for x in (item.start, item.stop, item.step, length)):
-        return (item.step in (None, 1) and (item.start is None or _known(item.start == 0))
-                and (item.stop is None or _known(item.stop >= length)))
+        return (item.step in (None, 1) and (item.start is None or known_true(item.start == 0))
+                and (item.stop is None or known_true(item.stop >= length)))
     n = _hint(length)
     bounds = [_hint(x) if x is not None else None for x in (item.start, item.stop, item.step)]
     if n is None or any(b is None and raw is not None for b, raw in zip(bounds, (item.start, item.stop, item.step))):
@@ -384,12 +385,12 @@ def _slice_symbolic(fact, dim, sl: slice, length):
     stop = length if sl.stop is None or (isinstance(sl.stop, int) and sl.stop >= 2 ** 62) else sl.stop
     start = start + length if isinstance(start, int) and start < 0 else start
     stop = stop + length if isinstance(stop, int) and stop < 0 else stop
-    if not (_known(start >= 0) and _known(start <= stop) and _known(stop <= length)):
+    if not (known_true(start >= 0) and known_true(start <= stop) and known_true(stop <= length)):
         return None
-    if _known(start == 0) and _known(stop == length):
+    if known_true(start == 0) and known_true(stop == length):
         return fact
     if isinstance(fact, Spatial):
         return _resized(fact, dim, stop - start)
-    if _known(start <= fact.prefix) and _known(stop >= fact.prefix + fact.image_tokens):
+    if known_true(start <= fact.prefix) and known_true(stop >= fact.prefix + fact.image_tokens):
         return replace(fact, prefix=fact.prefix - start, suffix=fact.suffix - (length - stop))
     return None

@@ -27,11 +27,10 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..ir.graphs import subgraph_of
 from ..ir.ops import op_name
-from ..ir.values import shape_of, value_of
+from ..ir.values import known_true, shape_of, value_of
 from .site import AttentionSite
 
 
@@ -271,14 +270,6 @@ def _replacement(op: AttentionOp):
     return build
 
 
-def _value(x):
-    return value_of(x) if isinstance(x, fx.Node) else x
-
-
-def _known(condition) -> bool:
-    return statically_known_true(condition) if isinstance(condition, torch.SymBool) else bool(condition)
-
-
 def _batched(packed) -> fx.Node | None:
     """The (B, L, H, D) tensor a (B * L, H, D) one was flattened from, if it provably was."""
     if not isinstance(packed, fx.Node) or op_name(packed) not in ("flatten", "reshape", "view"):
@@ -287,7 +278,7 @@ def _batched(packed) -> fx.Node | None:
     outer, inner = shape_of(source), shape_of(packed)
     if outer is None or inner is None or len(outer) != 4 or len(inner) != 3:
         return None
-    same = _known(inner[0] == outer[0] * outer[1]) and all(_known(a == b) for a, b in zip(inner[1:], outer[2:]))
+    same = known_true(inner[0] == outer[0] * outer[1]) and all(known_true(a == b) for a, b in zip(inner[1:], outer[2:]))
     return source if same else None
 
 
@@ -295,13 +286,13 @@ def _one_per_sequence(cu, batch, length) -> bool:
     """``cu`` is ``arange(0, end, length)`` with exactly ``batch + 1`` entries: 0, L, ..., B * L."""
     if not isinstance(cu, fx.Node) or op_name(cu) != "arange":
         return False
-    args = [_value(x) for x in cu.args]
+    args = [value_of(x) for x in cu.args]
     start, end = (args[0], args[1]) if len(args) >= 2 else (0, args[0] if args else None)
-    step = args[2] if len(args) >= 3 else _value(cu.kwargs.get("step", 1))
+    step = args[2] if len(args) >= 3 else value_of(cu.kwargs.get("step", 1))
     if end is None or any(isinstance(x, float) for x in (start, end, step)):
         return False
-    return (_known(start == 0) and _known(step == length) and _known(end > batch * length)
-            and _known(end <= (batch + 1) * length))
+    return (known_true(start == 0) and known_true(step == length) and known_true(end > batch * length)
+            and known_true(end <= (batch + 1) * length))
 
 
 def _unpacked(op: AttentionOp, a: dict):
