@@ -215,6 +215,21 @@ def _single_frame_is_an_image(fact):
     return fact
 
 
+def _frame_count(fact, merged) -> int | None:
+    """How many frames the axes ``merged`` with a 2-D image's tokens hold ((size, indexes images)
+    each), when they are frames: exactly one axis of size > 1, one that indexes images of one source
+    tensor (not images concatenated or stacked from different tensors: two images of a feature
+    matcher glued into one sequence are no video), of static size, around an image that fills each
+    frame's tokens (no prefix or suffix). None otherwise (symbolic frame counts or borders are not
+    proven here)."""
+    outer = [(size, is_batch) for size, is_batch in merged if _hint(size) != 1]
+    if len(outer) != 1 or not outer[0][1] or fact.rank != 2 or not fact.image or fact.image[0][0] != "root":
+        return None
+    if isinstance(fact, Tokens) and (_static(fact.prefix) != 0 or _static(fact.suffix) != 0):
+        return None
+    return _static(outer[0][0])
+
+
 def _frames_merged(fact: Tokens) -> Tokens:
     """Tokens with outer axes merged in front of them, read as a video when those axes are frames:
     exactly one merged axis of size > 1, an axis that indexes images of one source tensor (frames
@@ -222,15 +237,9 @@ def _frames_merged(fact: Tokens) -> Tokens:
     from different tensors), and an image that fills each frame's tokens (no prefix or suffix, an
     image, not already a video). Token ``f * N + n`` is then token ``n`` of frame ``f``:
     a T x H x W layout, time slowest. Anything else is returned as it is (still merged)."""
-    outer = [(size, is_batch) for size, is_batch in fact.lead if _hint(size) != 1]
-    if (len(outer) != 1 or not outer[0][1] or fact.rank != 2 or _static(fact.prefix) != 0
-            or _static(fact.suffix) != 0 or _static(outer[0][0]) is None):
-        return fact  # (symbolic frame counts or borders: not proven here)
-    if not fact.image or fact.image[0][0] != "root":
-        # The images along that axis were concatenated / stacked from different tensors (two
-        # images of a feature matcher glued into one sequence): not the frames of one video.
+    frames = _frame_count(fact, fact.lead)
+    if frames is None:
         return fact
-    frames = _static(outer[0][0])
     batch = tuple(b for b in fact.batch if b != fact.dim)
     return _single_frame_is_an_image(replace(
         fact, image_shape=(frames, *fact.image_shape), order=(0, *(a + 1 for a in fact.order)), lead=(),

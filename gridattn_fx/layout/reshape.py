@@ -13,7 +13,7 @@ import torch
 
 from ..ir.op_catalogue import arg, resolve
 from ..ir.values import known_true
-from .facts import Spatial, Tokens, _frames_merged, _hint, _remap, _same_size, _shift, _static, _step
+from .facts import Spatial, Tokens, _frame_count, _frames_merged, _hint, _remap, _same_size, _shift, _static, _step
 
 
 def _normalized_shape(node, gm):
@@ -195,15 +195,11 @@ def _reshape_fact(fact, in_shape, out_shape, name):
 def _frames_behind(fact: Tokens, inner: list, dim: int, name: str):
     """Frames merged *behind* each token (TimeSformer's divided space-time:
     ``x.view(B, N, T, C).reshape(B, N * T, C)``): token ``n * T + f`` is frame ``f`` of position
-    ``n``, a T x H x W video stored with time fastest. Proven under the conditions of
-    :func:`_frames_merged` (one merged axis of size > 1 that indexes frames of one source tensor,
-    a whole 2-D image, static frame count); anything else mixes tokens of different images."""
-    outer = [(size, is_batch) for size, is_batch in inner if _hint(size) != 1]
-    if (len(outer) != 1 or not outer[0][1] or fact.rank != 2 or _static(fact.prefix) != 0
-            or _static(fact.suffix) != 0 or _static(outer[0][0]) is None
-            or not fact.image or fact.image[0][0] != "root"):
+    ``n``, a T x H x W video stored with time fastest, when those axes are frames
+    (layout/facts.py _frame_count); anything else mixes tokens of different images."""
+    frames = _frame_count(fact, inner)
+    if frames is None:
         return None
-    frames = _static(outer[0][0])
     video = replace(fact, dim=dim, image_shape=(frames, *fact.image_shape),
                     order=(*(a + 1 for a in fact.order), 0), image=fact.image + (("frames", frames),))
     return _step(video, name + " (frames behind tokens)")
@@ -213,13 +209,12 @@ def _frames_in_front(fact: Spatial, gi: list, dim: int, in_shape, in_batch, name
     """Frames (an axis indexing images) merged with rows and columns into one sequence axis, in
     front of them (EasyAnimate: a Conv2d over frames folded into the batch, then
     ``x.unflatten(0, (B, T)).permute(0, 2, 1, 3, 4).flatten(2, 4)``): a T x H x W video, time
-    slowest. Proven under the conditions of layout/facts.py _frames_merged (one such axis, of
-    static size, indexing frames of one source tensor); anything else mixes images' tokens."""
+    slowest, when that axis holds frames (layout/facts.py _frame_count); anything else mixes
+    images' tokens."""
     extra = [d for d in gi if d not in fact.axes]
-    if (fact.rank != 2 or len(extra) != 1 or extra[0] not in in_batch or extra[0] > min(fact.axes)
-            or _static(in_shape[extra[0]]) is None or not fact.image or fact.image[0][0] != "root"):
+    frames = _frame_count(fact, [(in_shape[d], d in in_batch) for d in extra])
+    if frames is None or len(extra) != 1 or extra[0] > min(fact.axes):
         return None
-    frames = _static(in_shape[extra[0]])
     order = tuple(sorted(range(fact.rank), key=lambda i: fact.axes[i]))
     batch = tuple(b for b in fact.batch if b != dim)  # (already output axes: the frames went into ``dim``)
     return _step(Tokens(dim, 0, (frames, *fact.sizes), 0, (0, *(a + 1 for a in order)), fact.origin, fact.trail,
