@@ -319,7 +319,10 @@ def _site(node: fx.Node, op: AttentionOp, gm: fx.GraphModule) -> AttentionSite:
     why = op.dense or _why_not_plain(op, a, node, gm)
     if why is None and op.packed:
         unpacked = _unpacked(op, a)
-        why, (q, k, v) = (unpacked, (q, k, v)) if isinstance(unpacked, str) else (None, unpacked)
+        if isinstance(unpacked, str):
+            why = unpacked
+        else:
+            q, k, v = unpacked
     if why is None and read:
         why = (f"its other outputs are read ({', '.join(f'`{r.name}`' for r in read)}, e.g. the softmax "
                "log-sum-exp): the grouped form does not produce them; left dense")
