@@ -56,6 +56,9 @@ class Report:
     # Per-site option keys that matched no attention site of this graph: {option: [key, ...]}
     # ("sites", or its aliases "site_strides" / "site_groupings").
     unmatched_site_keys: dict[str, list[str]] = field(default_factory=dict)
+    # Model inputs whose values gave rewritten sites their layout (layout/positions.py): the
+    # compiled graph checks them at every call.
+    position_inputs: list[str] = field(default_factory=list)
     # Numbers the graphs of this process, so warnings about two graphs never read the same (and
     # Python's once-per-message filter cannot hide the second one).
     graph: int = field(default_factory=lambda: next(_graph_numbers), compare=False)

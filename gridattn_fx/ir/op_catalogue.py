@@ -38,10 +38,12 @@ Kinds (what the op does to the axes of its first tensor operand):
                 ``SELECT``: one index along one axis.
 ``REPEAT``      ``repeat_interleave`` (along a batch-like axis: each image repeated).
 ``BROADCAST``   expand / broadcast_to: new leading axes or size-1 axes stretched.
+``TILE``        ``x.repeat(*sizes)``: the whole tensor tiled along each axis (and new leading axes).
 ``PAD``         constant padding of the trailing axes (``F.pad``).
 ``PRODUCT``     a matrix product (matmul, bmm, baddbmm, einsum): what attention is built from, and,
                 with a 2-D constant right operand, a per-token linear map.
 ``ATTRIBUTE``   a tensor attribute read through ``getattr`` (``x.mT`` / ``x.T`` transpose).
+``OUTER``       ``outer(a, b)``: the 1-D ``a``'s positions on axis 0 (a rotary table from positions).
 
 Flags:
 
@@ -91,6 +93,8 @@ BROADCAST = "broadcast"
 PAD = "pad"
 PRODUCT = "product"
 ATTRIBUTE = "attribute"
+OUTER = "outer"
+TILE = "tile"
 
 
 @dataclass(frozen=True)
@@ -142,11 +146,13 @@ _add(OpRule(NARROW), "narrow", "slice")
 _add(OpRule(SELECT), "select")
 _add(OpRule(REPEAT), "repeat_interleave")
 _add(OpRule(BROADCAST), "expand", "broadcast_to")
+_add(OpRule(TILE), "repeat", "tile")
 _add(OpRule(BROADCAST, template=True), "expand_as")
 _add(OpRule(PAD), "pad")
 _add(OpRule(ATTRIBUTE), "getattr")
 _add(OpRule(SOFTMAX), "softmax", "log_softmax", "_softmax")
 _add(OpRule(PRODUCT), "matmul", "bmm", "baddbmm", "einsum")
+_add(OpRule(OUTER), "outer", "ger")
 
 _add(OpRule(FEATURES), "linear", "layer_norm", "rms_norm")
 _add(OpRule(CHANNEL_NORM, per_channel=True), "batch_norm", "_native_batch_norm_legit_no_training")

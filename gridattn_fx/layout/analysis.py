@@ -59,6 +59,7 @@ from ..ir.op_catalogue import (
     INDEX,
     KEEPDIM_REDUCTION,
     NARROW,
+    OUTER,
     PAD,
     PERMUTE,
     POINTWISE,
@@ -70,6 +71,7 @@ from ..ir.op_catalogue import (
     SOFTMAX,
     SPLIT,
     STACK,
+    TILE,
     TEMPLATE_READS,
     arg,
     narrowed,
@@ -101,6 +103,7 @@ from .facts import (
     layout_source,
 )
 from .mutation import _alias_closure, _feature_fills, _slice_writes, _written_tensors
+from .positions import coordinate_grid
 from .reshape import _broadcast, _index, _normalized_shape, _permute, _reshape
 
 __all__ = ["LayoutAnalysis", "LayoutSource", "Spatial", "Tokens", "layout_source"]
@@ -132,12 +135,15 @@ class LayoutAnalysis:
     ``hints`` gives facts that prepare() remembered or the user declared for a node
     (crossgraph/hints.py): a node the graph proves by itself keeps its proof when the two agree
     and gets no fact when they differ; ``hint_conflicts`` names nodes whose hints disagreed.
+    ``positions`` gives facts for placeholders whose values list token coordinates
+    (layout/positions.py), for a caller that checks those values at every call.
     """
 
     def __init__(self, gm: fx.GraphModule, attention_outputs: dict[fx.Node, tuple[fx.Node, int]],
                  inherited: dict[fx.Node, object] | None = None, hints: dict[fx.Node, object] | None = None,
-                 hint_conflicts: dict[fx.Node, str] | None = None):
+                 hint_conflicts: dict[fx.Node, str] | None = None, positions: dict[fx.Node, object] | None = None):
         self.gm = gm
+        self.positions = positions or {}
         self.attention_outputs = attention_outputs
         self.inherited = inherited or {}
         self.hints = hints or {}
@@ -359,7 +365,8 @@ class LayoutAnalysis:
             inherited = self.inherited.get(node)
             if inherited is not None:
                 inherited = replace(inherited, source=LayoutSource.HANDED_OVER)
-            return _step(inherited, "DDP bucket split")
+                return _step(inherited, "DDP bucket split")
+            return self.positions.get(node)
         if node.op not in ("call_function", "call_method", "call_module"):
             return None
         if node in self.attention_outputs:
@@ -381,6 +388,8 @@ class LayoutAnalysis:
         name = op_name(node, self.gm)
         if name is None:
             return None
+        if name == "meshgrid":
+            return coordinate_grid(node, self.gm)
         out = _val(node)
         rank = source_rank(name, out.dim()) if isinstance(out, torch.Tensor) else None
         if rank is not None:  # (N, C, *image): an image (rank 2) or a video T x H x W (rank 3)
@@ -471,6 +480,21 @@ class LayoutAnalysis:
             fact = replace(fact, image=fact.image + (("repeat", node.name),))
         return _step(fact, name) if ok else None
 
+    def _tile(self, node, name, fact, out):
+        """``x.repeat(r0, r1, ...)``: positions stay where they are along every axis repeated once;
+        an axis that indexes images, repeated, is a new arrangement of them (as :meth:`_repeat`)."""
+        sizes = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else node.args[1]
+        sizes = resolve(list(sizes))
+        ndim = len(_shape(node.args[0]))
+        if not all(isinstance(r, int) for r in sizes) or len(sizes) < ndim:
+            return None
+        fact = _shift(fact, len(sizes) - ndim)
+        if any(sizes[d] != 1 for d in fact.dims()):
+            return None
+        if any(sizes[d] != 1 for d in fact.batch):
+            fact = replace(fact, image=fact.image + (("repeat", node.name),))
+        return _step(fact, name)
+
     def _broadcast_op(self, node, name, fact, out):
         return _broadcast(fact, _shape(node.args[0]), tuple(out.shape), name)
 
@@ -487,6 +511,13 @@ class LayoutAnalysis:
             ndim = len(_shape(node.args[0]))
             return _step(fact, name) if all(d < ndim - 1 for d in (*fact.dims(), *fact.batch)) else None
         return None
+
+    def _outer(self, node, name, fact, out):
+        """``outer(positions, freqs)``: row i of the table belongs to position i."""
+        other = node.args[1] if len(node.args) > 1 else None
+        if isinstance(other, fx.Node) and self.facts.get(other) is not None:
+            return None
+        return _step(fact, name) if fact.dims() == (0,) and not fact.batch else None
 
     def _source_image(self, node) -> tuple:
         """The image a spatial source's output shows: its input's when that input is already an
@@ -633,6 +664,7 @@ _TRANSFERS = {
     CHANNEL_NORM: LayoutAnalysis._channel_norm, INDEX: LayoutAnalysis._getitem, NARROW: LayoutAnalysis._narrow,
     SELECT: LayoutAnalysis._select, SPLIT: LayoutAnalysis._split, REPEAT: LayoutAnalysis._repeat,
     BROADCAST: LayoutAnalysis._broadcast_op, PAD: LayoutAnalysis._pad, PRODUCT: LayoutAnalysis._product,
+    OUTER: LayoutAnalysis._outer, TILE: LayoutAnalysis._tile,
 }
 # Kinds whose result may carry a fact that reaches it through an operand other than the first.
 _FROM_SEVERAL_INPUTS = frozenset({POINTWISE, CAST, IDENTITY, CAT, STACK})

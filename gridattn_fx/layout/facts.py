@@ -30,6 +30,7 @@ class LayoutSource(str, enum.Enum):
     REMEMBERED = "remembered by prepare"
     DECLARED = "declared"
     HANDED_OVER = "handed over across a split"
+    POSITIONS = "position values"   # the model's own token coordinates (layout/positions.py)
 
     def __str__(self) -> str:
         return self.value
@@ -172,6 +173,9 @@ def _merge(facts: list):
     batch = tuple(sorted({b for f in facts for b in f.batch}))  # a size-1 image axis may be untracked
     images = sorted({f.image for f in facts}, key=repr)
     image = images[0] if len(images) == 1 else (("mix", tuple(images)),)
+    # One true fact is enough for every position of the result: a structural one outranks
+    # position values (which the compiled graph must then check at run time).
+    first = next((f for f in facts if f.source is not LayoutSource.POSITIONS), first)
     return replace(first, batch=batch, image=image)
 
 

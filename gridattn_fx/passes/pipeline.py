@@ -19,7 +19,8 @@ from ..ir.graphs import copy_graph_module, ensure_values, fake_evaluation
 from ..ir.module_paths import module_path
 from ..ir.values import value_of as _val
 from ..layout.analysis import LayoutAnalysis
-from ..layout.facts import _hint, layout_source
+from ..layout.facts import LayoutSource, _hint, layout_source
+from ..layout.positions import read_position_inputs
 from ..patterns import AttentionSite, find_attention_sites
 from ..reasons import Skip, SkipKind
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
@@ -106,12 +107,20 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConf
     return f"regrouping at the attention call ({why})"
 
 
+# new_gm.meta key: the indices of the placeholders whose values the rewrite relies on.
+POSITION_INPUTS = "gridattn_position_inputs"
+
+
 def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
-             report: Report | None = None, training: bool = False) -> tuple[fx.GraphModule, Report]:
+             report: Report | None = None, training: bool = False,
+             read_positions: bool = False) -> tuple[fx.GraphModule, Report]:
     """Rewrite a copy of ``gm``; decisions are added to ``report`` as they are made, so a caller
     that catches a failure still has every site found up to that point.
 
     ``training``: the graph belongs to a module in training mode (shuffle distributing applies).
+    ``read_positions``: layouts may be read from the values of position-id inputs
+    (layout/positions.py); only for a caller that runs the result only on inputs equal to those
+    at ``new_gm.meta[POSITION_INPUTS]`` (frontends/position_guard.py).
     """
     report = report if report is not None else Report(implementation=config.implementation, preset=config.preset)
     region = find_region(gm, example_inputs)
@@ -120,8 +129,9 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     # prepare()'s markers come off first: everything below sees the graph it would see without them.
     hints, hint_conflicts = strip_layout_hints(new_gm)
     sites = find_attention_sites(new_gm)
+    positions = read_position_inputs(new_gm, example_inputs) if read_positions and sites else {}
     layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},
-                             inherited_facts(new_gm), hints, hint_conflicts)
+                             inherited_facts(new_gm), hints, hint_conflicts, positions)
     leave_facts(new_gm, layouts.facts)  # before the rewrite: output names are still the original ones
     chosen, shared_graph, served_paths, stride_warnings = [], [], [], {}
     for site in sites:
@@ -147,7 +157,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
         _warn(f"gridattn: graph #{report.graph}: " + "; ".join(
             f"{text} ({', '.join(paths)})" for text, paths in stride_warnings.items()))
     _check_site_keys(report, config, served_paths)
-    rewritten = 0
+    rewritten = []
     for row, site, plan in chosen:
         try:
             row.regrouping = _rewrite(new_gm, site, plan, config)
@@ -159,15 +169,32 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             row.skip = SkipKind.REPLACEMENT_FAILED
             report.site_failures.append(f"{row.module_path or row.node}: {err}")
             continue
-        rewritten += 1
+        rewritten.append(site)
     if report.site_failures:
         _warn(f"gridattn: graph #{report.graph}: {len(report.site_failures)} attention site(s) chosen for a "
               f"rewrite stay dense because their replacement failed its check: "
               + "; ".join(report.site_failures))
     if rewritten:
+        _note_position_inputs(new_gm, report, positions, layouts, rewritten)
         new_gm.graph.lint()
         new_gm.recompile()
     return new_gm, report
+
+
+def _note_position_inputs(gm: fx.GraphModule, report: Report, positions: dict, layouts: LayoutAnalysis,
+                          rewritten: list[AttentionSite]) -> None:
+    """Record the position inputs that a rewritten site's layout may come from: every one read,
+    as soon as the queries or keys of one rewritten site have no other proof (a fact does not
+    say which of several position inputs it was carried from)."""
+    def from_positions(node):
+        fact = layouts.facts.get(node)
+        return fact is not None and fact.source is LayoutSource.POSITIONS
+
+    if not positions or not any(from_positions(s.query) or from_positions(s.key) for s in rewritten):
+        return
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gm.meta[POSITION_INPUTS] = [i for i, n in enumerate(placeholders) if n in positions]
+    report.position_inputs = [n.name for n in placeholders if n in positions]
 
 
 def _site_row(site: AttentionSite, path: str, d, layouts: LayoutAnalysis) -> SiteReport:

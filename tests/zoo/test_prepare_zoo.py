@@ -122,6 +122,31 @@ def test_flux_declared_layout_against_oracle(stride):
     assert_differs(got, plain)
 
 
+def test_flux_layout_read_from_img_ids_without_a_declaration():
+    """torch.compile alone: the pass reads the 16x16 grid from ``img_ids``'s values (layout/positions.py)
+    and the compiled graph checks them at every call; another grid of the same length (8x32) gets
+    its own compile, each equal to its oracle."""
+    from gridattn_fx.frontends.backend import compile_with_pass
+
+    model, inputs = zoo.build("diffusers:flux", dtype=torch.float64)
+    text = inputs[1].shape[1]
+    config = GridAttnConfig(**OPTS)
+    compiled = torch.compile(model, backend=lambda gm, ex: compile_with_pass(gm, ex, config, lambda g, i: g.forward))
+    gridattn_fx.report_history(clear=True)
+    for h, w in [(16, 16), (8, 32)]:
+        args = list(inputs)
+        args[4] = zoo._diffusers.flux_ids(h, w)
+        oracle_args = list(args)
+        oracle_args[7] = {"attention_mask": log_grid_mask((text, h, w), (text, h, w), 2)}
+        with torch.no_grad():
+            got, oracle, plain = compiled(*args)[0], model(*oracle_args)[0], model(*args)[0]
+        sites = _sites()
+        assert {(str(s.q_layout), s.decision, s.layout_source) for s in sites} == {
+            (f"{text}+{h}x{w}", "rewritten", "position values")}, [s.reason for s in sites]
+        assert_close64(got, oracle)
+        assert_differs(got, plain)
+
+
 def test_flux_declaration_checked_against_the_call():
     model, inputs = zoo.build("diffusers:flux", dtype=torch.float64)
     bad = list(inputs)
