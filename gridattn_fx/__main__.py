@@ -6,6 +6,8 @@ Commands:
   report  build a model-zoo model from its config (or call a module:callable that returns
           (model, example_inputs)), run the pass, print the site table with totals and
           whole-model FLOPs before and after. ``report --list`` lists the zoo.
+  coverage  diffusers' image and video transformer / UNet classes (tiny configs): which are
+          rewritten with no declaration, and why the others stay dense (a Markdown table).
 
 A bad model name or option ends in one line on stderr and exit status 2, not a traceback.
 """
@@ -52,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "with totals and FLOPs before and after.",
     )
     add_report_arguments(report)
+    from gridattn_fx.tools.coverage import add_coverage_arguments
+
+    coverage = sub.add_parser(
+        "coverage",
+        help="which diffusers transformer / UNet classes are rewritten with no declaration, and why not",
+        description="Build each diffusers image / video transformer and UNet class from a tiny config, compile "
+                    "it through the gridattn pass, and print a Markdown table: rewritten automatically, or "
+                    "dense and why.",
+    )
+    add_coverage_arguments(coverage)
     return parser
 
 
@@ -75,6 +87,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ReportError as err:
             logging.getLogger("gridattn_fx").info("report failed", exc_info=True)  # -v: the traceback
             print(f"{parser.prog} report: error: {err}", file=sys.stderr)
+            return 2
+    if args.command == "coverage":
+        from gridattn_fx.tools.coverage import run_coverage
+
+        try:
+            return run_coverage(args, echo=lambda line: print(line, flush=True))
+        except ValueError as err:
+            print(f"{parser.prog} coverage: error: {err}", file=sys.stderr)
             return 2
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects first
     return 2
