@@ -230,14 +230,58 @@ def test_stride_one_bit_for_bit_through_inductor():
     assert_equal_exact(out, ref)
 
 
-def test_graph_break_cuts_provenance():
+def test_graph_break_hands_the_layout_over():
+    """The patch embedding's graph returns the tokens; the blocks' graph, compiled after the break,
+    receives that very tensor and inherits its layout (crossgraph/break_handoff.py)."""
     model = build(GraphBreakViT, depth=1, grid=None)
     x = image(2, 12, 20)
     out = torch.compile(model, backend="gridattn", options=OPTS)(x)
     rep = gridattn_fx.last_report()
     s = rep.site(r"blocks\.0\.attn")
-    assert s.decision == "skipped" and "no proven image layout" in s.reason.lower(), str(rep)
-    assert_close64(out, model(x))
+    assert s.decision == "rewritten" and s.layout_source == "handed over across a split", str(rep)
+    with oracle_mode(model, (0, 6, 10), stride=2):
+        want = model(x)
+    assert_close64(out, want)
+    assert_differs(out, model(x))
+
+
+_HOP = {"flip": False}
+
+
+@torch._dynamo.disable
+def _eager_hop(x):
+    """Eager code between two graphs that Dynamo does not guard: sometimes another tensor."""
+    return x.flip(1) if _HOP["flip"] else x
+
+
+class EagerHopViT(GraphBreakViT):
+    def forward(self, img):
+        x = _eager_hop(self.patch_embed(img).flatten(2).transpose(1, 2))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+def test_handed_over_layout_is_checked_at_every_call():
+    """The second call hands the blocks a tensor no graph returned (the tokens reversed): the
+    compiled blocks must not assume the first call's layout; a dense variant runs."""
+    model = build(EagerHopViT, depth=1, grid=None)
+    x = image(2, 12, 20)
+    compiled = torch.compile(model, backend="gridattn", options=OPTS)
+    try:
+        first = compiled(x)
+        assert gridattn_fx.last_report().site(r"blocks\.0\.attn").decision == "rewritten"
+        _HOP["flip"] = True
+        second = compiled(x)
+        assert gridattn_fx.last_report().site(r"blocks\.0\.attn").decision == "skipped"
+        assert_close64(second, model(x))
+        _HOP["flip"] = False
+        with oracle_mode(model, (0, 6, 10), stride=2):
+            want = model(x)
+        assert_close64(compiled(x), want)
+        assert_close64(first, want)
+    finally:
+        _HOP["flip"] = False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,9 +181,9 @@ def test_rewrite_api_does_not_read_values():
 
 
 def test_variant_limit_falls_back_to_dense(monkeypatch):
-    from gridattn_fx.frontends import position_guard
+    from gridattn_fx.frontends import checked_graph
 
-    monkeypatch.setattr(position_guard.PositionGuardedGraph.__init__, "__defaults__", (2,))
+    monkeypatch.setattr(checked_graph.CheckedGraph.__init__, "__defaults__", (2,))
     model = _model()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=_eager_backend(GridAttnConfig(stride=2, min_image_tokens=1)))

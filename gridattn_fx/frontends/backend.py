@@ -9,11 +9,11 @@ import torch.fx as fx
 
 from ..config.options import GridAttnConfig
 from ..ir.module_paths import module_path
-from ..passes.pipeline import POSITION_INPUTS, is_dynamo_restart, run_pass
+from ..passes.pipeline import RUNTIME_CHECKS, is_dynamo_restart, run_pass
 from ..patterns import find_attention_sites
 from ..reasons import SkipKind
 from ..report import SKIPPED, Report, SiteReport, record
-from .position_guard import PositionGuardedGraph
+from .checked_graph import CheckedGraph, RuntimeChecks
 from .torch_logs import publish
 from .training_mode import compiled_module_training
 
@@ -43,13 +43,13 @@ def _fall_back(report: Report, failure: str) -> None:
 
 
 def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
-               training: bool = False, read_positions: bool = False) -> tuple[fx.GraphModule, Report]:
+               training: bool = False, checked: bool = False) -> tuple[fx.GraphModule, Report]:
     """The pass with the backend's safety net: on failure, the original graph and a report saying so.
-    ``read_positions``: see :func:`run_pass` (the caller guards the result on those values)."""
+    ``checked``: see :func:`run_pass` (the caller checks the result's RUNTIME_CHECKS at every call)."""
     report = Report(implementation=config.implementation, preset=config.preset,
                     distributing="shuffle" if training and config.distributing == "shuffle" else "straightforward")
     try:
-        new_gm, report = run_pass(gm, example_inputs, config, report, training, read_positions)
+        new_gm, report = run_pass(gm, example_inputs, config, report, training, checked)
     except Exception as err:
         if config.strict or is_dynamo_restart(err):
             raise
@@ -129,25 +129,25 @@ def backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mod
 
 def compile_with_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig, compile_graph):
     """The pass, then ``compile_graph(graph, inputs)`` (inductor for the backend) on its result; the
-    original graph when the pass or the compiler fails on the rewritten one. A graph whose layouts
-    were read from position values comes back guarded on them (frontends/position_guard.py)."""
+    original graph when the pass or the compiler fails on the rewritten one. A graph whose rewrite
+    relies on position values or on layouts handed over from an earlier graph, or whose outputs
+    hand layouts on, comes back as a :class:`CheckedGraph` (frontends/checked_graph.py)."""
     training = _training(config)
 
     def compile_for(inputs):
-        new_gm, report = apply_pass(gm, inputs, config, training, read_positions=True)
+        new_gm, report = apply_pass(gm, inputs, config, training, checked=True)
         if new_gm is gm:
-            return compile_graph(gm, inputs), []
+            return compile_graph(gm, inputs), RuntimeChecks()
+        checks = RuntimeChecks(**new_gm.meta.get(RUNTIME_CHECKS, {}))
         try:
-            return compile_graph(new_gm, inputs), new_gm.meta.get(POSITION_INPUTS, [])
+            return compile_graph(new_gm, inputs), checks
         except Exception as err:
             if config.strict or is_dynamo_restart(err):
                 raise
             _fall_back(report, f"inductor failed on the rewritten graph ({type(err).__name__}: {err})")
-            return compile_graph(gm, inputs), []
+            return compile_graph(gm, inputs), RuntimeChecks()
 
-    compiled, position_inputs = compile_for(example_inputs)
-    if not position_inputs:
+    compiled, checks = compile_for(example_inputs)
+    if not checks.needed():
         return compiled
-    # Layouts read from input values hold for those values only: check them at every call.
-    return PositionGuardedGraph(compiled, position_inputs, example_inputs, lambda args: compile_for(args)[0],
-                                lambda args: compile_graph(gm, args))
+    return CheckedGraph(compiled, checks, compile_for, lambda args: compile_graph(gm, args))

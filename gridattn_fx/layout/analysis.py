@@ -365,7 +365,7 @@ class LayoutAnalysis:
             inherited = self.inherited.get(node)
             if inherited is not None:
                 inherited = replace(inherited, source=LayoutSource.HANDED_OVER)
-                return _step(inherited, "DDP bucket split")
+                return _step(inherited, "graph split")
             return self.positions.get(node)
         if node.op not in ("call_function", "call_method", "call_module"):
             return None

@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import GridAttnConfig
 from ..config.sites import names_site
+from ..crossgraph.break_handoff import fact_key, handed_facts, output_facts
 from ..crossgraph.hints import strip_layout_hints
 from ..crossgraph.region import find_region
 from ..crossgraph.split_handoff import inherited_facts, leave_facts
@@ -107,20 +108,21 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, plan, config: GridAttnConf
     return f"regrouping at the attention call ({why})"
 
 
-# new_gm.meta key: the indices of the placeholders whose values the rewrite relies on.
-POSITION_INPUTS = "gridattn_position_inputs"
+# new_gm.meta key: what the rewrite relies on that Dynamo does not guard (RuntimeChecks' fields).
+RUNTIME_CHECKS = "gridattn_runtime_checks"
 
 
 def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
              report: Report | None = None, training: bool = False,
-             read_positions: bool = False) -> tuple[fx.GraphModule, Report]:
+             checked: bool = False) -> tuple[fx.GraphModule, Report]:
     """Rewrite a copy of ``gm``; decisions are added to ``report`` as they are made, so a caller
     that catches a failure still has every site found up to that point.
 
     ``training``: the graph belongs to a module in training mode (shuffle distributing applies).
-    ``read_positions``: layouts may be read from the values of position-id inputs
-    (layout/positions.py); only for a caller that runs the result only on inputs equal to those
-    at ``new_gm.meta[POSITION_INPUTS]`` (frontends/position_guard.py).
+    ``checked``: layouts may be read from the values of position-id inputs (layout/positions.py)
+    and from earlier graphs' outputs handed over across a graph break (crossgraph/break_handoff.py);
+    only for a caller that runs the result only on inputs for which ``new_gm.meta[RUNTIME_CHECKS]``
+    holds (frontends/checked_graph.py).
     """
     report = report if report is not None else Report(implementation=config.implementation, preset=config.preset)
     region = find_region(gm, example_inputs)
@@ -129,10 +131,12 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     # prepare()'s markers come off first: everything below sees the graph it would see without them.
     hints, hint_conflicts = strip_layout_hints(new_gm)
     sites = find_attention_sites(new_gm)
-    positions = read_position_inputs(new_gm, example_inputs) if read_positions and sites else {}
+    positions = read_position_inputs(new_gm, example_inputs) if checked and sites else {}
+    handed = handed_facts(new_gm, example_inputs) if checked else {}
     layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},
-                             inherited_facts(new_gm), hints, hint_conflicts, positions)
+                             {**inherited_facts(new_gm), **handed}, hints, hint_conflicts, positions)
     leave_facts(new_gm, layouts.facts)  # before the rewrite: output names are still the original ones
+    outputs = output_facts(new_gm, layouts.facts) if checked else {}
     chosen, shared_graph, served_paths, stride_warnings = [], [], [], {}
     for site in sites:
         relative = module_path(site.output)
@@ -174,27 +178,30 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
         _warn(f"gridattn: graph #{report.graph}: {len(report.site_failures)} attention site(s) chosen for a "
               f"rewrite stay dense because their replacement failed its check: "
               + "; ".join(report.site_failures))
+    if checked:
+        _note_runtime_checks(new_gm, report, example_inputs, positions, handed, outputs, layouts, rewritten)
     if rewritten:
-        _note_position_inputs(new_gm, report, positions, layouts, rewritten)
         new_gm.graph.lint()
         new_gm.recompile()
     return new_gm, report
 
 
-def _note_position_inputs(gm: fx.GraphModule, report: Report, positions: dict, layouts: LayoutAnalysis,
-                          rewritten: list[AttentionSite]) -> None:
-    """Record the position inputs that a rewritten site's layout may come from: every one read,
-    as soon as the queries or keys of one rewritten site have no other proof (a fact does not
-    say which of several position inputs it was carried from)."""
-    def from_positions(node):
-        fact = layouts.facts.get(node)
-        return fact is not None and fact.source is LayoutSource.POSITIONS
-
-    if not positions or not any(from_positions(s.query) or from_positions(s.key) for s in rewritten):
-        return
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    gm.meta[POSITION_INPUTS] = [i for i, n in enumerate(placeholders) if n in positions]
-    report.position_inputs = [n.name for n in placeholders if n in positions]
+def _note_runtime_checks(gm: fx.GraphModule, report: Report, example_inputs, positions: dict, handed: dict,
+                         outputs: dict, layouts: LayoutAnalysis, rewritten: list[AttentionSite]) -> None:
+    """What the compiled graph must check at every call: the position inputs, as soon as a
+    rewritten site or a recorded output relies on position values; the handed-over inputs, as soon
+    as one relies on a handed-over fact (a fact does not say which of several inputs it came from,
+    so every one read is checked)."""
+    relied_on = [layouts.facts.get(n) for s in rewritten for n in (s.query, s.key)] + list(outputs.values())
+    sources = {f.source for f in relied_on if f is not None}
+    index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    checks = {"positions": {}, "handed": {}, "outputs": outputs}
+    if LayoutSource.POSITIONS in sources:
+        checks["positions"] = {index[n]: example_inputs[index[n]].detach().clone() for n in positions}
+        report.position_inputs = [n.name for n in positions]
+    if LayoutSource.HANDED_OVER in sources:
+        checks["handed"] = {index[n]: fact_key(f) for n, f in handed.items()}
+    gm.meta[RUNTIME_CHECKS] = checks
 
 
 def _site_row(site: AttentionSite, path: str, d, layouts: LayoutAnalysis) -> SiteReport:

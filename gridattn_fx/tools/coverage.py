@@ -8,8 +8,11 @@ classified from the reports of every graph it produced:
 
 * ``automatic``: at least one attention site rewritten (the sources of their layouts are listed);
 * ``dense by design``: a class whose attention is no softmax over an image (Sana, Stable Audio);
-* ``dense``: no site rewritten; the reason of the first image site (or of the first site) says why,
-  and names the declaration that would rewrite it where the pass knows one;
+* ``dense``: no site rewritten.
+
+For every class the last column gives the first site left dense that is neither cross-attention nor
+temporal attention, with its reason (which names the declaration that would rewrite it where the
+pass knows one).
 * ``failed``: the class did not build or run here (the error is shown).
 
 The table is printed as Markdown, so that the README can quote it as it is.
@@ -68,18 +71,21 @@ def cover(name: str, build: Callable, stride: int = 2, by_design: str = "") -> C
     row = CoverageRow(name, "automatic" if rewritten else ("dense by design" if by_design else "dense"),
                       len(sites), len(rewritten), len(reports),
                       sorted({s.layout_source for s in rewritten if s.layout_source}))
+    dense = [s for s in sites if s.decision != "rewritten" and "cross-attention" not in s.reason
+             and "temporal attention" not in s.reason]
     if by_design:
         row.why = by_design
     elif not sites:
         row.why = "no attention site in any captured graph"
+    elif dense:  # also for a class with some sites rewritten: what the others miss
+        row.why = f"`{dense[0].module_path}`: {dense[0].reason}"
     elif not rewritten:
-        own = [s for s in sites if "cross-attention" not in s.reason] or sites
-        row.why = own[0].reason
+        row.why = f"`{sites[0].module_path}`: {sites[0].reason}"
     return row
 
 
 def coverage_table(rows: list[CoverageRow]) -> list[str]:
-    lines = ["| class | status | rewritten / sites | graphs | layout from | why dense |",
+    lines = ["| class | status | rewritten / sites | graphs | layout from | first image site left dense, and why |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         why = r.why.replace("|", "\\|")

@@ -44,6 +44,11 @@ REWRITTEN = {
     "Flux2Transformer2DModel": {("8+8x8", "position values")},
     # a view patchify of the NCTHW latents (4 frames of 8x8 patches)
     "CosmosTransformer3DModel": {("4x8x8", "proven in this graph")},
+    # graph breaks at data-dependent ops (mask.sum().tolist(), a branch on the inputs, bincount) between
+    # the patch embedding and the blocks: the layout handed over by tensor identity
+    "Lumina2Transformer2DModel": {("8x8", "handed over across a split")},   # its noise refiner only
+    "OmniGenTransformer2DModel": {("9+8x8", "handed over across a split")},
+    "HiDreamImageTransformer2DModel": {("8x8+24", "handed over across a split")},  # the double-stream blocks
 }
 
 
