@@ -181,9 +181,9 @@ def test_compiled_training_is_reproducible_without_recompiles_and_eval_is_straig
 
     original = backend_module.apply_pass
 
-    def counting(gm, example_inputs, config, training=False):
+    def counting(gm, example_inputs, config, training=False, **kwargs):
         calls.append(training)
-        return original(gm, example_inputs, config, training)
+        return original(gm, example_inputs, config, training, **kwargs)
 
     monkeypatch.setattr(backend_module, "apply_pass", counting)
     torch.manual_seed(7)

@@ -136,14 +136,17 @@ class LayoutAnalysis:
     (crossgraph/hints.py): a node the graph proves by itself keeps its proof when the two agree
     and gets no fact when they differ; ``hint_conflicts`` names nodes whose hints disagreed.
     ``positions`` gives facts for placeholders whose values list token coordinates
-    (layout/positions.py), for a caller that checks those values at every call.
+    (layout/positions.py), ``handed`` for placeholders an earlier graph returned
+    (crossgraph/break_handoff.py), both for a caller that checks them at every call.
     """
 
     def __init__(self, gm: fx.GraphModule, attention_outputs: dict[fx.Node, tuple[fx.Node, int]],
                  inherited: dict[fx.Node, object] | None = None, hints: dict[fx.Node, object] | None = None,
-                 hint_conflicts: dict[fx.Node, str] | None = None, positions: dict[fx.Node, object] | None = None):
+                 hint_conflicts: dict[fx.Node, str] | None = None, positions: dict[fx.Node, object] | None = None,
+                 handed: dict[fx.Node, object] | None = None):
         self.gm = gm
         self.positions = positions or {}
+        self.handed = handed or {}
         self.attention_outputs = attention_outputs
         self.inherited = inherited or {}
         self.hints = hints or {}
@@ -362,10 +365,9 @@ class LayoutAnalysis:
     # -- transfer functions ---------------------------------------------------------------------
     def _transfer(self, node: fx.Node):
         if node.op == "placeholder":
-            inherited = self.inherited.get(node)
-            if inherited is not None:
-                inherited = replace(inherited, source=LayoutSource.HANDED_OVER)
-                return _step(inherited, "graph split")
+            for facts, how in ((self.inherited, "DDP bucket split"), (self.handed, "graph break")):
+                if facts.get(node) is not None:
+                    return _step(replace(facts[node], source=LayoutSource.HANDED_OVER), how)
             return self.positions.get(node)
         if node.op not in ("call_function", "call_method", "call_module"):
             return None

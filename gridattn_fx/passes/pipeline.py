@@ -134,7 +134,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     positions = read_position_inputs(new_gm, example_inputs) if checked and sites else {}
     handed = handed_facts(new_gm, example_inputs) if checked else {}
     layouts = LayoutAnalysis(new_gm, {s.output: (s.query, s.query_dim) for s in sites if s.build is not None},
-                             {**inherited_facts(new_gm), **handed}, hints, hint_conflicts, positions)
+                             inherited_facts(new_gm), hints, hint_conflicts, positions, handed)
     leave_facts(new_gm, layouts.facts)  # before the rewrite: output names are still the original ones
     outputs = output_facts(new_gm, layouts.facts) if checked else {}
     chosen, shared_graph, served_paths, stride_warnings = [], [], [], {}
