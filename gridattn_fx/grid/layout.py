@@ -89,9 +89,10 @@ class TokenLayout:
         text = "x".join(str(s) for s in self.image_shape)
         if not row_major:
             text += "(col-major)" if self.rank == 2 else f"(order {self.order})"
-        if self.prefix:
+        # ``not (int and == 0)``: a data-dependent size (an unbacked SymInt) must not be guarded on
+        if not (_is_int(self.prefix) and self.prefix == 0):
             text = f"{self.prefix}+{text}"
-        if self.suffix:
+        if not (_is_int(self.suffix) and self.suffix == 0):
             text = f"{text}+{self.suffix}"
         return text
 

@@ -10,6 +10,12 @@ classified from the reports of every graph it produced:
 * ``dense by design``: a class whose attention is no softmax over an image (Sana, Stable Audio);
 * ``dense``: no site rewritten.
 
+Attention that runs outside every captured graph (a frame Dynamo gave up on after a graph break
+runs eagerly, and no backend ever sees its attention) is counted on a second, profiled call: the
+SDPA calls that no graph of the pass contains, with the graph breaks Dynamo met (their first line,
+and its hint: MochiTransformer3DModel's ``nonzero`` names
+``torch._dynamo.config.capture_dynamic_output_shape_ops``).
+
 For every class the last column gives the first site left dense that is neither cross-attention nor
 temporal attention, with its reason (which names the declaration that would rewrite it where the
 pass knows one).
@@ -37,6 +43,8 @@ class CoverageRow:
     graphs: int = 0
     sources: list[str] = field(default_factory=list)
     why: str = ""
+    eager_attention: int = 0     # SDPA calls that ran outside every captured graph
+    breaks: list[str] = field(default_factory=list)
 
 
 def add_coverage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,40 +64,89 @@ def cover(name: str, build: Callable, stride: int = 2, by_design: str = "") -> C
         model, inputs = build()
         model.eval()
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         gridattn_fx.report_history(clear=True)
-        compiled = torch.compile(model, backend=lambda gm, ex: compile_with_pass(gm, ex, config, lambda g, i: g.forward))
+        compiled = torch.compile(model, backend=lambda gm, ex: compile_with_pass(gm, ex, config, _marked))
+
+        def call():
+            return compiled(**inputs) if isinstance(inputs, dict) else compiled(*inputs)
+
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            compiled(**inputs) if isinstance(inputs, dict) else compiled(*inputs)
+            call()
+            reports = gridattn_fx.report_history(clear=True)
+            eager = _attention_outside_graphs(call)
+        breaks = _graph_breaks()
     except Exception as err:  # a class that does not build here is a row, not the end of the table
         return CoverageRow(name, "failed", why=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
     finally:
         torch._dynamo.reset()
-    reports = gridattn_fx.report_history(clear=True)
     sites = [s for r in reports for s in r.sites]
     rewritten = [s for s in sites if s.decision == "rewritten"]
     row = CoverageRow(name, "automatic" if rewritten else ("dense by design" if by_design else "dense"),
                       len(sites), len(rewritten), len(reports),
-                      sorted({s.layout_source for s in rewritten if s.layout_source}))
+                      sorted({s.layout_source for s in rewritten if s.layout_source}), eager_attention=eager,
+                      breaks=breaks)
     dense = [s for s in sites if s.decision != "rewritten" and "cross-attention" not in s.reason
              and "temporal attention" not in s.reason]
     if by_design:
         row.why = by_design
-    elif not sites:
+    elif not sites and not eager:
         row.why = "no attention site in any captured graph"
     elif dense:  # also for a class with some sites rewritten: what the others miss
         row.why = f"`{dense[0].module_path}`: {dense[0].reason}"
-    elif not rewritten:
+    elif not rewritten and sites:
         row.why = f"`{sites[0].module_path}`: {sites[0].reason}"
+    if eager:
+        row.why = (f"{eager} attention call(s) ran outside every captured graph, after graph breaks: "
+                   + "; ".join(breaks) + (f". {row.why}" if row.why else ""))
     return row
 
 
+_MARK = "gridattn coverage graph"
+
+
+def _marked(graph, inputs):
+    """The graph run eagerly, inside a profiler range that says a graph of the pass ran it."""
+    forward = graph.forward
+
+    def run(*args):
+        with torch.profiler.record_function(_MARK):
+            return forward(*args)
+    return run
+
+
+def _attention_outside_graphs(call) -> int:
+    """SDPA calls of one ``call()`` that no graph of the pass contains (they ran eagerly)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    events = prof.events()
+    graphs = [e.time_range for e in events if e.name == _MARK]
+    return sum(1 for e in events if e.name == "aten::scaled_dot_product_attention" and not any(
+        r.start <= e.time_range.start and e.time_range.end <= r.end for r in graphs))
+
+
+def _graph_breaks() -> list[str]:
+    """Dynamo's graph-break reasons of the last compile: their first line and their hint."""
+    out = []
+    for reason in torch._dynamo.utils.counters["graph_break"]:
+        lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
+        hint = next((line for line in lines if line.startswith("Hint:")), "")
+        text = lines[0] + (f" ({hint})" if hint else "") if lines else ""
+        if text and text not in out:
+            out.append(text)
+    return out
+
+
 def coverage_table(rows: list[CoverageRow]) -> list[str]:
-    lines = ["| class | status | rewritten / sites | graphs | layout from | first image site left dense, and why |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| class | status | rewritten / sites | graphs | attention outside graphs | layout from | "
+             "first image site left dense, and why |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         why = r.why.replace("|", "\\|")
-        lines.append(f"| {r.name} | {r.status} | {r.rewritten} / {r.sites} | {r.graphs} | "
+        lines.append(f"| {r.name} | {r.status} | {r.rewritten} / {r.sites} | {r.graphs} | {r.eager_attention} | "
                      f"{', '.join(r.sources)} | {why} |")
     automatic = sum(r.status == "automatic" for r in rows)
     design = sum(r.status == "dense by design" for r in rows)

@@ -77,15 +77,20 @@ def test_coverage_command_rows():
 
     lines = []
     args = types.SimpleNamespace(classes=["DiTTransformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel",
-                                          "QwenImageTransformer2DModel"], stride=2)
+                                          "QwenImageTransformer2DModel", "MochiTransformer3DModel"], stride=2)
     assert run_coverage(args, echo=lines.append) == 0
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines if line.startswith("| ") and "Model" in line}
-    assert rows["DiTTransformer2DModel"][1:4] == ["automatic", "1 / 1", "1"]
-    assert rows["FluxTransformer2DModel"][1] == "automatic" and rows["FluxTransformer2DModel"][4] == "position values"
+    # class | status | rewritten / sites | graphs | attention outside graphs | layout from | why
+    assert rows["DiTTransformer2DModel"][1:5] == ["automatic", "1 / 1", "1", "0"]
+    assert rows["FluxTransformer2DModel"][1] == "automatic" and rows["FluxTransformer2DModel"][5] == "position values"
     assert rows["SanaTransformer2DModel"][1] == "dense by design"
     qwen = rows["QwenImageTransformer2DModel"]
-    assert qwen[1] == "dense" and "ImageTokens(" in qwen[5], qwen
-    assert lines[-1].startswith("coverage: 2 of 4 classes rewritten with no declaration"), lines[-1]
+    assert qwen[1] == "dense" and "ImageTokens(" in qwen[6], qwen
+    # Mochi's block attention runs in a frame Dynamo gave up on at a data-dependent nonzero: no graph
+    # holds it, the table counts it and names the setting that captures it
+    mochi = rows["MochiTransformer3DModel"]
+    assert mochi[1] == "dense" and mochi[4] == "1" and "capture_dynamic_output_shape_ops" in mochi[6], mochi
+    assert lines[-1].startswith("coverage: 2 of 5 classes rewritten with no declaration"), lines[-1]
 
 
 def test_coverage_command_rejects_an_unknown_class(capsys):
@@ -93,3 +98,22 @@ def test_coverage_command_rejects_an_unknown_class(capsys):
 
     assert main(["coverage", "NoSuchModel"]) == 2
     assert "unknown class(es) NoSuchModel" in capsys.readouterr().err
+
+
+def test_mochi_block_attention_is_captured_with_dynamic_output_shapes():
+    """With the setting the table names, Dynamo captures the nonzero and the block attention is a
+    site: its video layout is proven (4x8x8, then the valid text tokens, a data-dependent count),
+    and it stays dense because the regrouping needs that count's value; the output is untouched."""
+    from gridattn_fx.zoo._diffusers_classes import CLASSES
+
+    torch.manual_seed(0)
+    model, inputs = CLASSES["MochiTransformer3DModel"]()
+    model, inputs = model.eval().double(), _double(inputs)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        out, sites = _run(model, inputs, "grouped")
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+    block = [s for s in sites if s.module_path.endswith("attn1")]
+    assert len(block) == 1 and block[0].decision == "skipped", [(s.module_path, s.reason) for s in sites]
+    assert block[0].q_layout is not None and block[0].q_layout.image_shape == (4, 8, 8), block[0].reason
+    assert torch.equal(out, plain)
