@@ -137,6 +137,49 @@ def test_layout_read_from_position_ids_against_oracle():
     assert_differs(got, plain)
 
 
+class VideoRope(PackedRope):
+    """Coordinates (frame, row, column) per token, in any storage order, batched ids."""
+
+    def forward(self, x, text, ids, attn_mask=None):
+        b = x.shape[0]
+        ids = torch.cat([torch.zeros(TEXT, 3, dtype=ids.dtype), ids[0]])
+        table = torch.cat([torch.outer(ids[:, c], self.freqs[:1]) for c in range(3)]
+                          + [torch.outer(ids[:, 0], self.freqs[1:2])], dim=-1)
+        qkv = torch.cat([self.txt(text), self.qkv(x)], dim=1).view(b, -1, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.rope(q, table), self.rope(k, table)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1), (1, 2, 0)])
+def test_video_coordinates_in_any_storage_order_against_oracle(order):
+    """Three varying columns: a video; tokens stored in ``order`` (outermost first), text prefix
+    tokens with zero coordinates (a constant column for them would not be a grid: their positions
+    only join through the cat in the graph)."""
+    torch.manual_seed(0)
+    model = VideoRope().double().eval()
+    shape = (2, 3, 4)
+    storage = [shape[a] for a in order]
+    grids = torch.meshgrid(*[torch.arange(n) for n in storage], indexing="ij")
+    coords = [None] * 3
+    for position, axis in enumerate(order):
+        coords[axis] = grids[position].flatten().double()
+    ids = torch.stack(coords, dim=1).unsqueeze(0).repeat(2, 1, 1)  # (batch, tokens, 3)
+    x, text = _inputs(4, 6)[:2]
+    torch._dynamo.reset()
+    gridattn_fx.report_history(clear=True)
+    compiled = torch.compile(model, backend=_eager_backend(GridAttnConfig(stride=2, min_image_tokens=1, strict=True)))
+    with torch.no_grad():
+        got = compiled(x, text, ids)
+    (site,) = _sites()
+    assert site.decision == "rewritten" and site.q_layout.image_shape == shape and site.q_layout.order == order, (
+        site.reason)
+    mask = log_grid_mask((TEXT, shape, 0, order), (TEXT, shape, 0, order), 2)
+    with torch.no_grad():
+        assert_close64(got, model(x, text, ids, attn_mask=mask))
+
+
 def test_equal_length_other_aspect_gets_its_own_grid_through_inductor():
     """16 x 32 and 32 x 16 tokens: same shapes, so Dynamo reuses its graph; the position check
     compiles a variant for each grid, and each call equals its own oracle."""

@@ -17,7 +17,7 @@ and its hint: MochiTransformer3DModel's ``nonzero`` names
 ``torch._dynamo.config.capture_dynamic_output_shape_ops``).
 
 For every class the last column gives the first site left dense that is neither cross-attention nor
-temporal attention, with its reason (which names the declaration that would rewrite it where the
+temporal attention (one whose image layout was proven or lost on the way, if any), with its reason (which names the declaration that would rewrite it where the
 pass knows one).
 * ``failed``: the class did not build or run here (the error is shown).
 
@@ -89,6 +89,8 @@ def cover(name: str, build: Callable, stride: int = 2, by_design: str = "") -> C
                       breaks=breaks)
     dense = [s for s in sites if s.decision != "rewritten" and "cross-attention" not in s.reason
              and "temporal attention" not in s.reason]
+    # image sites first: a layout proven, or lost on the way, rather than text never an image
+    dense.sort(key=lambda s: s.q_layout is None and s.lost_at is None)
     if by_design:
         row.why = by_design
     elif not sites and not eager:
