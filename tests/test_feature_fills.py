@@ -88,3 +88,59 @@ def test_fills_that_can_move_tokens_leave_the_site_alone(fill):
     (site,) = report.sites
     assert site.decision == "skipped" and "no proven image layout" in site.reason, str(report)
     assert_equal_exact(gm(*inputs), model(*inputs))
+
+
+# --- a sequence filled part by part along the token axis (Lumina 2's joint sequence) -----------------
+
+class JointFill(nn.Module):
+    """Conv patches -> tokens; text and image tokens written into a fresh zero sequence (text first,
+    then the image, then padding) -> SDPA. ``case`` varies the writes."""
+
+    def __init__(self, case="joint", text=3, pad=2):
+        super().__init__()
+        dim = HEADS * HEAD_DIM
+        self.case, self.text, self.pad = case, text, pad
+        self.patch = nn.Conv2d(3, dim, 2, 2)
+        self.txt = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, img, text, attn_mask=None):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        t = self.txt(text)
+        joint = x.new_zeros(b, self.text + n + self.pad, c)
+        if self.case == "batch-of-two":   # only entry 0 is written: entry 1 holds zeros
+            joint[0, :self.text] = t[0]
+            joint[0, self.text:self.text + n] = x[0]
+        else:
+            joint[:, :self.text] = t
+            joint[:, self.text:self.text + n] = x
+        if self.case == "overlap":   # a later write over two image tokens
+            joint[:, self.text + 1:self.text + 3] = t[:, :2]
+        q, k, v = self.qkv(joint).reshape(b, -1, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return out.transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("case", ["joint", "overlap", "batch-of-two"])
+def test_sequence_filled_along_the_token_axis(case):
+    from oracle import log_grid_mask
+
+    torch.manual_seed(0)
+    model = JointFill(case).double().eval()
+    batch = 2 if case == "batch-of-two" else 1
+    img, text = torch.randn(batch, 3, 8, 12, dtype=torch.float64), torch.randn(batch, 3, HEADS * HEAD_DIM,
+                                                                               dtype=torch.float64)
+    gm, report = gridattn_fx.rewrite(model, (img, text), stride=2, min_image_tokens=1)
+    (site,) = report.sites
+    with torch.no_grad():
+        got, plain = gm(img, text), model(img, text)
+    if case != "joint":
+        assert site.decision == "skipped" and "setitem" in site.reason, site.reason
+        assert_equal_exact(got, plain)
+        return
+    assert site.decision == "rewritten" and str(site.q_layout) == "3+4x6+2", str(report)
+    mask = log_grid_mask((3, 4, 6, 2), (3, 4, 6, 2), 2)
+    with torch.no_grad():
+        assert_close64(got, model(img, text, attn_mask=mask))
+    assert_differs(got, plain)

@@ -102,7 +102,7 @@ from .facts import (
     _trail_text,
     layout_source,
 )
-from .mutation import _alias_closure, _feature_fills, _slice_writes, _written_tensors
+from .mutation import _alias_closure, _feature_fills, _slice_writes, _token_fills, _written_tensors
 from .positions import coordinate_grid
 from .reshape import _broadcast, _index, _normalized_shape, _permute, _reshape
 
@@ -152,7 +152,8 @@ class LayoutAnalysis:
         self.hints = hints or {}
         self.hint_conflicts = dict(hint_conflicts or {})
         self.fills = _feature_fills(gm)
-        fill_writes = {w for writes in self.fills.values() for w in writes}
+        self.token_fills = _token_fills(gm, self.fills)
+        fill_writes = {w for fills in (self.fills, self.token_fills) for writes in fills.values() for w in writes}
         self.slice_writes = [w for w in _slice_writes(gm) if w not in fill_writes]
         self.written = _written_tensors(gm, skip=fill_writes | set(self.slice_writes))
         self._run()
@@ -188,6 +189,7 @@ class LayoutAnalysis:
         self._inplace_pointwise = set()
         self._why: dict[fx.Node, str] = {}   # a transfer's own account of why it lost a fact
         self._fill_of = {w: fresh for fresh, writes in self.fills.items() for w in writes}
+        self._token_fill_of = {writes[-1]: fresh for fresh, writes in self.token_fills.items()}
         self._fill_failed = set()
         for node in self.gm.graph.nodes:
             try:
@@ -198,6 +200,8 @@ class LayoutAnalysis:
                 fact = self._with_hint(node, fact)
             if node in self._fill_of:
                 self._fill(node)
+            if node in self._token_fill_of:
+                self._token_fill(self._token_fill_of[node])
             writer = self.written.get(node)
             if writer is not None:
                 if fact is not None:  # the write, not the op, is what loses this layout
@@ -239,6 +243,55 @@ class LayoutAnalysis:
             self.facts.pop(fresh, None)
             self.lost[fresh] = Loss("setitem", f"setitem `{write.name}` (a write whose value has no layout, "
                                                "another layout, or indexes the token axes)")
+
+    def _token_fill(self, fresh: fx.Node):
+        """After the last of the writes that fill ``fresh`` (:func:`_token_fills`): when exactly one
+        write's value carries tokens and lands on a contiguous range ``[a, b)`` of one axis of
+        ``fresh`` whose every other index covers its whole axis (an int only on an axis of size 1;
+        trailing feature axes may be cut), and every other write lands outside that range, the
+        filled tensor holds those tokens with ``a`` tokens before them and the rest after, as a cat
+        would (Lumina 2's joint sequence)."""
+        writes = self.token_fills[fresh]
+        with_fact = [(w, self.facts.get(w.args[2])) for w in writes if self.facts.get(w.args[2]) is not None]
+        shape = _shape(fresh)
+        fact = None
+        if len(with_fact) == 1 and isinstance(with_fact[0][1], Tokens) and not with_fact[0][1].lead and shape:
+            fact = self._tokens_written(fresh, shape, *with_fact[0], writes)
+        if fact is None:
+            self.lost[fresh] = Loss("setitem", f"setitem into `{fresh.name}` (a fill whose parts are not one "
+                                               "image's tokens in one contiguous range of one axis)")
+            return
+        self.facts[fresh] = fact
+        self.lost.pop(fresh, None)
+
+    def _tokens_written(self, fresh, shape, write, value_fact, writes):
+        index = _expanded_index(resolve(write.args[1]), len(shape))
+        if index is None:
+            return None
+        kept = [d for d, part in enumerate(index) if isinstance(part, slice)]  # fresh axis of each value axis
+        if len(kept) != len(_shape(write.args[2])):
+            return None
+        axis = kept[value_fact.dim]
+        start, stop = _range(index[axis], shape[axis])
+        if start is None or stop - start != _hint(_shape(write.args[2])[value_fact.dim]):
+            return None
+        for d, part in enumerate(index):
+            if d == axis or (d > axis and isinstance(part, slice)):
+                continue  # the token range, and feature axes after it (cut or not, no token moves)
+            whole = (0, _hint(shape[d]))
+            if (isinstance(part, int) and _hint(shape[d]) != 1) or (isinstance(part, slice) and _range(
+                    part, shape[d]) != whole):
+                return None
+        for other in writes:
+            if other is write:
+                continue
+            other_index = _expanded_index(resolve(other.args[1]), len(shape))
+            lo, hi = _range(other_index[axis], shape[axis]) if other_index is not None else (None, None)
+            if lo is None or (lo < stop and start < hi):
+                return None  # overlaps the image tokens (or cannot tell)
+        batch = tuple(kept[b] for b in value_fact.batch)
+        return _step(replace(value_fact, dim=axis, prefix=start + value_fact.prefix, batch=batch,
+                             suffix=(_hint(shape[axis]) - stop) + value_fact.suffix), "setitem")
 
     def _with_hint(self, node: fx.Node, proven):
         hint = self.hints[node]
@@ -670,6 +723,31 @@ _TRANSFERS = {
 }
 # Kinds whose result may carry a fact that reaches it through an operand other than the first.
 _FROM_SEVERAL_INPUTS = frozenset({POINTWISE, CAST, IDENTITY, CAT, STACK})
+
+
+def _expanded_index(index, ndim: int):
+    """A basic index as one entry per axis (ints and slices; Ellipsis expanded), or None."""
+    parts = list(index) if isinstance(index, tuple) else [index]
+    if sum(p is Ellipsis for p in parts) > 1 or any(p is None for p in parts):
+        return None
+    if Ellipsis in parts:
+        at = parts.index(Ellipsis)
+        parts[at:at + 1] = [slice(None)] * (ndim - len(parts) + 1)
+    parts += [slice(None)] * (ndim - len(parts))
+    return parts if len(parts) == ndim else None
+
+
+def _range(part, size) -> tuple:
+    """The ``[start, stop)`` an int or a step-1 slice selects along an axis of ``size``, as ints;
+    (None, None) for anything else (steps, symbolic bounds)."""
+    size = _hint(size)
+    if isinstance(part, int) and not isinstance(part, bool):
+        i = part % size if size else part
+        return i, i + 1
+    if isinstance(part, slice) and part.step in (None, 1) and isinstance(size, int):
+        start, stop, _ = part.indices(size)
+        return (start, stop) if stop >= start else (None, None)
+    return None, None
 
 
 def _data_inputs(node: fx.Node, gm) -> list[fx.Node]:

@@ -95,6 +95,29 @@ def _feature_fills(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     return fills
 
 
+def _token_fills(gm: fx.GraphModule, feature_fills: dict) -> dict[fx.Node, list[fx.Node]]:
+    """Fresh tensors filled part by part through basic-index writes (:func:`_slice_writes`) along
+    any axes, as Lumina 2 builds its joint sequence (``joint = x.new_zeros(B, L, C); joint[0, :n] =
+    text; joint[0, n:n + N] = image``), mapped to those writes in graph order; the same conditions
+    as :func:`_feature_fills` (nothing sees the tensor before the last write), which takes
+    precedence. :meth:`LayoutAnalysis._token_fill` decides what the filled tensor holds."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    basic = set(_slice_writes(gm))
+    fills = {}
+    for node in gm.graph.nodes:
+        if node in feature_fills or node.op not in ("call_function", "call_method") or (
+                op_name(node, gm) not in FRESH_TENSORS):
+            continue
+        writes = [u for u in node.users if u in basic and u.args[0] is node]
+        if not writes:
+            continue
+        last = max(order[w] for w in writes)
+        others = [u for u in node.users if u not in writes]
+        if all(order[u] > last and not mutates(u) for u in others):
+            fills[node] = sorted(writes, key=order.get)
+    return fills
+
+
 def _slice_writes(gm: fx.GraphModule) -> list[fx.Node]:
     """``x[index] = value`` with basic indexing (slices, ints, Ellipsis) and a tensor value: CogView4
     writes its rotary embedding into the image part of q that way

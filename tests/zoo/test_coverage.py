@@ -46,7 +46,8 @@ REWRITTEN = {
     "CosmosTransformer3DModel": {("4x8x8", "proven in this graph")},
     # graph breaks at data-dependent ops (mask.sum().tolist(), a branch on the inputs, bincount) between
     # the patch embedding and the blocks: the layout handed over by tensor identity
-    "Lumina2Transformer2DModel": {("8x8", "handed over across a split")},   # its noise refiner only
+    # its noise refiner, and its joint layers (text and image written into a fresh sequence)
+    "Lumina2Transformer2DModel": {("8x8", "handed over across a split"), ("8+8x8", "handed over across a split")},
     "OmniGenTransformer2DModel": {("9+8x8", "handed over across a split")},
     "HiDreamImageTransformer2DModel": {("8x8+24", "handed over across a split")},  # the double-stream blocks
 }
