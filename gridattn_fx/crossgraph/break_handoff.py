@@ -62,9 +62,18 @@ def handed_facts(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, object]:
     for node, value in zip(placeholders, example_inputs):
         fact = fact_of(value)
         traced = node.meta.get("example_value")
-        if fact is not None and isinstance(traced, torch.Tensor) and traced.dim() == value.dim():
+        # Sizes of one graph's ShapeEnv mean nothing in another's: static sizes on both sides only.
+        if (fact is not None and isinstance(traced, torch.Tensor) and traced.dim() == value.dim()
+                and all(isinstance(s, int) for s in traced.shape) and _static(fact)):
             seeds[node] = fact
     return seeds
+
+
+def _static(fact) -> bool:
+    sizes = [getattr(fact, "prefix", 0), getattr(fact, "suffix", 0),
+             *getattr(fact, "image_shape", ()), *getattr(fact, "sizes", ()),
+             *(size for size, _ in getattr(fact, "lead", ()))]
+    return all(isinstance(s, int) for s in sizes)
 
 
 def fact_key(fact) -> tuple | None:

@@ -156,6 +156,9 @@ class Spec:
     grouping: str = "grid"     # GROUPINGS, the config's ``grouping``
     frames: int = 0            # a video case: T frames of tokens (0: an image case)
     tpatch: int = 1            # temporal patch pt of a video's Conv3d embedding
+    # compiled cases only: stages before which the model's forward breaks Dynamo's graph
+    # (torch._dynamo.graph_break()); the layout is handed across by tensor identity
+    breaks: tuple = ()
 
     @property
     def video_shape(self) -> tuple:
@@ -220,6 +223,9 @@ def random_spec(seed: int, compiled: object = False) -> Spec:
         spec = replace(spec, blocks=tuple(
             replace(b, kernel=rng.choice(OP_KERNELS)) if b.form.startswith("op_") else b
             for b in spec.blocks))
+    # Drawn last (the same rule), compiled cases only: graph breaks between stages.
+    if compiled and rng.random() < 0.4:
+        spec = replace(spec, breaks=tuple(i for i in range(len(spec.blocks)) if rng.random() < 0.6) or (0,))
     return spec
 
 
@@ -993,7 +999,9 @@ class FuzzModel(nn.Module):
             parts.append(self.suffix_tokens.expand(B, -1, -1))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else x
         outs = []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
+            if i in self.spec.breaks:
+                torch._dynamo.graph_break()
             for op in stage.ops:
                 x = op(x)
             x = stage.attn(x)
