@@ -198,7 +198,11 @@ def _compiled(model, inputs, spec):
     torch._dynamo.reset()
     gridattn_fx.report_history(clear=True)
     dynamic = True if spec.compiled == "dynamic" else None   # symbolic sizes from the first call
-    out = torch.compile(model, backend="gridattn", options=_options(spec), dynamic=dynamic)(*inputs)
+    model.breaking = True   # the spec's graph breaks (Dynamo only)
+    try:
+        out = torch.compile(model, backend="gridattn", options=_options(spec), dynamic=dynamic)(*inputs)
+    finally:
+        model.breaking = False
     reports = gridattn_fx.report_history(clear=True)
     return out, reports
 

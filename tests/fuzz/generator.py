@@ -920,6 +920,7 @@ class FuzzModel(nn.Module):
     def __init__(self, spec: Spec, truths: list):
         super().__init__()
         self.spec = spec
+        self.breaking = False  # the compiled check sets it: rewrite() captures one whole graph
         p = spec.patch
         if spec.frames:
             pt = spec.tpatch
@@ -999,16 +1000,36 @@ class FuzzModel(nn.Module):
             parts.append(self.suffix_tokens.expand(B, -1, -1))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else x
         outs = []
-        for i, stage in enumerate(self.stages):
-            if i in self.spec.breaks:
+        if self.breaking:  # straight-line code: Dynamo resumes after a top-level break, not in a loop
+            assert len(self.stages) <= 3, "the generator draws at most three stages"
+            breaks, n = self.spec.breaks, len(self.stages)
+            if 0 in breaks:
                 torch._dynamo.graph_break()
-            for op in stage.ops:
-                x = op(x)
-            x = stage.attn(x)
+            x = self._stage(self.stages[0], x)
             outs.append(x)
+            if n > 1 and 1 in breaks:
+                torch._dynamo.graph_break()
+            if n > 1:
+                x = self._stage(self.stages[1], x)
+                outs.append(x)
+            if n > 2 and 2 in breaks:
+                torch._dynamo.graph_break()
+            if n > 2:
+                x = self._stage(self.stages[2], x)
+                outs.append(x)
+        else:
+            for stage in self.stages:
+                x = self._stage(stage, x)
+                outs.append(x)
         if self.spec.outputs == "all":
             return tuple(outs[:-1]) + (self.norm(x),)
         return self.norm(x)
+
+
+    def _stage(self, stage, x):
+        for op in stage.ops:
+            x = op(x)
+        return stage.attn(x)
 
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
