@@ -39,6 +39,7 @@ Kinds (what the op does to the axes of its first tensor operand):
 ``REPEAT``      ``repeat_interleave`` (along a batch-like axis: each image repeated).
 ``BROADCAST``   expand / broadcast_to: new leading axes or size-1 axes stretched.
 ``TILE``        ``x.repeat(*sizes)``: the whole tensor tiled along each axis (and new leading axes).
+``POOL1D``      a 1-D pooling of the last axis (NextViT's AvgPool1d over its token sequence).
 ``PAD``         constant padding of the trailing axes (``F.pad``).
 ``PRODUCT``     a matrix product (matmul, bmm, baddbmm, einsum): what attention is built from, and,
                 with a 2-D constant right operand, a per-token linear map.
@@ -95,6 +96,7 @@ PRODUCT = "product"
 ATTRIBUTE = "attribute"
 OUTER = "outer"
 TILE = "tile"
+POOL1D = "pool1d"
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ _add(OpRule(SELECT), "select")
 _add(OpRule(REPEAT), "repeat_interleave")
 _add(OpRule(BROADCAST), "expand", "broadcast_to")
 _add(OpRule(TILE), "repeat", "tile")
+_add(OpRule(POOL1D), "avg_pool1d", "max_pool1d")
 _add(OpRule(BROADCAST, template=True), "expand_as")
 _add(OpRule(PAD), "pad")
 _add(OpRule(ATTRIBUTE), "getattr")

@@ -62,6 +62,7 @@ from ..ir.op_catalogue import (
     OUTER,
     PAD,
     PERMUTE,
+    POOL1D,
     POINTWISE,
     PRODUCT,
     REPEAT,
@@ -550,6 +551,35 @@ class LayoutAnalysis:
             fact = replace(fact, image=fact.image + (("repeat", node.name),))
         return _step(fact, name)
 
+    def _pool1d(self, node, name, fact, out):
+        """Pooling of the token axis in windows of k consecutive tokens (kernel == stride, no
+        padding): when the image's innermost stored axis is a multiple of k, every window lies in
+        one row, and the result is the same image reduced k times along that axis (a reduction of
+        the image, like a strided conv's keys)."""
+        kernel = resolve(arg(node, 1, "kernel_size"))
+        stride = resolve(arg(node, 2, "stride", None))
+        kernel = kernel[0] if isinstance(kernel, (list, tuple)) and len(kernel) == 1 else kernel
+        stride = stride[0] if isinstance(stride, (list, tuple)) and len(stride) == 1 else stride
+        stride = kernel if stride in (None, ()) or stride == [] else stride
+        padding = resolve(arg(node, 3, "padding", 0))
+        dilation = resolve(arg(node, 4, "dilation", 1)) if name == "max_pool1d" else 1
+        ceil = resolve(arg(node, 5 if name == "max_pool1d" else 4, "ceil_mode", False))
+        plain = (isinstance(kernel, int) and kernel == stride and padding in (0, (0,), [0])
+                 and dilation in (1, (1,), [1]) and ceil is False)
+        ndim = len(_shape(node.args[0]))
+        if not (plain and isinstance(fact, Tokens) and fact.dim == ndim - 1 and not fact.lead
+                and fact.prefix == 0 and fact.suffix == 0 and set(fact.batch) <= {0}):
+            return None
+        inner = fact.order[-1]
+        size = fact.image_shape[inner]
+        if not isinstance(size, int) or size % kernel:
+            self._why[node] = (f"windows of {kernel} consecutive tokens that straddle the rows of "
+                               f"{size} tokens: the pooled tokens are no image")
+            return None
+        shape = list(fact.image_shape)
+        shape[inner] = size // kernel
+        return _step(replace(fact, image_shape=tuple(shape)), name)
+
     def _broadcast_op(self, node, name, fact, out):
         return _broadcast(fact, _shape(node.args[0]), tuple(out.shape), name)
 
@@ -719,7 +749,7 @@ _TRANSFERS = {
     CHANNEL_NORM: LayoutAnalysis._channel_norm, INDEX: LayoutAnalysis._getitem, NARROW: LayoutAnalysis._narrow,
     SELECT: LayoutAnalysis._select, SPLIT: LayoutAnalysis._split, REPEAT: LayoutAnalysis._repeat,
     BROADCAST: LayoutAnalysis._broadcast_op, PAD: LayoutAnalysis._pad, PRODUCT: LayoutAnalysis._product,
-    OUTER: LayoutAnalysis._outer, TILE: LayoutAnalysis._tile,
+    OUTER: LayoutAnalysis._outer, TILE: LayoutAnalysis._tile, POOL1D: LayoutAnalysis._pool1d,
 }
 # Kinds whose result may carry a fact that reaches it through an operand other than the first.
 _FROM_SEVERAL_INPUTS = frozenset({POINTWISE, CAST, IDENTITY, CAT, STACK})
