@@ -24,7 +24,7 @@ def test_every_kind_is_known_and_every_op_has_one_rule():
              op_rules.SPLIT, op_rules.CAT, op_rules.FEATURES, op_rules.CHANNEL_NORM,
              op_rules.KEEPDIM_REDUCTION, op_rules.SOURCE, op_rules.FRESH, op_rules.STACK, op_rules.SOFTMAX,
              op_rules.INDEX, op_rules.NARROW, op_rules.SELECT, op_rules.REPEAT, op_rules.BROADCAST, op_rules.PAD,
-             op_rules.PRODUCT, op_rules.ATTRIBUTE, op_rules.OUTER, op_rules.TILE, op_rules.POOL1D}
+             op_rules.PRODUCT, op_rules.ATTRIBUTE, op_rules.OUTER, op_rules.TILE, op_rules.POOL1D, op_rules.IM2COL}
     assert {r.kind for r in RULES.values()} <= kinds
     with pytest.raises(ValueError, match="twice"):
         op_rules._add(OpRule(op_rules.POINTWISE), "add")

@@ -54,3 +54,36 @@ def test_windows_straddling_rows_are_no_image():
     assert site.decision == "skipped" and "straddle the rows of 6 tokens" in site.reason, site.reason
     with torch.no_grad():
         assert_equal_exact(gm(x), model(x))
+
+
+class UnfoldPatches(nn.Module):
+    """Patchify by ``F.unfold`` (im2col): of the model input itself, or of a conv's output."""
+
+    def __init__(self, of="input"):
+        super().__init__()
+        self.of = of
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.embed = nn.Linear(3 * 4, DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+
+    def forward(self, img, attn_mask=None):
+        x = img if self.of == "input" else self.conv(img)
+        x = self.embed(F.unfold(x, kernel_size=2, stride=2).transpose(1, 2))
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("of", ["input", "conv"])
+def test_unfold_patchify_against_oracle(of):
+    torch.manual_seed(0)
+    model = UnfoldPatches(of).double().eval()
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)   # 4 x 6 patches
+    gm, report = gridattn_fx.rewrite(model, (x,), stride=2, min_image_tokens=1)
+    (site,) = report.sites
+    assert site.decision == "rewritten" and str(site.q_layout) == "4x6", str(report)
+    assert ("patchified by unfold" in site.evidence) == (of == "input"), site.evidence
+    with torch.no_grad():
+        got = gm(x)
+        assert_close64(got, model(x, attn_mask=log_grid_mask((0, 4, 6), (0, 4, 6), 2)))
+        assert_differs(got, model(x))

@@ -40,6 +40,7 @@ Kinds (what the op does to the axes of its first tensor operand):
 ``BROADCAST``   expand / broadcast_to: new leading axes or size-1 axes stretched.
 ``TILE``        ``x.repeat(*sizes)``: the whole tensor tiled along each axis (and new leading axes).
 ``POOL1D``      a 1-D pooling of the last axis (NextViT's AvgPool1d over its token sequence).
+``IM2COL``      ``F.unfold`` (im2col): (N, C, H, W) -> (N, C * kh * kw, patches), patches in raster order.
 ``PAD``         constant padding of the trailing axes (``F.pad``).
 ``PRODUCT``     a matrix product (matmul, bmm, baddbmm, einsum): what attention is built from, and,
                 with a 2-D constant right operand, a per-token linear map.
@@ -97,6 +98,7 @@ ATTRIBUTE = "attribute"
 OUTER = "outer"
 TILE = "tile"
 POOL1D = "pool1d"
+IM2COL = "im2col"
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ _add(OpRule(REPEAT), "repeat_interleave")
 _add(OpRule(BROADCAST), "expand", "broadcast_to")
 _add(OpRule(TILE), "repeat", "tile")
 _add(OpRule(POOL1D), "avg_pool1d", "max_pool1d")
+_add(OpRule(IM2COL), "im2col", "unfold")   # "unfold" is also Tensor.unfold: the transfer tells them apart
 _add(OpRule(BROADCAST, template=True), "expand_as")
 _add(OpRule(PAD), "pad")
 _add(OpRule(ATTRIBUTE), "getattr")

@@ -56,6 +56,7 @@ from ..ir.op_catalogue import (
     CHANNEL_NORM,
     FEATURES,
     IDENTITY,
+    IM2COL,
     INDEX,
     KEEPDIM_REDUCTION,
     NARROW,
@@ -460,6 +461,8 @@ class LayoutAnalysis:
         fact = self.facts.get(inp) if isinstance(inp, fx.Node) else None
         if fact is None and op_rule.kind == RESHAPE:
             return self._patchified_input(node, name, inp, out)
+        if fact is None and op_rule.kind == IM2COL:
+            return self._im2col(node, name, None, out)
         if fact is None and op_rule.kind not in _FROM_SEVERAL_INPUTS:
             return None
         return transfer(self, node, name, fact, out)
@@ -550,6 +553,42 @@ class LayoutAnalysis:
         if any(sizes[d] != 1 for d in fact.batch):
             fact = replace(fact, image=fact.image + (("repeat", node.name),))
         return _step(fact, name)
+
+    def _im2col(self, node, name, fact, out):
+        """``F.unfold(x, k, stride=k)`` of an (N, C, H, W) image: its (H / k) x (W / k) patches, in
+        raster order on axis 2 (a reduction of the image, as a strided conv); of a model input, the
+        patchify that makes the input an image (both axes cut, as :meth:`_patchified_input`)."""
+        functional = node.op == "call_function" and (node.target is torch.nn.functional.unfold or (
+            isinstance(node.target, torch._ops.OpOverload) and name == "im2col"))
+        inp = node.args[0]
+        value = _val(inp) if isinstance(inp, fx.Node) else None
+        if not functional or not isinstance(value, torch.Tensor) or value.dim() != 4:
+            return None
+
+        def pair(v, default):
+            v = resolve(v if v is not None else default)
+            return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+        kernel = pair(arg(node, 1, "kernel_size"), None)
+        dilation, padding = pair(arg(node, 2, "dilation", 1), 1), pair(arg(node, 3, "padding", 0), 0)
+        stride = pair(arg(node, 4, "stride", 1), 1)
+        if not (all(isinstance(k, int) and k >= 1 for k in kernel) and stride == kernel
+                and dilation == (1, 1) and padding == (0, 0)):
+            return None
+        h, w = value.shape[2], value.shape[3]
+        if not all(isinstance(n, int) for n in (h, w)):
+            return None
+        patches = (h // kernel[0], w // kernel[1])
+        if fact is None:
+            if inp.op != "placeholder" or not value.is_floating_point() or min(kernel) < 2 or (
+                    inp in self.inherited or inp in self.hints):
+                return None
+            origin = f"model input `{inp.name}` ({h}x{w}, patchified by unfold)"
+            return _step(Tokens(2, 0, patches, 0, (0, 1), origin=origin, image=(("root", inp.name, id(self.gm)),),
+                                batch=(0,)), name)
+        if not isinstance(fact, Spatial) or fact.axes != (2, 3) or not set(fact.batch) <= {0}:
+            return None
+        return _step(Tokens(2, 0, patches, 0, (0, 1), origin=fact.origin, trail=fact.trail, image=fact.image,
+                            batch=fact.batch, source=fact.source, marked=fact.marked), name)
 
     def _pool1d(self, node, name, fact, out):
         """Pooling of the token axis in windows of k consecutive tokens (kernel == stride, no
@@ -750,6 +789,7 @@ _TRANSFERS = {
     SELECT: LayoutAnalysis._select, SPLIT: LayoutAnalysis._split, REPEAT: LayoutAnalysis._repeat,
     BROADCAST: LayoutAnalysis._broadcast_op, PAD: LayoutAnalysis._pad, PRODUCT: LayoutAnalysis._product,
     OUTER: LayoutAnalysis._outer, TILE: LayoutAnalysis._tile, POOL1D: LayoutAnalysis._pool1d,
+    IM2COL: LayoutAnalysis._im2col,
 }
 # Kinds whose result may carry a fact that reaches it through an operand other than the first.
 _FROM_SEVERAL_INPUTS = frozenset({POINTWISE, CAST, IDENTITY, CAT, STACK})
