@@ -224,8 +224,12 @@ def selected(f: SiteFacts) -> Skip | None:
 
 def known_sizes(f: SiteFacts) -> Skip | None:
     if f.cost is None:
-        return Skip(SkipKind.UNKNOWN_SIZES, "sequence or feature sizes without a known value: cannot size the "
-                                            "regrouping")
+        unbacked = sorted({str(s) for shape in (f.site.q_shape, f.site.k_shape) for s in (shape or ())
+                           if isinstance(s, torch.SymInt) and not s.node.has_hint()})
+        why = (f" (data-dependent: {', '.join(unbacked)}, e.g. the tokens a nonzero or a mask keeps)"
+               if unbacked else "")
+        return Skip(SkipKind.UNKNOWN_SIZES, f"sequence or feature sizes without a known value{why}: cannot size "
+                                            "the regrouping")
     return None
 
 

@@ -117,4 +117,5 @@ def test_mochi_block_attention_is_captured_with_dynamic_output_shapes():
     block = [s for s in sites if s.module_path.endswith("attn1")]
     assert len(block) == 1 and block[0].decision == "skipped", [(s.module_path, s.reason) for s in sites]
     assert block[0].q_layout is not None and block[0].q_layout.image_shape == (4, 8, 8), block[0].reason
+    assert "data-dependent" in block[0].reason, block[0].reason
     assert torch.equal(out, plain)
