@@ -86,14 +86,17 @@ class TokenLayout:
 
     def __str__(self) -> str:
         row_major = self.order == tuple(range(self.rank))
-        text = "x".join(str(s) for s in self.image_shape)
+        def size(s):  # None: a size without a known value (data-dependent)
+            return "?" if s is None else str(s)
+
+        text = "x".join(size(s) for s in self.image_shape)
         if not row_major:
             text += "(col-major)" if self.rank == 2 else f"(order {self.order})"
         # ``not (int and == 0)``: a data-dependent size (an unbacked SymInt) must not be guarded on
         if not (_is_int(self.prefix) and self.prefix == 0):
-            text = f"{self.prefix}+{text}"
+            text = f"{size(self.prefix)}+{text}"
         if not (_is_int(self.suffix) and self.suffix == 0):
-            text = f"{text}+{self.suffix}"
+            text = f"{text}+{size(self.suffix)}"
         return text
 
     def __repr__(self) -> str:

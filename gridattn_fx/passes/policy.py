@@ -200,8 +200,10 @@ def query_is_image(f: SiteFacts) -> Skip | None:
 
 def key_is_image(f: SiteFacts) -> Skip | None:
     if f.k_layout is None:
-        return Skip(SkipKind.NO_KEY_LAYOUT, f"key: {f.k_why} (cross-attention to non-image tokens?)",
-                    lost_at=f.layouts.lost_at(f.site.key))
+        lost_at = f.layouts.lost_at(f.site.key)
+        # keys no image ever reached may be text; keys whose image was lost on the way are not
+        hint = " (cross-attention to non-image tokens?)" if lost_at is None else ""
+        return Skip(SkipKind.NO_KEY_LAYOUT, f"key: {f.k_why}{hint}", lost_at=lost_at)
     return None
 
 
