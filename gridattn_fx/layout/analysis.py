@@ -41,7 +41,6 @@ from __future__ import annotations
 import operator
 from collections import deque
 from dataclasses import replace
-from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -88,6 +87,7 @@ from ..ir.values import shape_of as _shape
 from ..ir.values import value_of as _val
 from .facts import (
     LayoutSource,
+    Loss,
     Spatial,
     Tokens,
     _frames_merged,
@@ -104,7 +104,9 @@ from .facts import (
     _trail_text,
     layout_source,
 )
+from .fills import Fills
 from .mutation import _alias_closure, _feature_fills, _slice_writes, _token_fills, _written_tensors
+from .patches import Patches
 from .positions import coordinate_grid
 from .reshape import _broadcast, _index, _normalized_shape, _permute, _reshape
 
@@ -119,16 +121,9 @@ _LOSS_HINTS = {
 }
 
 
-class Loss(NamedTuple):
-    """Where a layout was lost: the op (the report command groups skips by it) and why, for humans."""
-
-    op: str
-    text: str
-
-
 # --- the analysis -----------------------------------------------------------------------------
 
-class LayoutAnalysis:
+class LayoutAnalysis(Fills, Patches):
     """Runs once over a graph; then answers :meth:`layout` for any node and sequence axis.
 
     ``attention_outputs`` maps each attention site's output node to (query node, its sequence
@@ -219,81 +214,6 @@ class LayoutAnalysis:
                 why = self._why.get(node) or _LOSS_HINTS.get(name, "")
                 self.lost[node] = Loss(str(name or node.target),
                                        f"{name or node.target} `{node.name}`" + (f" ({why})" if why else ""))
-
-    def _fill(self, write: fx.Node):
-        """``fresh[..., idx] = value`` (see :func:`_feature_fills`): the fresh tensor takes the
-        value's fact when the write leaves every token where it is (only axes after the fact's
-        token and batch axes are indexed, the other sizes are equal), and every fill agrees."""
-        fresh, value = write.args[0], write.args[2]
-        fact = self.facts.get(value) if isinstance(value, fx.Node) else None
-        out_shape, in_shape = _shape(fresh), _shape(value) if isinstance(value, fx.Node) else None
-        indexed = len(write.args[1]) - 1
-        first_indexed = len(out_shape) - indexed if out_shape is not None else 0
-        ok = (fresh not in self._fill_failed and fact is not None and in_shape is not None
-              and len(in_shape) == len(out_shape)
-              and all(_same_size(a, b) for a, b in zip(in_shape[:first_indexed], out_shape[:first_indexed]))
-              and all(d < first_indexed for d in (*fact.dims(), *fact.batch)))
-        previous = self.facts.get(fresh)
-        if ok and previous is not None:
-            ok = (_positions(previous) == _positions(fact) and previous.image == fact.image
-                  and previous.batch == fact.batch)
-        if ok:
-            self.facts[fresh] = _step(fact, "setitem")
-            self.lost.pop(fresh, None)
-        else:
-            self._fill_failed.add(fresh)
-            self.facts.pop(fresh, None)
-            self.lost[fresh] = Loss("setitem", f"setitem `{write.name}` (a write whose value has no layout, "
-                                               "another layout, or indexes the token axes)")
-
-    def _token_fill(self, fresh: fx.Node):
-        """After the last of the writes that fill ``fresh`` (:func:`_token_fills`): when exactly one
-        write's value carries tokens and lands on a contiguous range ``[a, b)`` of one axis of
-        ``fresh`` whose every other index covers its whole axis (an int only on an axis of size 1;
-        trailing feature axes may be cut), and every other write lands outside that range, the
-        filled tensor holds those tokens with ``a`` tokens before them and the rest after, as a cat
-        would (Lumina 2's joint sequence)."""
-        writes = self.token_fills[fresh]
-        with_fact = [(w, self.facts.get(w.args[2])) for w in writes if self.facts.get(w.args[2]) is not None]
-        shape = _shape(fresh)
-        fact = None
-        if len(with_fact) == 1 and isinstance(with_fact[0][1], Tokens) and not with_fact[0][1].lead and shape:
-            fact = self._tokens_written(fresh, shape, *with_fact[0], writes)
-        if fact is None:
-            self.lost[fresh] = Loss("setitem", f"setitem into `{fresh.name}` (a fill whose parts are not one "
-                                               "image's tokens in one contiguous range of one axis)")
-            return
-        self.facts[fresh] = fact
-        self.lost.pop(fresh, None)
-
-    def _tokens_written(self, fresh, shape, write, value_fact, writes):
-        index = _expanded_index(resolve(write.args[1]), len(shape))
-        if index is None:
-            return None
-        kept = [d for d, part in enumerate(index) if isinstance(part, slice)]  # fresh axis of each value axis
-        if len(kept) != len(_shape(write.args[2])):
-            return None
-        axis = kept[value_fact.dim]
-        start, stop = _range(index[axis], shape[axis])
-        if start is None or stop - start != _hint(_shape(write.args[2])[value_fact.dim]):
-            return None
-        for d, part in enumerate(index):
-            if d == axis or (d > axis and isinstance(part, slice)):
-                continue  # the token range, and feature axes after it (cut or not, no token moves)
-            whole = (0, _hint(shape[d]))
-            if (isinstance(part, int) and _hint(shape[d]) != 1) or (isinstance(part, slice) and _range(
-                    part, shape[d]) != whole):
-                return None
-        for other in writes:
-            if other is write:
-                continue
-            other_index = _expanded_index(resolve(other.args[1]), len(shape))
-            lo, hi = _range(other_index[axis], shape[axis]) if other_index is not None else (None, None)
-            if lo is None or (lo < stop and start < hi):
-                return None  # overlaps the image tokens (or cannot tell)
-        batch = tuple(kept[b] for b in value_fact.batch)
-        return _step(replace(value_fact, dim=axis, prefix=start + value_fact.prefix, batch=batch,
-                             suffix=(_hint(shape[axis]) - stop) + value_fact.suffix), "setitem")
 
     def _with_hint(self, node: fx.Node, proven):
         hint = self.hints[node]
@@ -467,29 +387,6 @@ class LayoutAnalysis:
             return None
         return transfer(self, node, name, fact, out)
 
-    def _patchified_input(self, node, name, inp, out):
-        """A patchify written as a view of a model input (AuraFlow, Lumina, CogView: ``x.view(B, C,
-        H / p, p, W / p, p)``, no convolution): an NCHW (NCTHW) input is an image (video) exactly
-        when its rows and columns are cut into patches; the input's own H and W (T) are then the
-        spatial source. Any other reshape of an input proves nothing (a 4-D input may be a mask or
-        a (B, heads, L, D) tensor), so the input carries no fact of its own."""
-        value = _val(inp) if isinstance(inp, fx.Node) and inp.op == "placeholder" else None
-        if (not isinstance(value, torch.Tensor) or value.dim() not in (4, 5) or not value.is_floating_point()
-                or inp in self.inherited or inp in self.hints):
-            return None
-        sizes = tuple(value.shape[2:])
-        origin = f"model input `{inp.name}` ({'x'.join(str(s) for s in sizes)}, patchified)"
-        image = Spatial(tuple(range(2, value.dim())), sizes, origin=origin, image=(("root", inp.name, id(self.gm)),),
-                        batch=(0,))
-        patches = _reshape(image, tuple(value.shape), tuple(out.shape), name)
-        if patches is None or not patches.trail or not patches.trail[-1].endswith("(patchify)"):
-            return None
-        if any(_static(out.shape[d]) == _static(n) for d, n in zip(patches.axes[-2:], sizes[-2:])):
-            return None  # rows or columns left whole: not cut into patches (frames may stay whole)
-        return patches
-
-    # One transfer function per kind of the op catalogue (ir/op_catalogue.py); ``fact`` is the
-    # first operand's (None only for the kinds in _FROM_SEVERAL_INPUTS), ``out`` the output value.
     def _attribute(self, node, name, fact, out):
         if node.args[1] not in ("mT", "T"):
             return None
@@ -553,71 +450,6 @@ class LayoutAnalysis:
         if any(sizes[d] != 1 for d in fact.batch):
             fact = replace(fact, image=fact.image + (("repeat", node.name),))
         return _step(fact, name)
-
-    def _im2col(self, node, name, fact, out):
-        """``F.unfold(x, k, stride=k)`` of an (N, C, H, W) image: its (H / k) x (W / k) patches, in
-        raster order on axis 2 (a reduction of the image, as a strided conv); of a model input, the
-        patchify that makes the input an image (both axes cut, as :meth:`_patchified_input`)."""
-        functional = node.op == "call_function" and (node.target is torch.nn.functional.unfold or (
-            isinstance(node.target, torch._ops.OpOverload) and name == "im2col"))
-        inp = node.args[0]
-        value = _val(inp) if isinstance(inp, fx.Node) else None
-        if not functional or not isinstance(value, torch.Tensor) or value.dim() != 4:
-            return None
-
-        def pair(v, default):
-            v = resolve(v if v is not None else default)
-            return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
-        kernel = pair(arg(node, 1, "kernel_size"), None)
-        dilation, padding = pair(arg(node, 2, "dilation", 1), 1), pair(arg(node, 3, "padding", 0), 0)
-        stride = pair(arg(node, 4, "stride", 1), 1)
-        if not (all(isinstance(k, int) and k >= 1 for k in kernel) and stride == kernel
-                and dilation == (1, 1) and padding == (0, 0)):
-            return None
-        h, w = value.shape[2], value.shape[3]
-        if not all(isinstance(n, int) for n in (h, w)):
-            return None
-        patches = (h // kernel[0], w // kernel[1])
-        if fact is None:
-            if inp.op != "placeholder" or not value.is_floating_point() or min(kernel) < 2 or (
-                    inp in self.inherited or inp in self.hints):
-                return None
-            origin = f"model input `{inp.name}` ({h}x{w}, patchified by unfold)"
-            return _step(Tokens(2, 0, patches, 0, (0, 1), origin=origin, image=(("root", inp.name, id(self.gm)),),
-                                batch=(0,)), name)
-        if not isinstance(fact, Spatial) or fact.axes != (2, 3) or not set(fact.batch) <= {0}:
-            return None
-        return _step(Tokens(2, 0, patches, 0, (0, 1), origin=fact.origin, trail=fact.trail, image=fact.image,
-                            batch=fact.batch, source=fact.source, marked=fact.marked), name)
-
-    def _pool1d(self, node, name, fact, out):
-        """Pooling of the token axis in windows of k consecutive tokens (kernel == stride, no
-        padding): when the image's innermost stored axis is a multiple of k, every window lies in
-        one row, and the result is the same image reduced k times along that axis (a reduction of
-        the image, like a strided conv's keys)."""
-        kernel = resolve(arg(node, 1, "kernel_size"))
-        stride = resolve(arg(node, 2, "stride", None))
-        kernel = kernel[0] if isinstance(kernel, (list, tuple)) and len(kernel) == 1 else kernel
-        stride = stride[0] if isinstance(stride, (list, tuple)) and len(stride) == 1 else stride
-        stride = kernel if stride in (None, ()) or stride == [] else stride
-        padding = resolve(arg(node, 3, "padding", 0))
-        dilation = resolve(arg(node, 4, "dilation", 1)) if name == "max_pool1d" else 1
-        ceil = resolve(arg(node, 5 if name == "max_pool1d" else 4, "ceil_mode", False))
-        plain = (isinstance(kernel, int) and kernel == stride and padding in (0, (0,), [0])
-                 and dilation in (1, (1,), [1]) and ceil is False)
-        ndim = len(_shape(node.args[0]))
-        if not (plain and isinstance(fact, Tokens) and fact.dim == ndim - 1 and not fact.lead
-                and fact.prefix == 0 and fact.suffix == 0 and set(fact.batch) <= {0}):
-            return None
-        inner = fact.order[-1]
-        size = fact.image_shape[inner]
-        if not isinstance(size, int) or size % kernel:
-            self._why[node] = (f"windows of {kernel} consecutive tokens that straddle the rows of "
-                               f"{size} tokens: the pooled tokens are no image")
-            return None
-        shape = list(fact.image_shape)
-        shape[inner] = size // kernel
-        return _step(replace(fact, image_shape=tuple(shape)), name)
 
     def _broadcast_op(self, node, name, fact, out):
         return _broadcast(fact, _shape(node.args[0]), tuple(out.shape), name)
@@ -794,30 +626,6 @@ _TRANSFERS = {
 # Kinds whose result may carry a fact that reaches it through an operand other than the first.
 _FROM_SEVERAL_INPUTS = frozenset({POINTWISE, CAST, IDENTITY, CAT, STACK})
 
-
-def _expanded_index(index, ndim: int):
-    """A basic index as one entry per axis (ints and slices; Ellipsis expanded), or None."""
-    parts = list(index) if isinstance(index, tuple) else [index]
-    if sum(p is Ellipsis for p in parts) > 1 or any(p is None for p in parts):
-        return None
-    if Ellipsis in parts:
-        at = parts.index(Ellipsis)
-        parts[at:at + 1] = [slice(None)] * (ndim - len(parts) + 1)
-    parts += [slice(None)] * (ndim - len(parts))
-    return parts if len(parts) == ndim else None
-
-
-def _range(part, size) -> tuple:
-    """The ``[start, stop)`` an int or a step-1 slice selects along an axis of ``size``, as ints;
-    (None, None) for anything else (steps, symbolic bounds)."""
-    size = _hint(size)
-    if isinstance(part, int) and not isinstance(part, bool):
-        i = part % size if size else part
-        return i, i + 1
-    if isinstance(part, slice) and part.step in (None, 1) and isinstance(size, int):
-        start, stop, _ = part.indices(size)
-        return (start, stop) if stop >= start else (None, None)
-    return None, None
 
 
 def _data_inputs(node: fx.Node, gm) -> list[fx.Node]:

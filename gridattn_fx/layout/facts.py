@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -34,6 +35,13 @@ class LayoutSource(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class Loss(NamedTuple):
+    """Where a layout was lost: the op (the report command groups skips by it) and why, for humans."""
+
+    op: str
+    text: str
 
 
 @dataclass(frozen=True)
