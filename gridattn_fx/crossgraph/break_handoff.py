@@ -22,24 +22,26 @@ import weakref
 import torch
 import torch.fx as fx
 
+from ..ir.graphs import placeholder_inputs
 from ..layout.facts import _positions
 
-# id(tensor) -> (weak reference, _version when recorded, fact)
+# id(tensor) -> (weak reference, _version when recorded, fact); an entry leaves with its tensor
 _recorded: dict[int, tuple] = {}
-_LIMIT = 4096  # entries kept before dead ones are swept
+
+
+def _forget(ref: weakref.ref, key: int) -> None:
+    """The tensor ``ref`` pointed to is gone: drop its entry (unless a newer one replaced it)."""
+    if _recorded.get(key, (None,))[0] is ref:
+        del _recorded[key]
 
 
 def record_outputs(outputs, facts: dict[int, object]) -> None:
     """After a call: remember the fact of each output tensor at the positions ``facts`` names."""
-    if not facts:
-        return
-    if len(_recorded) > _LIMIT:
-        for key in [k for k, (ref, _, _) in _recorded.items() if ref() is None]:
-            del _recorded[key]
     for index, fact in facts.items():
         t = outputs[index] if index < len(outputs) else None
         if isinstance(t, torch.Tensor):
-            _recorded[id(t)] = (weakref.ref(t), t._version, fact)
+            key = id(t)
+            _recorded[key] = (weakref.ref(t, lambda ref, key=key: _forget(ref, key)), t._version, fact)
 
 
 def fact_of(t) -> object | None:
@@ -55,21 +57,18 @@ def fact_of(t) -> object | None:
 
 def handed_facts(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, object]:
     """Facts for the placeholders of ``gm`` whose example input an earlier graph returned."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if example_inputs is None or len(placeholders) != len(example_inputs):
-        return {}
     seeds = {}
-    for node, value in zip(placeholders, example_inputs):
+    for node, value in placeholder_inputs(gm, example_inputs):
         fact = fact_of(value)
         traced = node.meta.get("example_value")
         # Sizes of one graph's ShapeEnv mean nothing in another's: static sizes on both sides only.
         if (fact is not None and isinstance(traced, torch.Tensor) and traced.dim() == value.dim()
-                and all(isinstance(s, int) for s in traced.shape) and _static(fact)):
+                and all(isinstance(s, int) for s in traced.shape) and _static_sizes(fact)):
             seeds[node] = fact
     return seeds
 
 
-def _static(fact) -> bool:
+def _static_sizes(fact) -> bool:
     sizes = [getattr(fact, "prefix", 0), getattr(fact, "suffix", 0),
              *getattr(fact, "image_shape", ()), *getattr(fact, "sizes", ()),
              *(size for size, _ in getattr(fact, "lead", ()))]

@@ -39,6 +39,14 @@ def ensure_values(gm: fx.GraphModule, example_inputs) -> None:
     FakeTensorProp(gm, mode).propagate(*example_inputs)
 
 
+def placeholder_inputs(gm: fx.GraphModule, example_inputs) -> list[tuple[fx.Node, object]]:
+    """Each placeholder of ``gm`` with its example input; [] when they do not pair up one to one."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    if example_inputs is None or len(placeholders) != len(example_inputs):
+        return []
+    return list(zip(placeholders, example_inputs))
+
+
 def transfer_meta(new: fx.Node, old: fx.Node) -> None:
     """Give a node that replaces (part of) ``old`` the metadata inductor's pattern matcher carries
     over to its replacements: the fields torch.fx copies along with a node

@@ -627,7 +627,6 @@ _TRANSFERS = {
 _FROM_SEVERAL_INPUTS = frozenset({POINTWISE, CAST, IDENTITY, CAT, STACK})
 
 
-
 def _data_inputs(node: fx.Node, gm) -> list[fx.Node]:
     """The inputs whose values flow into ``node``; ``x.reshape_as(template)`` only reads the
     template's shape."""

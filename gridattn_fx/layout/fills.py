@@ -14,6 +14,7 @@ import torch.fx as fx
 from ..ir.op_catalogue import resolve
 from ..ir.values import shape_of as _shape
 from .facts import Loss, Tokens, _hint, _positions, _same_size, _step
+from .reshape import full_index
 
 
 class Fills:
@@ -95,14 +96,10 @@ class Fills:
 
 def _expanded_index(index, ndim: int):
     """A basic index as one entry per axis (ints and slices; Ellipsis expanded), or None."""
-    parts = list(index) if isinstance(index, tuple) else [index]
-    if sum(p is Ellipsis for p in parts) > 1 or any(p is None for p in parts):
+    parts = full_index(index, ndim)
+    if len(parts) != ndim or any(p is None or p is Ellipsis for p in parts):
         return None
-    if Ellipsis in parts:
-        at = parts.index(Ellipsis)
-        parts[at:at + 1] = [slice(None)] * (ndim - len(parts) + 1)
-    parts += [slice(None)] * (ndim - len(parts))
-    return parts if len(parts) == ndim else None
+    return list(parts)
 
 
 def _range(part, size) -> tuple:

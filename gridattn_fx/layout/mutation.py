@@ -79,20 +79,9 @@ def _feature_fills(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     as its values are (:meth:`LayoutAnalysis._fill` checks the values' facts). Only when nothing else
     can see the tensor change: every other user comes after the last write (no reader or view in
     between) and none of them writes into it (a write through a later view is a write as usual)."""
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    fills = {}
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method") or op_name(node, gm) not in FRESH_TENSORS:
-            continue
-        writes = [u for u in node.users if u.op == "call_function" and u.target is operator.setitem
-                  and len(u.args) == 3 and u.args[0] is node and _trailing_index(u.args[1])]
-        if not writes:
-            continue
-        last = max(order[w] for w in writes)
-        others = [u for u in node.users if u not in writes]
-        if all(order[u] > last and not mutates(u) for u in others):
-            fills[node] = sorted(writes, key=order.get)
-    return fills
+    return _fresh_fills(gm, lambda node: [
+        u for u in node.users if u.op == "call_function" and u.target is operator.setitem
+        and len(u.args) == 3 and u.args[0] is node and _trailing_index(u.args[1])])
 
 
 def _token_fills(gm: fx.GraphModule, feature_fills: dict) -> dict[fx.Node, list[fx.Node]]:
@@ -101,14 +90,20 @@ def _token_fills(gm: fx.GraphModule, feature_fills: dict) -> dict[fx.Node, list[
     text; joint[0, n:n + N] = image``), mapped to those writes in graph order; the same conditions
     as :func:`_feature_fills` (nothing sees the tensor before the last write), which takes
     precedence. :meth:`LayoutAnalysis._token_fill` decides what the filled tensor holds."""
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     basic = set(_slice_writes(gm))
+    return _fresh_fills(gm, lambda node: [] if node in feature_fills else [
+        u for u in node.users if u in basic and u.args[0] is node])
+
+
+def _fresh_fills(gm: fx.GraphModule, writes_into) -> dict[fx.Node, list[fx.Node]]:
+    """Fresh tensors (``FRESH_TENSORS``) whose every user other than the writes ``writes_into(node)``
+    finds comes after the last of them and writes nothing, mapped to those writes in graph order."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     fills = {}
     for node in gm.graph.nodes:
-        if node in feature_fills or node.op not in ("call_function", "call_method") or (
-                op_name(node, gm) not in FRESH_TENSORS):
+        if node.op not in ("call_function", "call_method") or op_name(node, gm) not in FRESH_TENSORS:
             continue
-        writes = [u for u in node.users if u in basic and u.args[0] is node]
+        writes = writes_into(node)
         if not writes:
             continue
         last = max(order[w] for w in writes)

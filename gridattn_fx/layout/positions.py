@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 
+from ..ir.graphs import placeholder_inputs
 from ..ir.op_catalogue import CASTS
 from ..ir.ops import op_name
 from ..ir.values import value_of
@@ -108,11 +109,8 @@ def position_fact(grid: PositionGrid, node: fx.Node, gm: fx.GraphModule) -> Toke
 
 def read_position_inputs(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, Tokens]:
     """The placeholders of ``gm`` whose example input lists grid coordinates (:func:`position_grid`)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if example_inputs is None or len(placeholders) != len(example_inputs):
-        return {}
     found = {}
-    for node, value in zip(placeholders, example_inputs):
+    for node, value in placeholder_inputs(gm, example_inputs):
         traced = value_of(node)
         if isinstance(traced, torch.Tensor) and not all(isinstance(s, int) for s in traced.shape):
             continue  # symbolic sizes: the compile-time values fix only one of the sizes it serves

@@ -289,6 +289,17 @@ def _broadcast(fact, in_shape, out_shape, name):
     return _step(moved, name)
 
 
+def full_index(index, ndim: int) -> tuple:
+    """A basic index with its (first) Ellipsis expanded and the trailing axes it leaves out given
+    as full slices; ``None`` entries (new axes) stay where they are."""
+    index = index if isinstance(index, tuple) else (index,)
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - consumed) + index[at + 1:]
+    return index + (slice(None),) * (ndim - sum(1 for i in index if i is not None))
+
+
 def _index(fact, shape, index, selector: str = ""):
     """``x[index]`` for basic indexing (ints, slices, None, Ellipsis); ``selector`` names the op,
     recorded in the image identity when it picks along an image axis."""
@@ -296,11 +307,7 @@ def _index(fact, shape, index, selector: str = ""):
         index = (index,)
     if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice, torch.SymInt))) for i in index):
         return None  # advanced indexing can reorder tokens
-    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (len(shape) - consumed) + index[at + 1:]
-    index = index + (slice(None),) * (len(shape) - sum(1 for i in index if i is not None))
+    index = full_index(index, len(shape))
     mapping, sizes, in_d, out_d = {}, {}, 0, 0
     picks = False
     for item in index:
