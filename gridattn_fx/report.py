@@ -59,6 +59,9 @@ class Report:
     # Model inputs whose values gave rewritten sites their layout (layout/positions.py): the
     # compiled graph checks them at every call.
     position_inputs: list[str] = field(default_factory=list)
+    # Dynamo's graph breaks since the previous graph (frontends/graph_breaks.py): attention in the
+    # code they left uncaptured runs eagerly, outside every report.
+    graph_breaks: list[str] = field(default_factory=list)
     # Numbers the graphs of this process, so warnings about two graphs never read the same (and
     # Python's once-per-message filter cannot hide the second one).
     graph: int = field(default_factory=lambda: next(_graph_numbers), compare=False)
@@ -113,12 +116,16 @@ class Report:
         lines.insert(1, "-" * min(160, len(lines[0])))
         before, after = self.flops()
         saved = f" ({100 * (1 - after / before):.1f}% less)" if before else ""
+        unknown = sum(s.flops_before is None for s in self.sites)
+        if unknown:  # data-dependent sizes: the totals leave those sites out, and say so
+            saved += f", {unknown} site(s) of unknown cost not counted"
         lines.append(
             f"{len(self.sites)} attention sites: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped; "
             f"attention {_gflop(before)} -> {_gflop(after)} GFLOP{saved}; implementation={self.implementation}"
             + (f"; preset={self.preset}" if self.preset else "")
             + ("; distributing=shuffle (training)" if self.distributing == "shuffle" else "")
         )
+        lines.extend(f"graph break before this graph: {b}" for b in self.graph_breaks)
         for failure in self.site_failures:
             lines.append(f"SITE LEFT DENSE, its replacement failed its check: {failure}")
         for option, keys in self.unmatched_site_keys.items():

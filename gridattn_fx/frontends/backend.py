@@ -14,6 +14,7 @@ from ..patterns import find_attention_sites
 from ..reasons import SkipKind
 from ..report import SKIPPED, Report, SiteReport, record
 from .checked_graph import CheckedGraph, RuntimeChecks
+from .graph_breaks import capture_settings, new_graph_breaks
 from .torch_logs import publish
 from .training_mode import compiled_module_training
 
@@ -42,6 +43,16 @@ def _fall_back(report: Report, failure: str) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
+def _note_graph_breaks(report: Report) -> None:
+    """The breaks Dynamo met since the previous graph, in the report; a warning for those whose hint
+    names a Dynamo setting that would capture the code (attention there runs dense, unreported)."""
+    report.graph_breaks = new_graph_breaks()
+    for setting in capture_settings(report.graph_breaks):
+        _warn_once(f"gridattn: Dynamo broke a graph where `torch._dynamo.config.{setting} = True` would capture "
+                   f"the code; attention in code it could not capture runs eagerly, not rewritten (see the "
+                   f"report's graph breaks; `python -m gridattn_fx coverage` counts such calls)")
+
+
 def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
                training: bool = False, checked: bool = False) -> tuple[fx.GraphModule, Report]:
     """The pass with the backend's safety net: on failure, the original graph and a report saying so.
@@ -57,6 +68,7 @@ def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
         _report_undecided_sites(gm, report)
         new_gm = gm
     _warn_symbolic(report)
+    _note_graph_breaks(report)
     record(report)
     publish(new_gm, report)  # TORCH_LOGS / TORCH_TRACE (tlparse): the report and the rewritten graph
     return new_gm, report

@@ -44,7 +44,7 @@ from .groupings import (
                         recover_image_axis,
                         recover_layout,
 )
-from .layout import Stride, TokenLayout, format_stride, normalize_stride
+from .layout import Stride, TokenLayout, data_dependent, format_stride, normalize_stride
 from .plan import GridPlan, MaskSpec, RelPosSpec, attention_flops, grouped_attention, masked_attention
 from .reference import grid_mask
 
@@ -66,6 +66,7 @@ __all__ = [
     "assignment_shape",
     "attention_flops",
     "format_stride",
+    "data_dependent",
     "Grouping",
     "GridGrouping",
     "WindowGrouping",

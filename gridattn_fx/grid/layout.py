@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 # (Gh, Gw) for an image, (Gt, Gh, Gw) for a video: one step per image axis, slowest first.
 Stride = tuple[int, ...]
 
@@ -102,6 +104,23 @@ class TokenLayout:
     def __repr__(self) -> str:
         return (f"TokenLayout(prefix={self.prefix!r}, image_shape={self.image_shape!r}, "
                 f"suffix={self.suffix!r}, order={self.order!r})")
+
+
+def present(size) -> bool:
+    """Whether a prefix / suffix part may hold tokens: False only where it is known to be empty.
+
+    A data-dependent count (an unbacked SymInt: the text tokens a ``nonzero`` keeps) counts as
+    present without a guard, which could not be installed on it: its pieces are then slices that
+    may be empty at run time, and every op the regrouping applies to them (narrow, cat, SDPA over
+    zero queries) accepts empty ones. A traced size is asked through the SymInt it stands for.
+    """
+    return data_dependent(size) or bool(size)
+
+
+def data_dependent(size) -> bool:
+    """Whether a size (an int, a SymInt or a traced size) is an unbacked SymInt: no value to guard on."""
+    sym = getattr(size, "sym", size)
+    return isinstance(sym, torch.SymInt) and not sym.node.has_hint()
 
 
 def _is_int(x) -> bool:

@@ -9,7 +9,7 @@ import torch
 
 from .attention import attend_groups, attend_pregrouped, sdpa
 from .groupings import GRID, Grouping, cluster_layout, draw_assignment, grouping_named, layout_padded
-from .layout import Stride, TokenLayout, format_stride, normalize_stride
+from .layout import Stride, TokenLayout, data_dependent, format_stride, normalize_stride, present
 from .reference import _additive, grid_mask
 from .relpos import dense_relpos_bias, grouped_relpos_attention
 
@@ -111,7 +111,7 @@ class GridPlan:
         if self.ndim != 4:
             return f"q has rank {self.ndim}, not (batch, heads, tokens, features)"
         for layout in (self.q_layout, self.k_layout):
-            if layout.prefix or layout.suffix:
+            if present(layout.prefix) or present(layout.suffix):
                 return f"layout {layout} has non-image tokens, which every group shares"
             if layout.order != tuple(range(layout.rank)):
                 return f"layout {layout} is stored " + ("column-major" if layout.rank == 2 else "out of order")
@@ -155,9 +155,14 @@ class GridPlan:
     def _parts(x, layout: TokenLayout, axis: int = -2):
         """(prefix, image, suffix) slices along ``axis``; None for empty parts."""
         n = layout.image_tokens
-        pre = x.narrow(axis, 0, layout.prefix) if layout.prefix else None
+        pre = x.narrow(axis, 0, layout.prefix) if present(layout.prefix) else None
         img = x.narrow(axis, layout.prefix, n)
-        suf = x.narrow(axis, layout.prefix + n, layout.suffix) if layout.suffix else None
+        if data_dependent(layout.prefix) or data_dependent(layout.suffix):
+            # Its strides then hold the data-dependent length, and whether the regrouping's
+            # reshapes can be views depends on it (a guard that cannot be installed): a copy in
+            # the standard layout answers that statically.
+            img = img.clone(memory_format=torch.contiguous_format)
+        suf = x.narrow(axis, layout.prefix + n, layout.suffix) if present(layout.suffix) else None
         return pre, img, suf
 
     def _cluster(self, x, layout: TokenLayout, assignment=None):
@@ -183,7 +188,7 @@ class GridPlan:
         return self._shared_keys_bias(bias, kl.prefix, kl.suffix, dtype, device)
 
     def _shared_keys_bias(self, bias, prefix, suffix, dtype, device):
-        zeros = [torch.zeros((self.groups, 1, n), dtype=dtype, device=device) if n else None
+        zeros = [torch.zeros((self.groups, 1, n), dtype=dtype, device=device) if present(n) else None
                  for n in (prefix, suffix)]
         return _join(zeros[0], bias, zeros[1], -1)
 
@@ -244,7 +249,7 @@ class GridPlan:
 
         out_img = attend_groups(self, qg, kg, vg, group_mask, mask_rank, qa)
 
-        if not (ql.prefix or ql.suffix):
+        if not (present(ql.prefix) or present(ql.suffix)):
             return out_img
         # Non-image queries attend to every key, as in the original site.
         q_rest = torch.cat([p for p in (q_pre, q_suf) if p is not None], dim=-2)
@@ -254,9 +259,18 @@ class GridPlan:
                 rest_mask = torch.cat([p for p in (m_pre, m_suf) if p is not None], dim=-2)
             else:
                 rest_mask = mask
+        spare = data_dependent(ql.prefix) or data_dependent(ql.suffix)
+        if spare:
+            # A data-dependent number of non-image queries may be zero, and SDPA's lowering asks
+            # whether it is (a guard that cannot be installed): one spare query row (an image
+            # query's, dropped below) makes the count provably positive. The mask has no query
+            # rows here (policy.mask_spec leaves such a site dense).
+            q_rest = torch.cat([q_rest, q_img.narrow(-2, 0, 1)], dim=-2)
         out_rest = self._sdpa(q_rest, k, v, rest_mask)
-        return _join(out_rest.narrow(-2, 0, ql.prefix) if ql.prefix else None, out_img,
-                     out_rest.narrow(-2, ql.prefix, ql.suffix) if ql.suffix else None, -2)
+        if spare:
+            out_rest = out_rest.narrow(-2, 0, out_rest.size(-2) - 1)
+        return _join(out_rest.narrow(-2, 0, ql.prefix) if present(ql.prefix) else None, out_img,
+                     out_rest.narrow(-2, ql.prefix, ql.suffix) if present(ql.suffix) else None, -2)
 
     def masked(self, q, k, v, attn_mask=None, assignment=None):
         """The oracle form: dense SDPA with ``attn_mask = B + log M`` (M for ``assignment`` when shuffling)."""

@@ -118,7 +118,7 @@ def _same_size(a, b) -> bool:
     prove nothing: two unrelated symbols may happen to have been traced with the same value."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    if _hint(a) is None or _hint(a) != _hint(b):
+    if _hint(a) != _hint(b):
         return False
     if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr:
         return True

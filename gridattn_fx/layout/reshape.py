@@ -46,12 +46,11 @@ def _reshape_groups(in_shape, out_shape):
     """Minimal groups of (input axes, output axes) that a row-major reshape maps onto each other.
 
     Boundaries sit where the running products of both shapes coincide; size-1 axes are ignored.
-    Returns None when the sizes cannot be read concretely.
+    A data-dependent size (no traced value) must meet the same size on the other side, as a group
+    of its own. Returns None when the sizes cannot be matched so.
     """
     ins = [(d, _hint(s)) for d, s in enumerate(in_shape)]
     outs = [(d, _hint(s)) for d, s in enumerate(out_shape)]
-    if any(s is None for _, s in ins + outs):
-        return None
     ins = [(d, s) for d, s in ins if s != 1]
     outs = [(d, s) for d, s in outs if s != 1]
     groups, i, j = [], 0, 0
@@ -59,10 +58,15 @@ def _reshape_groups(in_shape, out_shape):
         gi, gj = [ins[i][0]], [outs[j][0]]
         pi, pj = ins[i][1], outs[j][1]
         i, j = i + 1, j + 1
+        if pi is None or pj is None:
+            if not _same_size(in_shape[gi[0]], out_shape[gj[0]]):
+                return None
+            groups.append((gi, gj))
+            continue
         while pi != pj:
-            if pi < pj and i < len(ins):
+            if pi < pj and i < len(ins) and ins[i][1] is not None:
                 gi.append(ins[i][0]); pi *= ins[i][1]; i += 1
-            elif pj < pi and j < len(outs):
+            elif pj < pi and j < len(outs) and outs[j][1] is not None:
                 gj.append(outs[j][0]); pj *= outs[j][1]; j += 1
             else:
                 return None

@@ -236,7 +236,7 @@ def plan_motion(gm: fx.GraphModule, site: AttentionSite, plan: GridPlan) -> tupl
     """Where the site's regrouping can go, or None and why it stays at the attention call."""
     if is_symbolic(plan.q_layout) or is_symbolic(plan.k_layout):
         # The walk reads static shapes only; the site's own rewrite handles symbolic sizes.
-        return None, "symbolic image size: the regrouping is moved only for static sizes"
+        return None, "symbolic sizes: the regrouping is moved only for static sizes"
     why = plan.pregrouped_unsupported
     if why:
         return None, why

@@ -26,7 +26,7 @@ from ..patterns import AttentionSite, find_attention_sites
 from ..reasons import Skip, SkipKind
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
 from .motion import apply_motion, check_motion, plan_motion
-from .policy import at_hints, decide
+from .policy import decide
 from .rewrite import plan_sizes, rewrite_site
 
 logger = logging.getLogger("gridattn_fx")
@@ -45,19 +45,32 @@ def _check_replacement(site: AttentionSite, plan, implementation: str) -> None:
         # in rewrite_site takes the size decisions and their guards.)
         mode = FakeTensorMode()
         with mode:
-            values = [torch.empty([_hint(d) for d in v.shape], dtype=v.dtype, device=v.device)
+            values = [torch.empty([_stand_in(d) for d in v.shape], dtype=v.dtype, device=v.device)
                       if isinstance(v, torch.Tensor) else v for v in values]
-        plan = replace(plan, q_layout=at_hints(plan.q_layout), k_layout=at_hints(plan.k_layout))
+        plan = replace(plan, q_layout=plan.q_layout.map_sizes(_stand_in), k_layout=plan.k_layout.map_sizes(_stand_in))
     with fake_evaluation(mode):
         got = site.build(plan, implementation)(*values)
     # Symbolic sizes are compared at their traced values: a sanity check (the grouping is exact by
     # construction), and the replacement's size expressions need not simplify to the original's.
     if len(got.shape) != len(expected.shape) or got.dtype != expected.dtype or any(
-            _hint(a) != _hint(b) for a, b in zip(got.shape, expected.shape)):
+            _stand_in(a) != _stand_in(b) for a, b in zip(got.shape, expected.shape)):
         raise RuntimeError(
             f"grid rewrite of {site.output.name} would change its output from "
             f"{tuple(expected.shape)}/{expected.dtype} to {tuple(got.shape)}/{got.dtype}"
         )
+
+
+def _stand_in(size, unknown: int = 3) -> int:
+    """A size at the value it was traced with; a data-dependent one (an unbacked SymInt, no traced
+    value) evaluated with each of its unknowns at ``unknown``, the same for all, so that equal
+    expressions stay equal through the check."""
+    hint = _hint(size)
+    if hint is not None or not isinstance(size, torch.SymInt):
+        return hint
+    env = size.node.shape_env
+    expr, known = size.node.expr, (env.backed_var_to_val if hasattr(env, "backed_var_to_val")
+                                        else env.var_to_val)
+    return int(expr.xreplace({s: known.get(s, unknown) for s in expr.free_symbols}))
 
 
 class ReplacementCheckFailed(Exception):

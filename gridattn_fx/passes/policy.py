@@ -24,6 +24,7 @@ from ..grid import (
     RelPosSpec,
     TokenLayout,
     attention_flops,
+    data_dependent,
     format_stride,
     grouping_named,
     normalize_stride,
@@ -50,14 +51,12 @@ class Decision:
     skip: Skip | None = None   # why the site stays dense (None: rewritten)
 
 
-def _concrete(shape) -> tuple[int, ...] | None:
-    """A shape as ints, symbolic sizes read from the values they were traced with: for the cost
-    and for comparing ranks and broadcasting only. Whatever the regrouping depends on (the
-    sequence lengths against the layouts) is checked on the symbolic sizes themselves."""
-    if shape is None:
-        return None
-    sizes = [_hint(s) for s in shape]
-    return None if None in sizes else tuple(sizes)
+def _concrete(shape) -> tuple | None:
+    """A shape with symbolic sizes read from the values they were traced with, None for a size
+    without one (data-dependent): for the cost and for comparing ranks and broadcasting only.
+    Whatever the regrouping depends on (the sequence lengths against the layouts) is checked on the
+    symbolic sizes themselves."""
+    return None if shape is None else tuple(_hint(s) for s in shape)
 
 
 def is_symbolic(layout: TokenLayout | None) -> bool:
@@ -72,8 +71,9 @@ def at_hints(layout: TokenLayout | None) -> TokenLayout | None:
     return layout.map_sizes(_hint)
 
 
-def _cost(q_shape, k_shape, v_shape) -> tuple[int, int, int, int, int] | None:
-    """(batch*heads, Lq, Lk, d, dv) of a site, or None when sizes are symbolic.
+def _cost(q_shape, k_shape, v_shape) -> tuple | None:
+    """(batch*heads, Lq, Lk, d, dv) of a site; Lq / Lk None when data-dependent; None when any other
+    size has no value.
 
     The work is per query head: key/value batch and head axes broadcast against q's (MQA written
     as one k/v head), or with GQA (``enable_gqa``) hold fewer heads that groups of query heads share.
@@ -81,6 +81,8 @@ def _cost(q_shape, k_shape, v_shape) -> tuple[int, int, int, int, int] | None:
     if q_shape is None or k_shape is None or v_shape is None:
         return None
     leads = (q_shape[:-2], k_shape[:-2], v_shape[:-2])
+    if None in (*leads[0], *leads[1], *leads[2], q_shape[-1], v_shape[-1]):
+        return None
     try:
         lead = torch.broadcast_shapes(*leads)
     except RuntimeError:  # GQA: the head axes differ; the batch axes still broadcast
@@ -108,15 +110,18 @@ class SiteFacts:
         self.evidence = f"q: {self.q_why}" + ("" if site.key is site.query else f"; k: {self.k_why}")
         self.shapes = [_concrete(s) for s in (site.q_shape, site.k_shape, site.v_shape)]
         self.cost = _cost(*self.shapes)
-        self.flops = attention_flops(*self.cost) if self.cost else None
+        self.flops = attention_flops(*self.cost) if self.cost and None not in self.cost else None
         self.symbolic = is_symbolic(self.q_layout) or is_symbolic(self.k_layout)
         # The report shows the sizes this graph was traced with; the reason names the symbols.
         self.shown_q, self.shown_k = at_hints(self.q_layout), at_hints(self.k_layout)
         self.symbols = ""
         if self.symbolic:
+            unknown = sorted({str(s) for layout in (self.q_layout, self.k_layout) if layout is not None
+                              for s in layout.sizes if data_dependent(s)})
             self.symbols = f"{self.q_layout}" + (
-                "" if str(self.k_layout) == str(self.q_layout) else f" / {self.k_layout}") + \
-                f" (traced at {self.shown_q})"
+                "" if str(self.k_layout) == str(self.q_layout) else f" / {self.k_layout}") + (
+                f" ({', '.join(unknown)}: data-dependent, known only at run time)" if unknown
+                else f" (traced at {self.shown_q})")
         self.configured, self.stride_from = self.config.stride_for(self.path)
         grouping_name, self.grouping_from = self.config.grouping_for(self.path)
         self.grouping = grouping_named(grouping_name)
@@ -225,7 +230,11 @@ def selected(f: SiteFacts) -> Skip | None:
 
 
 def known_sizes(f: SiteFacts) -> Skip | None:
-    if f.cost is None:
+    """Batch, head and feature sizes, and the images' sizes, need values; the number of non-image
+    tokens may be data-dependent (Mochi's valid text tokens, kept by a ``nonzero``): the regrouping
+    only slices them off and shares them with every group (grid/layout.py ``present``)."""
+    unknown = [s for layout in (f.q_layout, f.k_layout) for s in layout.image_shape if _hint(s) is None]
+    if f.cost is None or unknown:
         unbacked = sorted({str(s) for shape in (f.site.q_shape, f.site.k_shape) for s in (shape or ())
                            if isinstance(s, torch.SymInt) and not s.node.has_hint()})
         why = (f" (data-dependent: {', '.join(unbacked)}, e.g. the tokens a nonzero or a mask keeps)"
@@ -334,8 +343,8 @@ def mask_spec(f: SiteFacts) -> MaskSpec | Skip | None:
     if site.mask_shape is None:
         return None
     m_shape = _concrete(site.mask_shape)
-    if m_shape is None:
-        return Skip(SkipKind.SHAPES, "attn_mask has symbolic sizes")
+    if None in m_shape:
+        return Skip(SkipKind.SHAPES, "attn_mask has data-dependent sizes")
     q_shape, k_shape = f.shapes[0], f.shapes[1]
     if len(m_shape) > len(q_shape) or len(m_shape) < 1:
         return Skip(SkipKind.SHAPES, f"attn_mask of rank {len(m_shape)} does not broadcast like q")
@@ -402,7 +411,7 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         return dense(skip, f.stride_warning)
 
     plan, distributing = _plan(f)
-    if config.implementation == "masked":
+    if config.implementation == "masked" or f.flops is None:
         after = f.flops
     else:
         bh, _, _, d, dv = f.cost

@@ -14,7 +14,9 @@ Attention that runs outside every captured graph (a frame Dynamo gave up on afte
 runs eagerly, and no backend ever sees its attention) is counted on a second, profiled call: the
 SDPA calls that no graph of the pass contains, with the graph breaks Dynamo met (their first line,
 and its hint: MochiTransformer3DModel's ``nonzero`` names
-``torch._dynamo.config.capture_dynamic_output_shape_ops``).
+``torch._dynamo.config.capture_dynamic_output_shape_ops``). Where a hint names such a Dynamo capture
+setting, the class is compiled once more with it: a class rewritten then counts as automatic, and
+its row names the setting (a Dynamo option, not a layout declaration).
 
 For every class the last column gives the first site left dense that is neither cross-attention nor
 temporal attention (one whose image layout was proven or lost on the way, if any), with its reason (which names the declaration that would rewrite it where the
@@ -33,6 +35,8 @@ from typing import Callable
 
 import torch
 
+from ..frontends.graph_breaks import all_graph_breaks, capture_settings
+
 
 @dataclass
 class CoverageRow:
@@ -45,6 +49,7 @@ class CoverageRow:
     why: str = ""
     eager_attention: int = 0     # SDPA calls that ran outside every captured graph
     breaks: list[str] = field(default_factory=list)
+    setting: str = ""            # the Dynamo capture setting the row was produced with, if any
 
 
 def add_coverage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +58,24 @@ def add_coverage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cover(name: str, build: Callable, stride: int = 2, by_design: str = "") -> CoverageRow:
-    """Build, compile and run one class; its row of the table."""
+    """Build, compile and run one class; its row of the table. Attention left outside the graphs
+    behind a graph break whose hint names a Dynamo capture setting: once more with that setting."""
+    row = _cover(name, build, stride, by_design)
+    settings = capture_settings(row.breaks)
+    if not row.eager_attention or not settings or by_design:
+        return row
+    with torch._dynamo.config.patch(**dict.fromkeys(settings, True)):
+        captured = _cover(name, build, stride, by_design)
+    if captured.status != "automatic":
+        return row
+    captured.setting = ", ".join(f"torch._dynamo.config.{s} = True" for s in settings)
+    captured.why = (f"with `{captured.setting}`: without it {row.eager_attention} attention call(s) run "
+                    f"eagerly after a graph break ({'; '.join(row.breaks)})" + (f". {captured.why}" if captured.why
+                                                                                else ""))
+    return captured
+
+
+def _cover(name: str, build: Callable, stride: int, by_design: str) -> CoverageRow:
     import gridattn_fx
     from gridattn_fx import GridAttnConfig
     from gridattn_fx.frontends.backend import compile_with_pass
@@ -76,7 +98,7 @@ def cover(name: str, build: Callable, stride: int = 2, by_design: str = "") -> C
             call()
             reports = gridattn_fx.report_history(clear=True)
             eager = _attention_outside_graphs(call)
-        breaks = _graph_breaks()
+        breaks = all_graph_breaks()
     except Exception as err:  # a class that does not build here is a row, not the end of the table
         return CoverageRow(name, "failed", why=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
     finally:
@@ -130,18 +152,6 @@ def _attention_outside_graphs(call) -> int:
         r.start <= e.time_range.start and e.time_range.end <= r.end for r in graphs))
 
 
-def _graph_breaks() -> list[str]:
-    """Dynamo's graph-break reasons of the last compile: their first line and their hint."""
-    out = []
-    for reason in torch._dynamo.utils.counters["graph_break"]:
-        lines = [line.strip() for line in str(reason).splitlines() if line.strip()]
-        hint = next((line for line in lines if line.startswith("Hint:")), "")
-        text = lines[0] + (f" ({hint})" if hint else "") if lines else ""
-        if text and text not in out:
-            out.append(text)
-    return out
-
-
 def coverage_table(rows: list[CoverageRow]) -> list[str]:
     lines = ["| class | status | rewritten / sites | graphs | attention outside graphs | layout from | "
              "first image site left dense, and why |",
@@ -153,8 +163,10 @@ def coverage_table(rows: list[CoverageRow]) -> list[str]:
     automatic = sum(r.status == "automatic" for r in rows)
     design = sum(r.status == "dense by design" for r in rows)
     lines.append("")
+    setting = sum(bool(r.setting) for r in rows)
     lines.append(f"coverage: {automatic} of {len(rows)} classes rewritten with no declaration "
-                 f"({design} dense by design, {sum(r.status == 'dense' for r in rows)} dense, "
+                 + (f"({setting} of them with a Dynamo capture setting; " if setting else "(")
+                 + f"{design} dense by design, {sum(r.status == 'dense' for r in rows)} dense, "
                  f"{sum(r.status == 'failed' for r in rows)} failed)")
     return lines
 

@@ -87,11 +87,13 @@ def test_coverage_command_rows():
     assert rows["SanaTransformer2DModel"][1] == "dense by design"
     qwen = rows["QwenImageTransformer2DModel"]
     assert qwen[1] == "dense" and "ImageTokens(" in qwen[6], qwen
-    # Mochi's block attention runs in a frame Dynamo gave up on at a data-dependent nonzero: no graph
-    # holds it, the table counts it and names the setting that captures it
+    # Mochi's block attention runs in a frame Dynamo gives up on at a data-dependent nonzero: the
+    # table compiles it again with the setting the break's hint names, and says so
     mochi = rows["MochiTransformer3DModel"]
-    assert mochi[1] == "dense" and mochi[4] == "1" and "capture_dynamic_output_shape_ops" in mochi[6], mochi
-    assert lines[-1].startswith("coverage: 2 of 5 classes rewritten with no declaration"), lines[-1]
+    assert mochi[1:5] == ["automatic", "1 / 2", "1", "0"], mochi
+    assert "with `torch._dynamo.config.capture_dynamic_output_shape_ops = True`: without it 1 attention" in mochi[6]
+    assert lines[-1].startswith("coverage: 3 of 5 classes rewritten with no declaration (1 of them with a Dynamo "
+                                "capture setting;"), lines[-1]
 
 
 def test_coverage_command_rejects_an_unknown_class(capsys):
@@ -101,21 +103,28 @@ def test_coverage_command_rejects_an_unknown_class(capsys):
     assert "unknown class(es) NoSuchModel" in capsys.readouterr().err
 
 
-def test_mochi_block_attention_is_captured_with_dynamic_output_shapes():
-    """With the setting the table names, Dynamo captures the nonzero and the block attention is a
-    site: its video layout is proven (4x8x8, then the valid text tokens, a data-dependent count),
-    and it stays dense because the regrouping needs that count's value; the output is untouched."""
+def test_mochi_block_attention_is_rewritten_with_dynamic_output_shapes():
+    """With the setting the graph break's hint names, Dynamo captures the nonzero and the block
+    attention is a site: its video is proven (4x8x8, then the valid text tokens, a data-dependent
+    count) and rewritten; one graph serves every count of valid tokens, and each call equals dense
+    attention under the grid mask (the masked form) in float64."""
     from gridattn_fx.zoo._diffusers_classes import CLASSES
 
     torch.manual_seed(0)
     model, inputs = CLASSES["MochiTransformer3DModel"]()
     model, inputs = model.eval().double(), _double(inputs)
+    valid = inputs["encoder_attention_mask"].size(1)
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        out, sites = _run(model, inputs, "grouped")
-    with torch.no_grad():
-        plain = model(**inputs)[0]
-    block = [s for s in sites if s.module_path.endswith("attn1")]
-    assert len(block) == 1 and block[0].decision == "skipped", [(s.module_path, s.reason) for s in sites]
-    assert block[0].q_layout is not None and block[0].q_layout.image_shape == (4, 8, 8), block[0].reason
-    assert "data-dependent" in block[0].reason, block[0].reason
-    assert torch.equal(out, plain)
+        for kept in (valid, 3, 0):
+            mask = inputs["encoder_attention_mask"].clone()
+            mask[:, kept:] = False
+            call = dict(inputs, encoder_attention_mask=mask)
+            out, sites = _run(model, call, "grouped")
+            masked, _ = _run(model, call, "masked")
+            with torch.no_grad():
+                plain = model(**call)[0]
+            block = [s for s in sites if s.module_path.endswith("attn1")]
+            assert len(block) == 1 and block[0].decision == "rewritten", [(s.module_path, s.reason) for s in sites]
+            assert str(block[0].q_layout) == "4x8x8+?" and "data-dependent" in block[0].reason, block[0].reason
+            torch.testing.assert_close(out, masked, atol=1e-10, rtol=1e-9)
+            assert not torch.allclose(out, plain, atol=1e-6)
