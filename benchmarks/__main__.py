@@ -5,6 +5,8 @@
     python -m benchmarks --cases attn --sizes 64
     python -m benchmarks --quick --cases dynamic  # symbolic-size rewrite vs static (dynamic=True/False)
     python -m benchmarks --cases video        # video block 8x32x32 tokens + small Wan (benchmarks/video.py)
+    python -m benchmarks --cases peers        # SD UNet: dense vs tomesd vs gridattn (benchmarks/peers.py)
+    python -m benchmarks --device cuda --dtype bfloat16 --cases attn   # on a GPU (CUDA events)
     python -m benchmarks relpos [--tokens 64] # benchmarks/relpos_bias_cost.py
 
 Analysis scripts quoted in RESULTS.md: ``python -m benchmarks.sam_block`` (one SAM global block's
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 
-CASES = ("attn", "sam", "sd-unet", "segformer", "regional", "dynamic", "video")
+CASES = ("attn", "sam", "sd-unet", "segformer", "regional", "dynamic", "video", "peers")
 
 
 def _args(argv):
@@ -46,6 +48,10 @@ def _args(argv):
     p.add_argument("--out", default=None,
                    help="output folder (default benchmarks/results; with --quick benchmarks/out/quick, git-ignored)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); on cuda, CUDA events time the runs "
+                                                   "and torch.cuda.max_memory_allocated gives the peak memory")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32): models and "
+                                                      "floating inputs are cast to it")
     p.add_argument("--keep-cache", action="store_true",
                    help="use the usual inductor cache (default: a fresh, empty cache folder, so compile "
                         "times are cold)")
@@ -83,6 +89,13 @@ def main(argv=None) -> int:
 
     from benchmarks import cases as C
     from benchmarks import common
+    from gridattn_fx.tools.target import Target
+
+    try:
+        target = Target.parse(args.device, args.dtype)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
 
     started = time.time()
     meta = {
@@ -92,49 +105,59 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({_cpu_name()}), "
                    f"{_mem_gib():.0f} GiB RAM, {torch.get_num_threads()} torch threads",
-        "gpu": "none: no GPU is available to this run; CPU results only",
+        "device": target.describe(),
+        "gpu": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                else "none: no GPU is available to this run; CPU results only"),
         "runs": runs, "model_runs": model_runs, "warmup": warmup,
         "model_warmup": args.warmup if args.warmup is not None else 1,
         "load_average_start": common.load_average(),
     }
-    print(f"gridattn-fx benchmarks: torch {meta['torch']}, {meta['machine']}")
+    print(f"gridattn-fx benchmarks: torch {meta['torch']}, {meta['machine']}; running on {meta['device']}")
     print(f"command: {meta['command']}  (load average {meta['load_average_start']:.2f})")
 
     # One throwaway compile: the one-time costs of the first inductor compile in a process
     # (imports, compiler probing) must not land on the first case's baseline.
     with torch.no_grad():
-        torch.compile(lambda t: (t * 2).sin(), backend="inductor")(torch.randn(8))
+        torch.compile(lambda t: (t * 2).sin(), backend="inductor")(torch.randn(8, device=target.device))
     torch._dynamo.reset()
 
     rows = []
     memory = not args.no_memory
     if "attn" in cases:
-        rows += C.attention_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory)
+        rows += C.attention_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory, target=target)
     model_warmup = args.warmup if args.warmup is not None else 1
     if "dynamic" in cases:
-        rows += C.dynamic_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory)
-    rows += C.model_cases([c for c in cases if c not in ("attn", "regional", "dynamic", "video")], quick=args.quick,
-                          runs=model_runs, warmup=model_warmup, echo=print, memory=memory)
+        rows += C.dynamic_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory, target=target)
+    rows += C.model_cases([c for c in cases if c not in ("attn", "regional", "dynamic", "video", "peers")],
+                          quick=args.quick,
+                          runs=model_runs, warmup=model_warmup, echo=print, memory=memory, target=target)
     if "regional" in cases:  # benchmarks/regional.py: regional vs whole-model compile
         from benchmarks import regional
 
-        rows += regional.regional_cases(quick=args.quick, runs=model_runs, warmup=model_warmup, echo=print)
+        rows += regional.regional_cases(quick=args.quick, runs=model_runs, warmup=model_warmup, echo=print,
+                                        target=target)
     if "video" in cases:  # benchmarks/video.py: video block and Wan, grid vs window vs flex
         from benchmarks import video
 
         rows += video.video_cases(quick=args.quick, runs=runs, warmup=warmup, model_runs=model_runs,
-                                  model_warmup=model_warmup, echo=print, memory=memory)
+                                  model_warmup=model_warmup, echo=print, memory=memory, target=target)
+    if "peers" in cases:  # benchmarks/peers.py: dense vs tomesd vs gridattn on the SD UNet
+        from benchmarks import peers
+
+        rows += peers.peers_cases(quick=args.quick, runs=model_runs, warmup=model_warmup, echo=print,
+                                  memory=memory, target=target)
     meta["load_average_end"] = common.load_average()
     meta["wall_s"] = round(time.time() - started, 1)
 
     print()
+    print(f"device: {meta['device']}")
     print(common.table(rows))
     compile_md = compile_table(rows)
     print()
     print(compile_md)
     common.write_csv(rows, os.path.join(out, "results.csv"))
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(common.markdown_table(rows) + "\n")
+        f.write(f"device: {meta['device']}\n\n" + common.markdown_table(rows) + "\n")
     with open(os.path.join(out, "compile.md"), "w") as f:
         f.write(compile_md + "\n")
     extra = [f"- {r.case} {r.size} {r.config}: {r.extra_kernel_names}" for r in rows if r.extra_kernel_names]

@@ -18,6 +18,9 @@ import torch
 
 from . import common
 from .common import Row
+from gridattn_fx.tools.target import Target, sdpa_kernels
+
+CPU = Target()
 
 log = logging.getLogger("benchmarks")
 
@@ -73,12 +76,16 @@ def _compile(cfg: Config):
 
 
 def run_case(case: str, size: str, configs: list[Config], inputs: tuple, *, runs: int, warmup: int,  # noqa: C901 - one interleaved timing loop, its branches are the table's columns
-             echo: Callable[[str], None] = print, memory: bool = True) -> list[Row]:
-    """Compile (timed), check outputs, time interleaved, then measure memory and FLOPs."""
+             echo: Callable[[str], None] = print, memory: bool = True, target: Target = CPU) -> list[Row]:
+    """Place modules and inputs on ``target``; compile (timed), check outputs, time interleaved,
+    then measure memory, the SDPA kernels each configuration ran, and FLOPs."""
     from gridattn_fx.tools.flops import count_flops
 
     torch._dynamo.reset()
-    rows = {c.name: Row(case, size, c.name) for c in configs}
+    for cfg in configs:
+        cfg.module = target.place(cfg.module)
+    inputs = target.place_inputs(inputs)
+    rows = {c.name: Row(case, size, c.name, device=target.describe()) for c in configs}
     stats: dict[str, common.CodeStats] = {}
     outputs: dict[str, Any] = {}
     with torch.no_grad():
@@ -118,13 +125,14 @@ def run_case(case: str, size: str, configs: list[Config], inputs: tuple, *, runs
             ref = cfg.reference or "eager"
             if ref in outputs and ref != cfg.name:
                 rows[cfg.name].max_abs_diff = common.max_abs_diff(outputs[cfg.name], outputs[ref])
+                rows[cfg.name].rel_diff = common.rel_diff(outputs[cfg.name], outputs[ref])
         outputs.clear()
 
         load = common.load_average()
         echo(f"  timing {len(configs)} configurations interleaved: {warmup} warm-up + {runs} runs each "
              f"(load average {load:.2f})")
         with common.ForeignCpu() as foreign:
-            times = common.interleaved({c.name: c.fn for c in configs}, runs=runs, warmup=warmup)
+            times = common.interleaved({c.name: c.fn for c in configs}, runs=runs, warmup=warmup, target=target)
         echo(f"  done: other processes used {100 * foreign.share:.0f}% of the CPUs meanwhile"
              + ("  (CONTENDED: rerun this case)" if foreign.share > 0.05 else ""))
         for name, ts in times.items():
@@ -139,7 +147,12 @@ def run_case(case: str, size: str, configs: list[Config], inputs: tuple, *, runs
 
         if memory:
             for cfg in configs:
-                rows[cfg.name].peak_mib = common.peak_allocated_bytes(cfg.fn) / 2**20
+                rows[cfg.name].peak_mib = target.peak_bytes(cfg.fn) / 2**20
+        for cfg in configs:
+            rows[cfg.name].sdpa = sdpa_kernels(cfg.fn)
+            if target.cuda and cfg.kind == "gridattn" and "math" in rows[cfg.name].sdpa:
+                echo(f"  WARNING {cfg.name}: grouped attention fell back to SDPA's math kernel "
+                     f"({rows[cfg.name].sdpa})")
 
     # FLOPs: the eager model for eager/inductor, the rewritten graph (gridattn_fx.rewrite) for gridattn.
     flops_cache: dict = {}
@@ -154,12 +167,13 @@ def run_case(case: str, size: str, configs: list[Config], inputs: tuple, *, runs
             key = ("grid", repr(sorted(cfg.options.items())))
             if key not in flops_cache:
                 gm, _ = gridattn_fx.rewrite(cfg.module, inputs, **_rewrite_options(cfg.options))
-                flops_cache[key] = count_flops(gm, inputs) / 1e9
+                flops_cache[key] = (count_flops(gm, inputs) / 1e9, count_flops(gm, inputs, attention_only=True) / 1e9)
         else:
             key = ("module", id(cfg.module))
             if key not in flops_cache:
-                flops_cache[key] = count_flops(cfg.module, inputs) / 1e9
-        row.gflops = flops_cache[key]
+                flops_cache[key] = (count_flops(cfg.module, inputs) / 1e9,
+                                    count_flops(cfg.module, inputs, attention_only=True) / 1e9)
+        row.gflops, row.attn_gflops = flops_cache[key]
     for cfg in configs:
         cfg.fn = None
     torch._dynamo.reset()
@@ -178,7 +192,8 @@ def _rewrite_options(options: dict) -> dict:
 # case 1: attention core and block
 
 
-def attention_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, memory=True) -> list[Row]:
+def attention_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, memory=True,
+                    target: Target = CPU) -> list[Row]:
     from .models import AttentionBlock, AttentionCore, EagerGridBlock, EagerGridCore, FlexGridCore
 
     rows: list[Row] = []
@@ -207,7 +222,8 @@ def attention_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, me
         configs.append(Config("flex-raster s2", "flex", raster, reference="eager-grid s2",
                               flops=_flex_flops(raster, n, heads, head_dim)))
         echo(f"[attn-core {size}] heads {heads} x d {head_dim}, {n * n} tokens")
-        rows += run_case("attn-core", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory)
+        rows += run_case("attn-core", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory,
+                         target=target)
 
         torch.manual_seed(0)
         block = AttentionBlock(heads, head_dim).eval()
@@ -222,11 +238,13 @@ def attention_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, me
         configs.append(Config("gridattn s2 at-site", "gridattn", block, grid_options(None, 2, move_regrouping=False),
                               reference="eager-grid s2"))
         echo(f"[attn-block {size}] width {heads * head_dim}, {n * n} tokens")
-        rows += run_case("attn-block", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory)
+        rows += run_case("attn-block", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory,
+                         target=target)
     return rows
 
 
-def dynamic_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, memory=True) -> list[Row]:
+def dynamic_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, memory=True,
+                  target: Target = CPU) -> list[Row]:
     """Case 6: the symbolic-size rewrite against the static one at one resolution: the attention
     block compiled with dynamic=True vs dynamic=False (gridattn stride 2; inductor both ways for
     reference). The static rewrite moves its regrouping across the projections; the symbolic one
@@ -250,7 +268,7 @@ def dynamic_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, memo
         ]
         echo(f"[dynamic {n}x{n}] width {heads * head_dim}, {n * n} tokens: dynamic=True vs dynamic=False")
         case_rows = run_case("dynamic", f"{n}x{n}", configs, (x,), runs=runs, warmup=warmup, echo=echo,
-                             memory=memory)
+                             memory=memory, target=target)
         by = {r.config: r for r in case_rows}
         for static, dynamic in (("gridattn s2", "gridattn s2 dynamic"), ("gridattn s2 at-site", "gridattn s2 dynamic"),
                                 ("inductor", "inductor dynamic")):
@@ -271,7 +289,8 @@ def _flex_flops(flex, n, heads, head_dim):
 
 
 def model_case(case: str, name: str, preset: str, build_kwargs: dict, size: str, *, runs, warmup, echo=print,
-               memory=True, extra_options: Optional[dict] = None, extra_configs: Optional[dict] = None) -> list[Row]:
+               memory=True, extra_options: Optional[dict] = None, extra_configs: Optional[dict] = None,
+               target: Target = CPU) -> list[Row]:
     """eager, inductor, gridattn stride 2 and 4 with ``preset`` (+ ``extra_options``), and any
     ``extra_configs`` ({name: gridattn options}) for information."""
     from gridattn_fx import zoo
@@ -284,7 +303,8 @@ def model_case(case: str, name: str, preset: str, build_kwargs: dict, size: str,
         configs.append(Config(f"gridattn s{g}", "gridattn", model, grid_options(preset, g, **(extra_options or {}))))
     for extra_name, options in (extra_configs or {}).items():
         configs.append(Config(extra_name, "gridattn", model, options))
-    rows = run_case(case, size, configs, tuple(inputs), runs=runs, warmup=warmup, echo=echo, memory=memory)
+    rows = run_case(case, size, configs, tuple(inputs), runs=runs, warmup=warmup, echo=echo, memory=memory,
+                    target=target)
     del model, inputs
     return rows
 
@@ -294,12 +314,12 @@ SEGFORMER_B1 = dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], num_a
                     sr_ratios=[8, 4, 2, 1], decoder_hidden_size=256, num_labels=150, image_size=1024)
 
 
-def model_cases(which, *, quick, runs, warmup, echo=print, memory=True) -> list[Row]:
+def model_cases(which, *, quick, runs, warmup, echo=print, memory=True, target: Target = CPU) -> list[Row]:
     rows: list[Row] = []
     small = {"min_image_tokens": 0} if quick else {}
     if "sam" in which:
         rows += model_case("sam", "sam:vit_b", "sam", {"small": quick}, "256px" if quick else "1024px",
-                           runs=runs, warmup=warmup, echo=echo, memory=memory, extra_options=small)
+                           runs=runs, warmup=warmup, echo=echo, memory=memory, extra_options=small, target=target)
     if "sd-unet" in which:
         # For information (not the preset): the regrouping kept at the attention call, and every
         # image self-attention, the up blocks included.
@@ -307,11 +327,11 @@ def model_cases(which, *, quick, runs, warmup, echo=print, memory=True) -> list[
                  "gridattn s2 all-self": {"stride": 2, "min_image_tokens": 0}}
         rows += model_case("sd-unet", "diffusers:unet-sd21", "sd-unet", {"small": quick},
                            "32x32 latents" if quick else "96x96 latents", runs=runs, warmup=warmup, echo=echo,
-                           memory=memory, extra_configs=None if quick else extra)
+                           memory=memory, extra_configs=None if quick else extra, target=target)
     if "segformer" in which:
         kwargs = {"small": True} if quick else {"small": False, **SEGFORMER_B1}
         extra = {"gridattn s2 at-site": grid_options("segformer", 2, move_regrouping=False)}
         rows += model_case("segformer", "transformers:segformer", "segformer", kwargs,
                            "128px" if quick else "1024px", runs=runs, warmup=warmup, echo=echo, memory=memory,
-                           extra_configs=None if quick else extra)
+                           extra_configs=None if quick else extra, target=target)
     return rows

@@ -1,5 +1,6 @@
 """Measurement helpers shared by the benchmark cases: interleaved timing, compile timing, inductor's
-generated code (kernel counts, copy kernels), peak memory and FLOPs, tables, CSV and plots."""
+generated code (kernel counts, copy kernels), tables, CSV and plots. What depends on the device
+(the clock, peak memory, SDPA kernels) is in gridattn_fx/tools/target.py."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ class Row:
     extra_kernel_names: str = ""
     rewritten: str = ""                       # "n/m" attention sites rewritten (gridattn configs)
     max_abs_diff: float = float("nan")        # vs the reference config (see the case)
+    rel_diff: float = float("nan")            # ||out - reference|| / ||reference|| (L2, whole output)
+    attn_gflops: float = float("nan")         # FLOPs of the SDPA calls alone
+    sdpa: str = ""                            # SDPA kernels one call ran ("flashx12"; benchmarks/target.py)
+    device: str = "cpu, float32"              # what produced the row (benchmarks/target.py)
     load_avg: float = float("nan")            # 1-minute load average before the timed runs
     foreign_cpu: float = float("nan")         # share of the CPUs other processes used during the timed runs
     times_ms: list = field(default_factory=list)
@@ -94,18 +99,21 @@ class ForeignCpu:
         return time.monotonic(), busy, t.user + t.system
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, list[float]]:
-    """Warm every callable ``warmup`` times, then time them A B C A B C ... ``runs`` rounds (ms)."""
+def interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int, target=None) -> dict[str, list[float]]:
+    """Warm every callable ``warmup`` times, then time them A B C A B C ... ``runs`` rounds (ms), with
+    ``target``'s clock (benchmarks/target.py: CUDA events on a GPU; default the CPU's wall clock)."""
+    from gridattn_fx.tools.target import Target
+
+    target = target or Target()
     with torch.no_grad():
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
+        target.synchronize()
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(runs):
             for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append(target.time_ms(fn))
     return times
 
 
@@ -216,35 +224,6 @@ def extra_layout_kernels(candidate: CodeStats, baseline: CodeStats) -> list[str]
 
 
 # ------------------------------------------------------------------------------------------------
-# memory
-
-
-def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of the bytes allocated (and not yet freed) during one call, from the profiler's
-    allocation events: the forward's working memory on top of what existed before (inputs,
-    weights). Works for eager and compiled code alike (both allocate through c10)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    def walk(nodes):
-        for n in nodes:
-            yield n
-            yield from walk(n.children)
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    del out
-    tree = prof.profiler.kineto_results.experimental_event_tree()
-    events = sorted((e.start_time_ns, e.typed[1].alloc_size) for e in walk(tree)
-                    if e.typed[0] == _EventType.Allocation)
-    cur = peak = 0
-    for _, size in events:
-        cur += size
-        peak = max(peak, cur)
-    return peak
-
-
-# ------------------------------------------------------------------------------------------------
 # output
 
 
@@ -268,6 +247,13 @@ def max_abs_diff(a, b) -> float:
     return float((ta.double() - tb.double()).abs().max())
 
 
+def rel_diff(a, b) -> float:
+    ta, tb = first_tensor(a), first_tensor(b)
+    if ta is None or tb is None or ta.shape != tb.shape:
+        return float("nan")
+    return float((ta.double() - tb.double()).norm() / tb.double().norm())
+
+
 def fmt(x, spec=".1f", na="-") -> str:
     if x is None:
         return na
@@ -278,7 +264,8 @@ def fmt(x, spec=".1f", na="-") -> str:
 
 def table(rows: list[Row]) -> str:
     head = ("case", "size", "config", "median ms", "min ms", "vs inductor", "GFLOP", "peak MiB",
-            "compile s", "pass s", "kernels", "copy k.", "extra copy", "sites", "max|diff|", "load", "other CPU")
+            "compile s", "pass s", "kernels", "copy k.", "extra copy", "sites", "max|diff|", "sdpa", "load",
+            "other CPU")
     lines = [head]
     for r in rows:
         lines.append((
@@ -286,7 +273,7 @@ def table(rows: list[Row]) -> str:
             fmt(r.ratio_vs_inductor, ".2f") + ("x" if r.ratio_vs_inductor == r.ratio_vs_inductor else ""),
             fmt(r.gflops, ".2f") + ("*" if r.flops_note else ""), fmt(r.peak_mib), fmt(r.compile_s),
             fmt(r.pass_s, ".2f"), fmt(r.kernels, "d"), fmt(r.layout_kernels, "d"), fmt(r.extra_copy_kernels, "d"),
-            r.rewritten or "-", fmt(r.max_abs_diff, ".2g"), fmt(r.load_avg, ".2f"),
+            r.rewritten or "-", fmt(r.max_abs_diff, ".2g"), r.sdpa or "-", fmt(r.load_avg, ".2f"),
             fmt(100 * r.foreign_cpu, ".0f") + "%",
         ))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
@@ -301,14 +288,15 @@ def table(rows: list[Row]) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     head = ["case", "size", "config", "median ms", "vs inductor", "GFLOP", "peak MiB", "compile s",
-            "pass s", "kernels", "copy kernels", "extra copy", "sites rewritten", "load before", "other CPU"]
+            "pass s", "kernels", "copy kernels", "extra copy", "sites rewritten", "sdpa kernels", "load before",
+            "other CPU"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         out.append("| " + " | ".join([
             r.case, r.size, r.config, fmt(r.median_ms), fmt(r.ratio_vs_inductor, ".2f"),
             fmt(r.gflops, ".2f") + ("*" if r.flops_note else ""), fmt(r.peak_mib), fmt(r.compile_s),
             fmt(r.pass_s, ".2f"), fmt(r.kernels, "d"), fmt(r.layout_kernels, "d"), fmt(r.extra_copy_kernels, "d"),
-            r.rewritten or "-", fmt(r.load_avg, ".2f"), fmt(100 * r.foreign_cpu, ".0f") + "%",
+            r.rewritten or "-", r.sdpa or "-", fmt(r.load_avg, ".2f"), fmt(100 * r.foreign_cpu, ".0f") + "%",
         ]) + " |")
     return "\n".join(out)
 

@@ -32,6 +32,7 @@ import torch
 
 from benchmarks import common
 from benchmarks.common import Row
+from gridattn_fx.tools.target import Target
 
 OPTIONS = {"stride": 2, "min_image_tokens": 0}
 
@@ -71,12 +72,14 @@ def _configure(name: str, model, inputs, declarations):
     return (lambda: fn(*inputs)), prepare_s
 
 
-def regional_cases(*, quick: bool, runs: int, warmup: int, echo=print) -> list[Row]:
+def regional_cases(*, quick: bool, runs: int, warmup: int, echo=print, target: Target | None = None) -> list[Row]:
     import gridattn_fx
 
+    target = target or Target()
     rows: list[Row] = []
     names = ["inductor whole", "inductor regional", "gridattn s2 whole", "gridattn s2 regional"]
     for case, size, model, inputs, declarations in _models(quick):
+        model, inputs = target.place(model), target.place_inputs(inputs)
         fns, outs = {}, {}
         by_name: dict[str, Row] = {}
         for name in names:
@@ -86,7 +89,7 @@ def regional_cases(*, quick: bool, runs: int, warmup: int, echo=print) -> list[R
             t0 = time.perf_counter()
             with torch.no_grad():
                 outs[name] = common.first_tensor(fn())
-            row = Row(case, size, name, compile_s=time.perf_counter() - t0 + prepare_s)
+            row = Row(case, size, name, compile_s=time.perf_counter() - t0 + prepare_s, device=target.describe())
             if name.startswith("gridattn"):
                 sites = [s for r in gridattn_fx.report_history(clear=True) for s in r.sites]
                 done = sum(s.decision == "rewritten" for s in sites)
@@ -95,7 +98,7 @@ def regional_cases(*, quick: bool, runs: int, warmup: int, echo=print) -> list[R
                  + (f" (prepare {prepare_s:.1f} s)" if prepare_s else "") + (f", {row.rewritten}" if row.rewritten else ""))
             fns[name], by_name[name] = fn, row
         # Compiled functions keep their own caches; Dynamo's recompile limit is not reached here.
-        times = common.interleaved(fns, runs=runs, warmup=warmup)
+        times = common.interleaved(fns, runs=runs, warmup=warmup, target=target)
         base = common.median(times["inductor whole"])
         for name in names:
             row = by_name[name]

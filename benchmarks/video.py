@@ -191,7 +191,8 @@ def _gridattn_configs(model, strides, groupings, references, echo) -> list[Confi
     return configs
 
 
-def video_block_case(shape=(8, 32, 32), *, heads=2, head_dim=32, runs, warmup, echo=print, memory=True):
+def video_block_case(shape=(8, 32, 32), *, heads=2, head_dim=32, runs, warmup, echo=print, memory=True,
+                     target=None):
     t, h, w = shape
     size = f"{t}x{h}x{w}"
     strides = (2, (2, 2, 2))
@@ -226,7 +227,8 @@ def video_block_case(shape=(8, 32, 32), *, heads=2, head_dim=32, runs, warmup, e
                 configs.append(Config(name, "flex", flex, reference=references[(grouping, stride3(stride))],
                                       flops=_flex_flops(block, flex, x, dense)))
     echo(f"[video-block {size}] width {heads * head_dim} ({heads} heads x {head_dim}), {t * h * w} tokens")
-    return run_case("video-block", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory)
+    return run_case("video-block", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory,
+                    **({"target": target} if target else {}))
 
 
 def _flex_flops(block, flex, x, dense):
@@ -238,7 +240,7 @@ def _flex_flops(block, flex, x, dense):
     return f
 
 
-def wan_case(latents=(8, 64, 64), *, runs, warmup, echo=print, memory=True):
+def wan_case(latents=(8, 64, 64), *, runs, warmup, echo=print, memory=True, target=None):
     from gridattn_fx import zoo
 
     t0 = time.perf_counter()
@@ -248,13 +250,14 @@ def wan_case(latents=(8, 64, 64), *, runs, warmup, echo=print, memory=True):
     echo(f"[wan {size}] diffusers:wan small widths, latents {latents}, built in {time.perf_counter() - t0:.1f} s")
     configs = [Config("eager", "eager", model), Config("inductor", "inductor", model)]
     configs += _gridattn_configs(model, (2, (2, 2, 2)), ("grid",), {}, echo)
-    return run_case("wan", size, configs, tuple(inputs), runs=runs, warmup=warmup, echo=echo, memory=memory)
+    return run_case("wan", size, configs, tuple(inputs), runs=runs, warmup=warmup, echo=echo, memory=memory,
+                    **({"target": target} if target else {}))
 
 
-def video_cases(*, quick, runs, warmup, model_runs, model_warmup, echo=print, memory=True):
+def video_cases(*, quick, runs, warmup, model_runs, model_warmup, echo=print, memory=True, target=None):
     shape = (4, 16, 16) if quick else (8, 32, 32)
-    rows = video_block_case(shape, runs=runs, warmup=warmup, echo=echo, memory=memory)
+    rows = video_block_case(shape, runs=runs, warmup=warmup, echo=echo, memory=memory, target=target)
     latents = (4, 32, 32) if quick else (8, 64, 64)
-    rows += wan_case(latents, runs=model_runs, warmup=model_warmup, echo=echo, memory=memory)
+    rows += wan_case(latents, runs=model_runs, warmup=model_warmup, echo=echo, memory=memory, target=target)
     return rows
 

@@ -64,7 +64,9 @@ def test_test_extra_declares_what_the_tests_import():
                "pip",  # its vendored TOML reader, on Python 3.10 only (_pyproject)
                # the real ops, imported only where installed (tests/standin_ops.py)
                "flash_attn", "flash_attn_interface", "natten", "xformers",
-               "timm", "transformers", "diffusers", "segment_anything", "torchvision"} | test_modules
+               "timm", "transformers", "diffusers", "segment_anything", "torchvision",
+               # composition and peer libraries the zoo install adds (scripts/zoo-requirements.txt)
+               "peft", "torchao", "tomesd"} | test_modules
     for name, where in _imports(os.path.join(REPO, "tests")).items():
         assert name in sys.stdlib_module_names or name in allowed, (name, sorted(where))
 

@@ -22,6 +22,7 @@ import torch
 
 from ..report import last_report
 from .demo_model import build_demo_model
+from .target import DTYPES, Target, sdpa_kernels
 
 __all__ = ["DemoResult", "run_demo", "QUICK_IMAGE_SIZE"]
 
@@ -50,6 +51,9 @@ class DemoResult:
     sites: int = 0
     failure: Optional[str] = None
     report: Any = None
+    device: str = "cpu, float32"
+    peak_mib: dict[str, float] = field(default_factory=dict)
+    sdpa: dict[str, str] = field(default_factory=dict)   # SDPA kernels one call ran, per backend
 
     @property
     def speedup(self) -> float:
@@ -90,10 +94,6 @@ def _sum_flops(report: Any) -> tuple[Optional[int], Optional[int]]:
     return (before, after) if seen else (None, None)
 
 
-def _timed_call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[float, torch.Tensor]:
-    t0 = time.perf_counter()
-    out = fn(x)
-    return (time.perf_counter() - t0) * 1e3, out
 
 
 _BACKENDS = ("inductor", "gridattn")
@@ -108,6 +108,8 @@ def run_demo(
     min_image_tokens: Optional[int] = None,
     implementation: Optional[str] = None,
     model_kwargs: Optional[dict[str, Any]] = None,
+    device: str = "cpu",
+    dtype: str = "float32",
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run the demo and return what it measured; progress and tables go to ``echo``."""
@@ -115,17 +117,18 @@ def run_demo(
         raise ValueError(f"runs must be >= 1, got {runs}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
+    target = Target.parse(device, dtype)
 
     model, x = build_demo_model(image_size, **(model_kwargs or {}))
-    model.eval()
+    model, x = target.place(model.eval()), target.place_inputs(x)
     options: dict[str, Any] = {"stride": stride}
     if min_image_tokens is not None:
         options["min_image_tokens"] = min_image_tokens
     if implementation is not None:
         options["implementation"] = implementation
-    _echo_setup(model, image_size, echo)
+    _echo_setup(model, image_size, target, echo)
 
-    result = DemoResult(image_size=image_size, stride=stride, runs=runs, warmup=warmup)
+    result = DemoResult(image_size=image_size, stride=stride, runs=runs, warmup=warmup, device=target.describe())
     torch._dynamo.reset()
     compiled = {"inductor": torch.compile(model, backend="inductor"),
                 "gridattn": torch.compile(model, backend="gridattn", options=options)}
@@ -133,7 +136,10 @@ def run_demo(
         eager_out = model(x)
         outputs = _compile(compiled, x, options, result, echo)
         _echo_report(result, stride, echo)
-        times = _time_interleaved(compiled, x, runs, warmup, outputs)
+        times = _time_interleaved(compiled, x, runs, warmup, outputs, target)
+        for name in _BACKENDS:
+            result.peak_mib[name] = target.peak_bytes(lambda: compiled[name](x)) / 2**20
+            result.sdpa[name] = sdpa_kernels(lambda: compiled[name](x))
 
     result.times_ms = times
     result.median_ms = {name: statistics.median(ts) for name, ts in times.items()}
@@ -147,14 +153,15 @@ def run_demo(
     return result
 
 
-def _echo_setup(model, image_size: int, echo) -> None:
+def _echo_setup(model, image_size: int, target: Target, echo) -> None:
     g = model.grid_size
     echo(
         f"gridattn-fx demo: DemoViT on a {image_size}x{image_size} image -> {g}x{g} = {g * g} image "
         f"tokens + 1 cls token, {len(model.blocks)} blocks, width {model.pos_embed.shape[-1]}, "
         f"{model.blocks[0].attn.num_heads} heads, batch 1"
     )
-    echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), device cpu")
+    echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({os.cpu_count()} CPUs), "
+         f"device {target.describe()}")
     echo("")
 
 
@@ -194,26 +201,31 @@ def _echo_report(result: DemoResult, stride: int, echo) -> None:
         echo("")
 
 
-def _time_interleaved(compiled: dict, x, runs: int, warmup: int, outputs: dict) -> dict[str, list[float]]:
-    """Warm-up (beyond the compiling call), then interleaved timed runs; ``outputs`` keeps the last."""
+def _time_interleaved(compiled: dict, x, runs: int, warmup: int, outputs: dict,
+                      target: Target) -> dict[str, list[float]]:
+    """Warm-up (beyond the compiling call), then interleaved timed runs with ``target``'s clock
+    (CUDA events on a GPU); ``outputs`` keeps the last."""
     for _ in range(warmup):
         for name in _BACKENDS:
             compiled[name](x)
+    target.synchronize()
     times: dict[str, list[float]] = {name: [] for name in _BACKENDS}
     for _ in range(runs):
         for name in _BACKENDS:
-            ms, outputs[name] = _timed_call(compiled[name], x)
-            times[name].append(ms)
+            def call(name=name):
+                outputs[name] = compiled[name](x)
+            times[name].append(target.time_ms(call))
     return times
 
 
 def _echo_latency(result: DemoResult, times: dict, echo) -> None:
     base, runs, warmup = result.median_ms["inductor"], result.runs, result.warmup
     echo(
-        f"Latency: batch 1, median of {runs} interleaved runs each "
+        f"Latency on {result.device}: batch 1, median of {runs} interleaved runs each "
         f"(after {warmup} warm-up run{'s' if warmup != 1 else ''} each), torch.no_grad, eval mode"
     )
-    rows = [("backend", "median ms", "min ms", "ratio vs inductor", "speedup", "max |out - eager|")]
+    rows = [("backend", "median ms", "min ms", "ratio vs inductor", "speedup", "max |out - eager|", "peak MiB",
+             "sdpa kernels")]
     for name in _BACKENDS:
         med = result.median_ms[name]
         rows.append((
@@ -223,6 +235,8 @@ def _echo_latency(result: DemoResult, times: dict, echo) -> None:
             f"{med / base:.3f}",
             f"{base / med:.2f}x",
             f"{result.max_abs_diff_vs_eager[name]:.3g}",
+            f"{result.peak_mib[name]:.1f}",
+            result.sdpa[name] or "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, row in enumerate(rows):
@@ -313,6 +327,14 @@ def add_demo_arguments(parser: Any) -> None:
         "--implementation", choices=("grouped", "masked"), default=None,
         help="gridattn option implementation (default: the library's default)",
     )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="where the model runs (default cpu); on cuda, CUDA events time the runs",
+    )
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float32",
+        help="the model's and the input's dtype (default float32)",
+    )
 
 
 def _arg_error(message: str) -> Exception:
@@ -329,7 +351,14 @@ def demo_from_args(args: Any, echo: Callable[[str], None] = print) -> int:
     if image_size % 16 != 0:
         echo(f"error: --image-size must be a multiple of 16 (the patch size), got {image_size}")
         return 2
+    try:
+        Target.parse(args.device, args.dtype)
+    except ValueError as err:
+        echo(f"error: {err}")
+        return 2
     result = run_demo(
+        device=args.device,
+        dtype=args.dtype,
         image_size=image_size,
         stride=args.stride,
         runs=runs,

@@ -48,7 +48,7 @@ def register_cpu_sdpa_flops() -> None:
 
 
 def count_flops(model: Any, inputs: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                *, fake: bool = True) -> int:
+                *, fake: bool = True, attention_only: bool = False) -> int:
     """Total FLOPs of one ``model(*inputs, **kwargs)`` call under ``torch.no_grad()``.
 
     ``model`` is any callable: an ``nn.Module``, the ``GraphModule`` returned by
@@ -56,7 +56,8 @@ def count_flops(model: Any, inputs: Sequence[Any] = (), kwargs: Mapping[str, Any
     the call dispatches (matmuls, convolutions, attention, ...), with the CPU flash-SDPA formula
     registered. With ``fake=True`` (default) the inputs are fake tensors, so nothing is computed
     (milliseconds even for a large model); a model that needs real values (data-dependent control
-    flow) is then run for real instead. The count is the same either way.
+    flow) is then run for real instead. The count is the same either way. ``attention_only``:
+    the FLOPs of the scaled-dot-product-attention ops alone.
     """
     register_cpu_sdpa_flops()
     inputs, kwargs = tuple(inputs), dict(kwargs or {})
@@ -72,14 +73,17 @@ def count_flops(model: Any, inputs: Sequence[Any] = (), kwargs: Mapping[str, Any
         try:
             fake_inputs, fake_kwargs = tree_map(to_fake, inputs), tree_map(to_fake, kwargs)
             with mode:
-                return _count(model, fake_inputs, fake_kwargs)
+                return _count(model, fake_inputs, fake_kwargs, attention_only)
         except Exception:  # data-dependent ops and the like: count a real run instead
             pass
-    return _count(model, inputs, kwargs)
+    return _count(model, inputs, kwargs, attention_only)
 
 
-def _count(model, inputs, kwargs) -> int:
+def _count(model, inputs, kwargs, attention_only: bool = False) -> int:
     counter = flop_counter.FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(*inputs, **kwargs)
-    return int(counter.get_total_flops())
+    if not attention_only:
+        return int(counter.get_total_flops())
+    return int(sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
+                   if "scaled_dot_product" in str(op)))
