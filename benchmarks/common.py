@@ -169,15 +169,22 @@ _LAYOUT_OPS = sorted({
     "split", "split_with_sizes", "as_strided", "diagonal", "narrow", "unflatten", "flatten", "reshape",
     "convolution", "mm", "addmm", "bmm", "baddbmm", "stack", "t", "index", "_to_copy", "repeat",
 }, key=len, reverse=True)
-_KERNEL_DEF = re.compile(r"^(cpp_fused_\w+?)(?:_\d+)? = async_compile\.cpp", re.M)
-_CALL = re.compile(r"^\s+(cpp_fused_\w+)\(", re.M)
+# Generated kernels: C++ on the CPU (``cpp_fused_<ops>_<n>(...)``), Triton on a GPU
+# (``triton_poi_fused_<ops>_<n>.run(...)``; poi/per/red/tem: pointwise, persistent or plain reduction,
+# template).
+_KERNEL_PREFIX = re.compile(r"^(?:cpp|triton_(?:poi|per|red|tem))_fused_")
+_KERNEL_DEF = re.compile(r"^((?:cpp|triton_(?:poi|per|red|tem))_fused_\w+?)(?:_\d+)? = async_compile\.(?:cpp|triton)",
+                         re.M)
+_CALL = re.compile(r"^\s+((?:cpp|triton_(?:poi|per|red|tem))_fused_\w+?)(?:\.run)?\(", re.M)
+_CALL_DEF = re.compile(r"^\s*def call\((?:self, )?args\):", re.M)
 _KERNEL_SUFFIX = re.compile(r"_\d+$")
 _EXTERN = re.compile(r"(extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(")
 
 
 def is_layout_only(kernel_name: str) -> bool:
-    """Whether an inductor kernel's name (``cpp_fused_<aten ops>``) lists only data-movement ops."""
-    rest = kernel_name[len("cpp_fused_"):] if kernel_name.startswith("cpp_fused_") else kernel_name
+    """Whether an inductor kernel's name (``cpp_fused_<aten ops>``, ``triton_poi_fused_<aten ops>``)
+    lists only data-movement ops."""
+    rest = _KERNEL_PREFIX.sub("", kernel_name)
     rest = "_" + rest + "_"
     for op in _LAYOUT_OPS:
         while "_" + op + "_" in rest:
@@ -197,9 +204,10 @@ def code_stats(codes: list[str]) -> CodeStats:
     every block counts once per call)."""
     kernels, externs = [], []
     for code in codes:
-        call = code.split("    def call(self, args):", 1)
+        call = _CALL_DEF.split(code, 1)
         body = call[1].split("\nrunner = ", 1)[0] if len(call) == 2 else ""
-        defined = set(_KERNEL_DEF.findall(code)) | set(re.findall(r"^(cpp_fused_\w+) = async_compile", code, re.M))
+        defined = set(_KERNEL_DEF.findall(code)) | set(
+            re.findall(r"^((?:cpp|triton_(?:poi|per|red|tem))_fused_\w+) = async_compile", code, re.M))
         for m in _CALL.finditer(body):
             name = m.group(1)
             if name in defined:

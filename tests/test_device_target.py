@@ -75,3 +75,37 @@ def test_device_check_smoke(tmp_path):
         assert case in lines[-1]
     csv = (tmp_path / "device_check.csv").read_text().splitlines()
     assert len(csv) == 1 + 6 + 6  # header, 3 models x 2 dtypes, 3 cases x 2 configurations
+
+
+CPU_CODE = '''
+cpp_fused_clone_0 = async_compile.cpp_pybinding(['float*'], r"""...""")
+cpp_fused_add_native_layer_norm_1 = async_compile.cpp_pybinding(['float*'], r"""...""")
+class Runner:
+    def call(self, args):
+        cpp_fused_clone_0(buf0, arg0_1)
+        buf1 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(buf0, buf0, buf0)
+        cpp_fused_add_native_layer_norm_1(buf1)
+        return (buf1, )
+runner = Runner(partitions=[])
+'''
+
+GPU_CODE = '''
+triton_poi_fused_clone_0 = async_compile.triton('triton_poi_fused_clone_0', """...""")
+triton_per_fused_add_native_layer_norm_1 = async_compile.triton('triton_per_fused_add_native_layer_norm_1', """...""")
+def call(args):
+    triton_poi_fused_clone_0.run(buf0, arg0_1, 4096, grid=grid(4096), stream=stream0)
+    buf1 = torch.ops.aten._scaled_dot_product_flash_attention.default(buf0, buf0, buf0)
+    triton_per_fused_add_native_layer_norm_1.run(buf1, 64, grid=grid(64), stream=stream0)
+    return (buf1, )
+'''
+
+
+@pytest.mark.parametrize("code", [CPU_CODE, GPU_CODE], ids=["cpp", "triton"])
+def test_kernel_counts_read_cpu_and_gpu_code(code):
+    """The benchmarks count inductor's kernels (and the copy-only ones among them) in C++ and Triton
+    output code alike (benchmarks/common.py)."""
+    from benchmarks.common import code_stats
+
+    stats = code_stats([code])
+    assert len(stats.kernels) == 2 and len(stats.layout_kernels) == 1, stats
+    assert len(stats.extern_calls) == 1, stats
