@@ -79,7 +79,7 @@ def run_case(case: str, size: str, configs: list[Config], inputs: tuple, *, runs
              echo: Callable[[str], None] = print, memory: bool = True, target: Target = CPU) -> list[Row]:
     """Place modules and inputs on ``target``; compile (timed), check outputs, time interleaved,
     then measure memory, the SDPA kernels each configuration ran, and FLOPs."""
-    from gridattn_fx.tools.flops import count_flops
+    from gridattn_fx.tools.flops import count_flops_by_kind
 
     torch._dynamo.reset()
     for cfg in configs:
@@ -167,12 +167,11 @@ def run_case(case: str, size: str, configs: list[Config], inputs: tuple, *, runs
             key = ("grid", repr(sorted(cfg.options.items())))
             if key not in flops_cache:
                 gm, _ = gridattn_fx.rewrite(cfg.module, inputs, **_rewrite_options(cfg.options))
-                flops_cache[key] = (count_flops(gm, inputs) / 1e9, count_flops(gm, inputs, attention_only=True) / 1e9)
+                flops_cache[key] = tuple(n / 1e9 for n in count_flops_by_kind(gm, inputs))
         else:
             key = ("module", id(cfg.module))
             if key not in flops_cache:
-                flops_cache[key] = (count_flops(cfg.module, inputs) / 1e9,
-                                    count_flops(cfg.module, inputs, attention_only=True) / 1e9)
+                flops_cache[key] = tuple(n / 1e9 for n in count_flops_by_kind(cfg.module, inputs))
         row.gflops, row.attn_gflops = flops_cache[key]
     for cfg in configs:
         cfg.fn = None

@@ -248,18 +248,20 @@ def first_tensor(out) -> torch.Tensor:
     return None
 
 
-def max_abs_diff(a, b) -> float:
+def _paired(a, b):
+    """The first tensors of two outputs in float64, or None when they cannot be compared."""
     ta, tb = first_tensor(a), first_tensor(b)
-    if ta is None or tb is None or ta.shape != tb.shape:
-        return float("nan")
-    return float((ta.double() - tb.double()).abs().max())
+    return None if ta is None or tb is None or ta.shape != tb.shape else (ta.double(), tb.double())
+
+
+def max_abs_diff(a, b) -> float:
+    pair = _paired(a, b)
+    return float("nan") if pair is None else float((pair[0] - pair[1]).abs().max())
 
 
 def rel_diff(a, b) -> float:
-    ta, tb = first_tensor(a), first_tensor(b)
-    if ta is None or tb is None or ta.shape != tb.shape:
-        return float("nan")
-    return float((ta.double() - tb.double()).norm() / tb.double().norm())
+    pair = _paired(a, b)
+    return float("nan") if pair is None else float((pair[0] - pair[1]).norm() / pair[1].norm())
 
 
 def fmt(x, spec=".1f", na="-") -> str:

@@ -72,10 +72,9 @@ def _configure(name: str, model, inputs, declarations):
     return (lambda: fn(*inputs)), prepare_s
 
 
-def regional_cases(*, quick: bool, runs: int, warmup: int, echo=print, target: Target | None = None) -> list[Row]:
+def regional_cases(*, quick: bool, runs: int, warmup: int, echo=print, target: Target = Target()) -> list[Row]:
     import gridattn_fx
 
-    target = target or Target()
     rows: list[Row] = []
     names = ["inductor whole", "inductor regional", "gridattn s2 whole", "gridattn s2 regional"]
     for case, size, model, inputs, declarations in _models(quick):

@@ -15,8 +15,10 @@ kernel by kernel (an identical program cannot be a regression, whatever the cloc
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -59,8 +61,6 @@ def load_version(rev: str):
 def _program(code: str) -> str:
     """Inductor's output code without what differs between two compiles of one program: comments
     (source node names, stack traces) and the cache paths of the compiled kernels."""
-    import re
-
     lines = [re.sub(r"/tmp/\S+", "<path>", line) for line in code.splitlines() if not line.strip().startswith("#")]
     return "\n".join(line for line in lines if line.strip())
 
@@ -122,8 +122,6 @@ def main(argv=None) -> int:
               f"extern calls, max |out - {names[1]}| {common.max_abs_diff(outputs[name], outputs[names[1]]):.2g}")
     print(f"  generated code identical (comments and file paths aside): {same}")
     if not same:
-        import difflib
-
         diff = difflib.unified_diff("\n".join(programs[0]).splitlines(), "\n".join(programs[1]).splitlines(),
                                     names[1], names[2], n=0, lineterm="")
         print("\n".join(f"    {line}" for line in list(diff)[:40]))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cases import Config, run_case
+from .cases import CPU, Config, run_case
 
 
 def stride3(stride) -> tuple[int, int, int]:
@@ -192,7 +192,7 @@ def _gridattn_configs(model, strides, groupings, references, echo) -> list[Confi
 
 
 def video_block_case(shape=(8, 32, 32), *, heads=2, head_dim=32, runs, warmup, echo=print, memory=True,
-                     target=None):
+                     target=CPU):
     t, h, w = shape
     size = f"{t}x{h}x{w}"
     strides = (2, (2, 2, 2))
@@ -228,7 +228,7 @@ def video_block_case(shape=(8, 32, 32), *, heads=2, head_dim=32, runs, warmup, e
                                       flops=_flex_flops(block, flex, x, dense)))
     echo(f"[video-block {size}] width {heads * head_dim} ({heads} heads x {head_dim}), {t * h * w} tokens")
     return run_case("video-block", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory,
-                    **({"target": target} if target else {}))
+                    target=target)
 
 
 def _flex_flops(block, flex, x, dense):
@@ -240,7 +240,7 @@ def _flex_flops(block, flex, x, dense):
     return f
 
 
-def wan_case(latents=(8, 64, 64), *, runs, warmup, echo=print, memory=True, target=None):
+def wan_case(latents=(8, 64, 64), *, runs, warmup, echo=print, memory=True, target=CPU):
     from gridattn_fx import zoo
 
     t0 = time.perf_counter()
@@ -251,10 +251,10 @@ def wan_case(latents=(8, 64, 64), *, runs, warmup, echo=print, memory=True, targ
     configs = [Config("eager", "eager", model), Config("inductor", "inductor", model)]
     configs += _gridattn_configs(model, (2, (2, 2, 2)), ("grid",), {}, echo)
     return run_case("wan", size, configs, tuple(inputs), runs=runs, warmup=warmup, echo=echo, memory=memory,
-                    **({"target": target} if target else {}))
+                    target=target)
 
 
-def video_cases(*, quick, runs, warmup, model_runs, model_warmup, echo=print, memory=True, target=None):
+def video_cases(*, quick, runs, warmup, model_runs, model_warmup, echo=print, memory=True, target=CPU):
     shape = (4, 16, 16) if quick else (8, 32, 32)
     rows = video_block_case(shape, runs=runs, warmup=warmup, echo=echo, memory=memory, target=target)
     latents = (4, 32, 32) if quick else (8, 64, 64)

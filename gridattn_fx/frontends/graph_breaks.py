@@ -26,14 +26,14 @@ def describe(reason) -> str:
     return lines[0] + (f" ({hint})" if hint else "") if lines else ""
 
 
+def _described(reasons) -> list[str]:
+    """The distinct descriptions of ``reasons``, in order."""
+    return list(dict.fromkeys(text for text in map(describe, reasons) if text))
+
+
 def all_graph_breaks() -> list[str]:
     """Every break Dynamo counted since its counters were last cleared (``torch._dynamo.reset()``)."""
-    out = []
-    for reason in torch._dynamo.utils.counters["graph_break"]:
-        text = describe(reason)
-        if text and text not in out:
-            out.append(text)
-    return out
+    return _described(torch._dynamo.utils.counters["graph_break"])
 
 
 def new_graph_breaks() -> list[str]:
@@ -42,12 +42,7 @@ def new_graph_breaks() -> list[str]:
     new = [reason for reason, n in counted.items() if n != _seen.get(reason, 0)]
     _seen.clear()
     _seen.update(counted)
-    out = []
-    for reason in new:
-        text = describe(reason)
-        if text and text not in out:
-            out.append(text)
-    return out
+    return _described(new)
 
 
 def capture_settings(breaks: list[str]) -> list[str]:

@@ -117,6 +117,11 @@ def present(size) -> bool:
     return data_dependent(size) or bool(size)
 
 
+def has_data_dependent_parts(layout: TokenLayout) -> bool:
+    """Whether the layout's prefix or suffix count is data-dependent (see :func:`present`)."""
+    return data_dependent(layout.prefix) or data_dependent(layout.suffix)
+
+
 def data_dependent(size) -> bool:
     """Whether a size (an int, a SymInt or a traced size) is an unbacked SymInt: no value to guard on."""
     sym = getattr(size, "sym", size)

@@ -9,7 +9,7 @@ import torch
 
 from .attention import attend_groups, attend_pregrouped, sdpa
 from .groupings import GRID, Grouping, cluster_layout, draw_assignment, grouping_named, layout_padded
-from .layout import Stride, TokenLayout, data_dependent, format_stride, normalize_stride, present
+from .layout import Stride, TokenLayout, format_stride, has_data_dependent_parts, normalize_stride, present
 from .reference import _additive, grid_mask
 from .relpos import dense_relpos_bias, grouped_relpos_attention
 
@@ -157,7 +157,7 @@ class GridPlan:
         n = layout.image_tokens
         pre = x.narrow(axis, 0, layout.prefix) if present(layout.prefix) else None
         img = x.narrow(axis, layout.prefix, n)
-        if data_dependent(layout.prefix) or data_dependent(layout.suffix):
+        if has_data_dependent_parts(layout):
             # Its strides then hold the data-dependent length, and whether the regrouping's
             # reshapes can be views depends on it (a guard that cannot be installed): a copy in
             # the standard layout answers that statically.
@@ -259,7 +259,7 @@ class GridPlan:
                 rest_mask = torch.cat([p for p in (m_pre, m_suf) if p is not None], dim=-2)
             else:
                 rest_mask = mask
-        spare = data_dependent(ql.prefix) or data_dependent(ql.suffix)
+        spare = has_data_dependent_parts(ql)
         if spare:
             # A data-dependent number of non-image queries may be zero, and SDPA's lowering asks
             # whether it is (a guard that cannot be installed): one spare query row (an image

@@ -236,7 +236,7 @@ def known_sizes(f: SiteFacts) -> Skip | None:
     unknown = [s for layout in (f.q_layout, f.k_layout) for s in layout.image_shape if _hint(s) is None]
     if f.cost is None or unknown:
         unbacked = sorted({str(s) for shape in (f.site.q_shape, f.site.k_shape) for s in (shape or ())
-                           if isinstance(s, torch.SymInt) and not s.node.has_hint()})
+                           if data_dependent(s)})
         why = (f" (data-dependent: {', '.join(unbacked)}, e.g. the tokens a nonzero or a mask keeps)"
                if unbacked else "")
         return Skip(SkipKind.UNKNOWN_SIZES, f"sequence or feature sizes without a known value{why}: cannot size "

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils import flop_counter
 
-__all__ = ["count_flops", "register_cpu_sdpa_flops", "sdpa_cpu_flop"]
+__all__ = ["count_flops", "count_flops_by_kind", "register_cpu_sdpa_flops", "sdpa_cpu_flop"]
 
 _aten = torch.ops.aten
 
@@ -48,16 +48,24 @@ def register_cpu_sdpa_flops() -> None:
 
 
 def count_flops(model: Any, inputs: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
-                *, fake: bool = True, attention_only: bool = False) -> int:
-    """Total FLOPs of one ``model(*inputs, **kwargs)`` call under ``torch.no_grad()``.
+                *, fake: bool = True) -> int:
+    """Total FLOPs of one ``model(*inputs, **kwargs)`` call under ``torch.no_grad()`` (see
+    :func:`count_flops_by_kind`)."""
+    return count_flops_by_kind(model, inputs, kwargs, fake=fake)[0]
+
+
+def count_flops_by_kind(model: Any, inputs: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                        *, fake: bool = True) -> tuple[int, int]:
+    """(all FLOPs, attention FLOPs) of one ``model(*inputs, **kwargs)`` call under ``torch.no_grad()``,
+    from one counted run.
 
     ``model`` is any callable: an ``nn.Module``, the ``GraphModule`` returned by
     :func:`gridattn_fx.rewrite` (to count the rewritten graph), or a plain function. Counts what
     the call dispatches (matmuls, convolutions, attention, ...), with the CPU flash-SDPA formula
     registered. With ``fake=True`` (default) the inputs are fake tensors, so nothing is computed
     (milliseconds even for a large model); a model that needs real values (data-dependent control
-    flow) is then run for real instead. The count is the same either way. ``attention_only``:
-    the FLOPs of the scaled-dot-product-attention ops alone.
+    flow) is then run for real instead. The count is the same either way. Attention FLOPs are those
+    of the scaled-dot-product-attention ops.
     """
     register_cpu_sdpa_flops()
     inputs, kwargs = tuple(inputs), dict(kwargs or {})
@@ -73,17 +81,16 @@ def count_flops(model: Any, inputs: Sequence[Any] = (), kwargs: Mapping[str, Any
         try:
             fake_inputs, fake_kwargs = tree_map(to_fake, inputs), tree_map(to_fake, kwargs)
             with mode:
-                return _count(model, fake_inputs, fake_kwargs, attention_only)
+                return _count(model, fake_inputs, fake_kwargs)
         except Exception:  # data-dependent ops and the like: count a real run instead
             pass
-    return _count(model, inputs, kwargs, attention_only)
+    return _count(model, inputs, kwargs)
 
 
-def _count(model, inputs, kwargs, attention_only: bool = False) -> int:
+def _count(model, inputs, kwargs) -> tuple[int, int]:
     counter = flop_counter.FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(*inputs, **kwargs)
-    if not attention_only:
-        return int(counter.get_total_flops())
-    return int(sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
-                   if "scaled_dot_product" in str(op)))
+    attention = sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
+                    if "scaled_dot_product" in str(op))
+    return int(counter.get_total_flops()), int(attention)
