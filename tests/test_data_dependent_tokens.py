@@ -117,3 +117,30 @@ def test_without_the_setting_the_break_is_named():
     reports = gridattn_fx.report_history(clear=True)
     assert any("capture_dynamic_output_shape_ops" in b for r in reports for b in r.graph_breaks)
     assert "graph break before this graph: " in "\n".join(map(str, reports))
+
+
+class KeptTextMasked(KeptText):
+    """The same joint attention with a boolean mask over the kept sequence: the mask's sizes are
+    data-dependent too, and a mask is regrouped only with known sizes."""
+
+    def forward(self, image, text, keep, attn_mask=None):
+        x = self.patch(image).flatten(2).transpose(1, 2)
+        kept = text[:, torch.nonzero(keep.flatten()).flatten()]
+        seq = torch.cat([x, kept], dim=1)
+        q, k, v = self.qkv(seq).view(1, -1, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+        n = seq.size(1)
+        mask = torch.ones(n, n, dtype=torch.bool, device=seq.device).tril(diagonal=n)  # all true, (n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+def test_a_mask_with_data_dependent_sizes_leaves_the_site_untouched():
+    torch.manual_seed(0)
+    model = KeptTextMasked().double().eval()
+    compiled = _compiled(model)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        inputs = _inputs(3)
+        got = compiled(*inputs)
+        assert torch.equal(got, model(*inputs))
+    (site,) = [s for r in gridattn_fx.report_history(clear=True) for s in r.sites]
+    assert site.decision == "skipped" and "attn_mask has data-dependent sizes" in site.reason, site.reason
