@@ -36,7 +36,8 @@ class SiteReport:
     # Where the query's layout came from: "proven in this graph", "remembered by prepare",
     # "declared" or "handed over across a split" (layout/analysis.py: layout_source).
     layout_source: str = ""
-    grouping: str = "grid"   # rewritten sites: "grid" or "window" (the stride column names a window)
+    grouping: str = "grid"   # rewritten sites: "grid", "window", or per-head sets "grid|window"
+    shared_pool: int = 0     # rewritten sites: p of the shared tokens pooled over p x p windows (0: none)
     skip: SkipKind | None = None   # skipped sites: why, as data (``reason`` says it in words)
     lost_at: str | None = None     # skipped for want of a layout: the op where the layout was lost
 
@@ -139,7 +140,8 @@ def _stride_cell(s: SiteReport) -> str:
     """``2x2`` for a grid site (as ever), ``window 2x2`` for a window one, ``-`` when not rewritten."""
     if not s.stride:
         return "-"
-    return format_stride(s.stride) if s.grouping == "grid" else f"{s.grouping} {format_stride(s.stride)}"
+    cell = format_stride(s.stride) if s.grouping == "grid" else f"{s.grouping} {format_stride(s.stride)}"
+    return cell + (f" +pool{s.shared_pool}" if s.shared_pool else "")
 
 
 def _gflop(flops: int | None) -> str:

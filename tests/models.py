@@ -24,7 +24,8 @@ def attend(mod, q, k, v, attn_mask=None, is_causal=False, scale=None):
     if mod.oracle is not None:
         assert not is_causal, "the oracle is only defined for non-causal sites"
         ql, kl, stride, *assignment = mod.oracle  # a 4th entry: the shuffle assignment pair
-        attn_mask = oracle_mask(attn_mask, ql, kl, stride, q.dtype, q.device, *assignment)
+        attn_mask = oracle_mask(attn_mask, ql, kl, stride, q.dtype, q.device, *assignment,
+                                heads=q.shape[-3] if q.dim() >= 3 else 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 

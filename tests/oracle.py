@@ -190,9 +190,20 @@ def as_additive(attn_mask, dtype) -> torch.Tensor | None:
 
 
 def oracle_mask(attn_mask, q_layout, k_layout, stride, dtype, device=None, assignment=None,
-                grouping: str = "grid") -> torch.Tensor:
+                grouping: str | tuple = "grid", heads: int = 0) -> torch.Tensor:
     """B + log M (B converted from bool to 0/-inf first); M for a shuffle ``assignment`` pair if
-    given (grid grouping only: shuffle is undefined for window grouping)."""
+    given (grid grouping only: shuffle is undefined for window grouping).
+
+    ``grouping`` may be a tuple (per-head groupings): heads split into that many equal contiguous
+    sets, set i masked by grouping i; the mask then has a head axis, (heads, Lq, Lk), and
+    ``heads`` must be given."""
+    if isinstance(grouping, tuple):
+        assert heads % len(grouping) == 0, (heads, grouping)
+        per_set = heads // len(grouping)
+        logm = torch.stack([oracle_mask(None, q_layout, k_layout, stride, dtype, device, assignment, g)
+                            for g in grouping for _ in range(per_set)])
+        b = as_additive(attn_mask, dtype)
+        return logm if b is None else b + logm
     if assignment is None:
         logm = log_grid_mask(q_layout, k_layout, stride, dtype=dtype, device=device, grouping=grouping)
     else:
@@ -205,9 +216,11 @@ def oracle_mask(attn_mask, q_layout, k_layout, stride, dtype, device=None, assig
 
 
 def oracle_sdpa(q, k, v, attn_mask=None, scale=None, *, q_layout, k_layout, stride, assignment=None,
-                grouping: str = "grid"):
-    """The reference semantics: SDPA(Q, K, V, attn_mask = B + log M)."""
-    mask = oracle_mask(attn_mask, q_layout, k_layout, stride, q.dtype, q.device, assignment, grouping)
+                grouping: str | tuple = "grid"):
+    """The reference semantics: SDPA(Q, K, V, attn_mask = B + log M); per-head groupings (a tuple)
+    read the heads from q's axis -3."""
+    heads = q.shape[-3] if q.dim() >= 3 else 1
+    mask = oracle_mask(attn_mask, q_layout, k_layout, stride, q.dtype, q.device, assignment, grouping, heads)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -286,3 +299,30 @@ def oracle_mode(model, q_layout, k_layout=None, stride=2, only=None, assignment=
     finally:
         for mod in switched:
             mod.oracle = None
+
+
+def pooled_tokens(x, layout, pool: int) -> torch.Tensor:
+    """Shared pooled tokens (docs/design.md section 1): the image tokens of ``x`` (..., L, d) averaged
+    over windows of ``pool`` rows x ``pool`` columns (every frame of a video on its own). The
+    windows' order does not matter to attention; here it is sorted by (frame, row window, column
+    window)."""
+    p, _, tokens, shape, _ = _coords(layout)
+    windows: dict = {}
+    for i, (logical, _) in enumerate(tokens):
+        key = (*logical[:-2], logical[-2] // pool, logical[-1] // pool)
+        windows.setdefault(key, []).append(p + i)
+    return torch.stack([x[..., idx, :].mean(-2) for _, idx in sorted(windows.items())], dim=-2)
+
+
+def oracle_pooled_sdpa(q, k, v, *, q_layout, k_layout, stride, pool: int, grouping="grid"):
+    """SDPA over the keys followed by the shared pooled tokens: an image query keeps its group's keys
+    (as in :func:`oracle_sdpa`) and every pooled token; a non-image query keeps every original key and
+    no pooled token."""
+    heads = q.shape[-3] if q.dim() >= 3 else 1
+    logm = oracle_mask(None, q_layout, k_layout, stride, q.dtype, q.device, None, grouping, heads)
+    kp, vp = pooled_tokens(k, k_layout, pool), pooled_tokens(v, k_layout, pool)
+    image_query = torch.tensor([g is not None for g in token_groups(q_layout, stride, "grid")])
+    extra = torch.where(image_query, 0.0, -math.inf).to(q.dtype)[:, None].expand(-1, kp.shape[-2])
+    extra = extra.expand(*logm.shape[:-1], -1)
+    mask = torch.cat([logm, extra], dim=-1)
+    return F.scaled_dot_product_attention(q, torch.cat([k, kp], -2), torch.cat([v, vp], -2), attn_mask=mask)

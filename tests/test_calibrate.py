@@ -147,3 +147,67 @@ def test_calibration_needs_eval_mode_and_equal_shapes():
         gridattn_fx.calibrate(model, [(image(1, 16, 16),), (image(1, 16, 20),)])
     with pytest.raises(ValueError, match="eval"):
         gridattn_fx.calibrate(model.train(), _samples(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate: groupings per site and per head, at a FLOPs cap
+# ---------------------------------------------------------------------------------------------
+GROUPINGS = ("grid", "window", ("grid", "window"))
+
+
+def _vit4(depth=2):
+    return build(ViT, heads=4, depth=depth, n_cls=1, grid=(8, 8)).eval()
+
+
+def test_least_error_within_a_flops_cap():
+    model, samples = _vit4(), _samples()
+    cal = gridattn_fx.calibrate(model, samples, strides=(1, 2, 4), groupings=GROUPINGS, max_flops_ratio=0.25,
+                                min_image_tokens=0)
+    assert cal.flops_ratio <= 0.25 + 1e-9, str(cal)
+    # every uniform configuration that fits the cap was a finalist: none is better
+    fitting = [err for _, (err, saved) in cal.uniform_by_grouping.items()
+               if saved >= cal.flops_before * 0.75]
+    assert len(fitting) >= 3 and cal.error <= min(fitting) + 1e-12, str(cal)
+    # per-head groupings were measured on every site, and what comes back compiles to the same error
+    assert {o.grouping for o in cal.options_measured} == set(GROUPINGS)
+    error, report = _measured_error(model, cal.options, samples)
+    assert error == pytest.approx(cal.error, rel=1e-6)
+    before, after = report.flops()
+    assert before - after == cal.saved_flops
+    for row in report.rewritten:
+        assert row.grouping == ("|".join(cal.site_groupings[row.module_path])
+                                if isinstance(cal.site_groupings.get(row.module_path), tuple)
+                                else cal.site_groupings.get(row.module_path, "grid"))
+    assert "flops_ratio" in str(cal) and "=" in cal.describe()
+
+
+def test_calibration_may_choose_shared_tokens():
+    model, samples = _vit4(), _samples(1)
+    cal = gridattn_fx.calibrate(model, samples, budget=10.0, strides=(2,), shared_pools=(0, 2), min_image_tokens=0)
+    assert {o.shared_pool for o in cal.options_measured} == {0, 2}
+    assert ((2, 2), "grid", 2) in cal.uniform_by_grouping
+    error, report = _measured_error(model, cal.options, samples)
+    assert error == pytest.approx(cal.error, rel=1e-6)
+    assert {r.shared_pool for r in report.rewritten} == set(cal.site_pools.values()) | (
+        {0} if len(cal.site_pools) < len(report.rewritten) else set())
+
+
+def test_a_budget_prefers_the_grouping_with_less_error_at_equal_flops():
+    model, samples = _vit4(), _samples(1)
+    cal = gridattn_fx.calibrate(model, samples, budget=10.0, strides=(2,), groupings=GROUPINGS, min_image_tokens=0)
+    assert set(cal.site_strides.values()) == {(2, 2)}
+    uniform = [err for err, _ in cal.uniform_by_grouping.values()]
+    assert len(uniform) == 3 and cal.error <= min(uniform) + 1e-12, str(cal)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(max_flops_ratio=0), ValueError, "max_flops_ratio"),
+    (dict(max_flops_ratio=1.5), ValueError, "max_flops_ratio"),
+    (dict(groupings="grid"), TypeError, "groupings"),
+    (dict(groupings=("tiles",)), ValueError, "groupings"),
+    (dict(shared_pools=2), TypeError, "shared_pools"),
+    (dict(shared_pools=(1,)), ValueError, "shared_pools"),
+])
+def test_calibration_rejects_bad_grouping_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gridattn_fx.calibrate(_vit4(depth=1), _samples(1), **kwargs)

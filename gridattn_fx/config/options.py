@@ -7,7 +7,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from ..grid import Stride, normalize_stride
 from .presets import preset_options
-from .sites import check_grouping, entry_for, site_entries
+from .sites import check_grouping, check_shared_pool, entry_for, site_entries
 
 IMPLEMENTATIONS = ("grouped", "masked")
 DISTRIBUTINGS = ("straightforward", "shuffle")
@@ -23,9 +23,17 @@ class GridAttnConfig:
                       a pair (Gh, Gw) is (1, Gh, Gw): temporal stride 1, groups span all frames.
     grouping          "grid" (the paper's Grid Clustering: token (t, r, c) joins group
                       (t mod Gt, r mod Gh, c mod Gw)) or "window" (contiguous tiles of
-                      ceil(n / g) tokens per axis: the same number of groups, equal FLOPs).
+                      ceil(n / g) tokens per axis: the same number of groups, equal FLOPs), or a
+                      tuple of those, one per equal contiguous set of heads: ("grid", "window")
+                      groups the first half of every site's heads on the grid and the second half
+                      in windows, at the same FLOPs (per-head groupings; rank-4 sites only).
                       Shuffle distributing is defined for grid grouping only: a window site
                       compiled in training mode with distributing="shuffle" stays dense (report).
+    shared_pool       0 (the default) or p >= 2: every image query also attends to the key image
+                      averaged over p x p windows of rows and columns (N / p^2 shared tokens, each
+                      frame of a video pooled on its own), in the same softmax as its own group;
+                      the report counts their FLOPs. Sites with a mask, a bias or dropout, and
+                      key images that are no multiple of p, stay dense with the reason.
     min_image_tokens  sites whose query image has fewer tokens are skipped (grouping tiny images
                       costs more in regrouping than it saves). Whatever its value, a site whose
                       query or key image is smaller than the stride, or exactly its size (every
@@ -69,9 +77,10 @@ class GridAttnConfig:
     preset: str | None = None
     distributing: str = "straightforward"
     site_strides: dict = field(default_factory=dict, hash=False)  # a dict: not part of the hash
-    grouping: str = "grid"
+    grouping: object = "grid"   # a name, or a tuple of names (per-head groupings)
     site_groupings: dict = field(default_factory=dict, hash=False)
     move_regrouping: bool = True
+    shared_pool: int = 0
     sites: dict = field(default_factory=dict, hash=False)
     # Fields whose value the preset supplied (not the user): the report credits those decisions.
     # None (the constructor's default) means "apply the preset here" (see __post_init__).
@@ -124,7 +133,8 @@ class GridAttnConfig:
             raise ValueError(
                 f"option 'distributing' must be one of {DISTRIBUTINGS}, got {self.distributing!r}"
             )
-        check_grouping(self.grouping, "option 'grouping'")
+        object.__setattr__(self, "grouping", check_grouping(self.grouping, "option 'grouping'"))
+        check_shared_pool(self.shared_pool, "option 'shared_pool'")
         entries, aliases = site_entries(self.sites, {"site_strides": self.site_strides,
                                                      "site_groupings": self.site_groupings})
         object.__setattr__(self, "sites", dict(self.sites))
@@ -151,7 +161,8 @@ class GridAttnConfig:
         return self.site_value("stride", module_path)
 
     def grouping_for(self, module_path: str) -> tuple[str, str]:
-        """The grouping a site gets ("grid" / "window") and where it came from (for the report)."""
+        """The grouping a site gets ("grid" / "window", or a tuple of them per head set) and where it
+        came from (for the report)."""
         return self.site_value("grouping", module_path)
 
     def site_keys(self) -> list[tuple[str, str]]:

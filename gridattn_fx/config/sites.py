@@ -24,7 +24,8 @@ class SiteOptions:
     """Options for the sites a ``sites`` key names; None leaves the config's global value."""
 
     stride: object = None      # int, (Gh, Gw) or (Gt, Gh, Gw), as the config's ``stride``
-    grouping: str | None = None  # "grid" / "window", as the config's ``grouping``
+    grouping: object = None    # "grid" / "window" or a tuple of them per head set, as the config's ``grouping``
+    shared_pool: int | None = None   # as the config's ``shared_pool``
 
 
 def _stride(value, where: str):
@@ -37,23 +38,41 @@ def _stride(value, where: str):
     return stride
 
 
-def check_grouping(value, where: str) -> str:
+def check_grouping(value, where: str):
+    """A grouping name, or a tuple of names, one per equal contiguous set of heads (per-head
+    groupings: ``("grid", "window")`` puts the first half of the heads on the grid and the second
+    half in windows). A list is read as a tuple; one name per set repeated is that grouping."""
+    if isinstance(value, (tuple, list)) and not isinstance(value, str):
+        if not value:
+            raise ValueError(f"{where}: per-head groupings must name at least one grouping")
+        names = tuple(check_grouping(v, f"{where}[{i}]") for i, v in enumerate(value))
+        return names[0] if len(set(names)) == 1 else names
     if not isinstance(value, str):
-        raise TypeError(f"{where} must be a grouping name (one of {tuple(GROUPINGS)}), got {value!r}")
+        raise TypeError(f"{where} must be a grouping name (one of {tuple(GROUPINGS)}) or a tuple of them "
+                        f"(one per head set), got {value!r}")
     if value not in GROUPINGS:
         raise ValueError(f"{where} must be one of {tuple(GROUPINGS)}, got {value!r}")
     return value
 
 
+def check_shared_pool(value, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{where} must be an int (a pooling window, 0 for none), got {value!r}")
+    if value < 0 or value == 1:
+        raise ValueError(f"{where} must be 0 (none) or a pooling window >= 2, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class SiteField:
-    alias: str                          # the one-field config option that also sets it
+    alias: str                          # the one-field config option that also sets it ("": none)
     check: Callable[[object, str], object]   # validates and normalises a value; `where` names it
 
 
 FIELDS: dict[str, SiteField] = {
     "stride": SiteField("site_strides", _stride),
     "grouping": SiteField("site_groupings", check_grouping),
+    "shared_pool": SiteField("", check_shared_pool),
 }
 assert set(FIELDS) == {f.name for f in fields(SiteOptions)}
 
@@ -96,6 +115,8 @@ def site_entries(sites, aliases: dict[str, dict]) -> tuple[tuple[SiteEntry, ...]
                 entries[key, name] = SiteEntry(key, name, spec.check(value, where), "sites")
     normalised = {}
     for name, spec in FIELDS.items():
+        if not spec.alias:
+            continue
         mapping = _paths(aliases.get(spec.alias, {}), spec.alias, name)
         normalised[spec.alias] = {}
         for key, value in mapping.items():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .attention import attend_groups, attend_pregrouped, sdpa
-from .groupings import GRID, Grouping, cluster_layout, draw_assignment, grouping_named, layout_padded
+from .groupings import GRID, Grouping, cluster_layout, draw_assignment, group_ids, grouping_named, layout_padded
 from .layout import Stride, TokenLayout, format_stride, has_data_dependent_parts, normalize_stride, present
 from .reference import _additive, grid_mask
 from .relpos import dense_relpos_bias, grouped_relpos_attention
@@ -64,12 +64,31 @@ class GridPlan:
     # moved above the projections by passes/motion.py) and the output leaves in that order.
     pregrouped: bool = False
     grouping: Grouping = GRID
+    # Per-head groupings: the heads (axis -3 of a rank-4 site) split into len(...) equal contiguous
+    # sets, set i grouped by head_groupings[i] (docs/design.md section 1). Empty: every head uses
+    # ``grouping``. ``kv_heads_shared``: k/v have one head that every query head reads (broadcast),
+    # so they are regrouped whole for every set instead of being split with the query heads.
+    head_groupings: tuple = ()
+    kv_heads_shared: bool = False
+    # Shared pooled tokens: every image query also attends to the key image's k and v averaged over
+    # windows of this many tokens along each spatial axis (rows and columns; frames are not pooled),
+    # in the same softmax as its own group's keys (docs/design.md section 1). 0: none.
+    shared_pool: int = 0
 
     def __post_init__(self):
         if self.q_layout.rank != self.k_layout.rank:
             raise ValueError(f"query and key images differ in rank: {self.q_layout} / {self.k_layout}")
         object.__setattr__(self, "stride", normalize_stride(self.stride, self.q_layout.rank))
+        object.__setattr__(self, "head_groupings", tuple(grouping_named(g) for g in self.head_groupings))
+        if len(set(self.head_groupings)) == 1:  # one grouping for every head set is that grouping
+            object.__setattr__(self, "grouping", self.head_groupings[0])
+            object.__setattr__(self, "head_groupings", ())
         object.__setattr__(self, "grouping", grouping_named(self.grouping))
+        if self.head_groupings and (self.ndim != 4 or self.relpos):
+            raise ValueError("per-head groupings need a (batch, heads, tokens, features) site without a rel-pos bias")
+        why = self.shared_pool_unsupported if self.shared_pool else None
+        if why:
+            raise ValueError(why)
         why = self.shuffle_unsupported if self.shuffle else None
         if why:
             raise ValueError(why)
@@ -80,6 +99,17 @@ class GridPlan:
     @property
     def groups(self) -> int:
         return math.prod(self.stride)
+
+    @property
+    def groupings(self) -> tuple:
+        """The groupings of the head sets, in head order (one entry when every head shares one)."""
+        return self.head_groupings or (self.grouping,)
+
+    @property
+    def grouping_name(self) -> str:
+        """``grid``, ``window``, or per-head sets joined by ``|`` (``grid|window``: the first half of
+        the heads on the grid, the second half in windows)."""
+        return "|".join(g.name for g in self.groupings)
 
     @property
     def shares_grid(self) -> bool | None:
@@ -93,8 +123,9 @@ class GridPlan:
     @property
     def shuffle_unsupported(self) -> str | None:
         """Why this site cannot use shuffle distributing, or None if it can."""
-        if self.grouping.shuffle_unsupported:
-            return self.grouping.shuffle_unsupported
+        for grouping in self.groupings:
+            if grouping.shuffle_unsupported:
+                return grouping.shuffle_unsupported
         if self.relpos:
             return "shuffle is not implemented for a decomposed rel-pos bias"
         if self.shares_grid is None:
@@ -102,9 +133,35 @@ class GridPlan:
         return None
 
     @property
+    def shared_pool_unsupported(self) -> str | None:
+        """Why this site cannot take its shared pooled tokens, or None if it can."""
+        return unsupported_shared_pool(self, self.shared_pool)
+
+    def shared_tokens(self) -> int:
+        """How many pooled tokens every group shares (0 without)."""
+        if not self.shared_pool:
+            return 0
+        return math.prod(self.k_layout.image_shape) // self.shared_pool ** 2
+
+    def _pooled(self, x_img):
+        """(..., N, d) key-image tokens -> (..., N / p^2, d): averaged over p x p windows of rows
+        and columns (each frame of a video on its own), in storage order."""
+        layout, p = self.k_layout, self.shared_pool
+        order = layout.order
+        sizes = [layout.image_shape[o] for o in order]
+        x = x_img.unflatten(-2, tuple(sizes))
+        k = len(sizes)
+        for logical in (layout.rank - 2, layout.rank - 1):   # rows and columns
+            axis = -(k + 1) + order.index(logical)
+            x = x.unflatten(axis, (sizes[order.index(logical)] // p, p)).mean(axis)
+        return x.flatten(-(k + 1), -2)
+
+    @property
     def pregrouped_unsupported(self) -> str | None:
         """Why this site's regrouping cannot be a plain token reorder outside it, or None if it can."""
         has = [what for what, flag in (("a mask", self.mask is not None), ("a rel-pos bias", self.relpos),
+                                        ("per-head groupings", self.head_groupings),
+                                        ("shared pooled tokens", self.shared_pool),
                                         ("dropout", self.dropout_p), ("shuffle distributing", self.shuffle)) if flag]
         if has:
             return f"the site has {' and '.join(has)}"
@@ -134,7 +191,7 @@ class GridPlan:
 
     @staticmethod
     def for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p=0.0, scale=None, enable_gqa=False,
-                    grouping="grid"):
+                    grouping="grid", shared_pool=0):
         """The plan for concrete tensors (eager use)."""
         if q.shape[-2] != q_layout.length or k.shape[-2] != k_layout.length:
             raise ValueError(
@@ -143,9 +200,13 @@ class GridPlan:
         m = attn_mask
         mask = None if m is None else MaskSpec(ndim=m.dim(), rows=m.dim() >= 2 and m.shape[-2] != 1,
                                                cols=m.shape[-1] != 1, boolean=m.dtype == torch.bool)
+        per_head = isinstance(grouping, (tuple, list))
         return GridPlan(q_layout=q_layout, k_layout=k_layout, stride=normalize_stride(stride), ndim=q.dim(),
                         mask=mask, dropout_p=float(dropout_p), scale=scale, enable_gqa=bool(enable_gqa),
-                        grouping=grouping_named(grouping))
+                        grouping=GRID if per_head else grouping_named(grouping),
+                        head_groupings=tuple(grouping) if per_head else (),
+                        kv_heads_shared=per_head and kv_heads_shared(q.shape, k.shape, bool(enable_gqa)),
+                        shared_pool=shared_pool)
 
     # -- pieces -------------------------------------------------------------------------------
     def _sdpa(self, q, k, v, mask):
@@ -220,6 +281,8 @@ class GridPlan:
         """
         if self.pregrouped:
             return attend_pregrouped(self, q, k, v)
+        if self.head_groupings:
+            return self._per_head_sets(q, k, v, attn_mask, assignment)
         ql, kl = self.q_layout, self.k_layout
         qa, ka = self._assignments(assignment, q.device)
         q_pre, q_img, q_suf = self._parts(q, ql)
@@ -228,6 +291,9 @@ class GridPlan:
         qg = self._cluster(q_img, ql, qa)
         kg = self._shared_keys(self._cluster(k_img, kl, ka), k_pre, k_suf)
         vg = self._shared_keys(self._cluster(v_img, kl, ka), v_pre, v_suf)
+        if self.shared_pool:  # the pooled tokens join every group's keys (the policy admits no mask)
+            kg = _join(None, kg, self._per_group(self._pooled(k_img).unsqueeze(-3), self.ndim), -2)
+            vg = _join(None, vg, self._per_group(self._pooled(v_img).unsqueeze(-3), self.ndim), -2)
 
         if self.relpos:
             return grouped_relpos_attention(self, qg, kg, vg, attn_mask)
@@ -243,6 +309,9 @@ class GridPlan:
             m_pre, m_img, m_suf = plan._parts(mask, ql) if plan.mask.rows else (mask, mask, mask)
             group_mask, mask_rank = plan._grouped_user_mask(mask, m_img, qa, ka), self.ndim + 1
         pad = plan._key_padding_bias(q.dtype, q.device, ka)  # (G, 1, Lk_group)
+        if pad is not None and self.shared_pool:  # the pooled keys are real keys of every group
+            pad = torch.cat([pad, torch.zeros((self.groups, 1, self.shared_tokens()), dtype=q.dtype,
+                                              device=q.device)], dim=-1)
         if pad is not None:
             group_mask = pad if group_mask is None else group_mask + pad
             mask_rank = max(mask_rank, 3)
@@ -272,19 +341,62 @@ class GridPlan:
         return _join(out_rest.narrow(-2, 0, ql.prefix) if present(ql.prefix) else None, out_img,
                      out_rest.narrow(-2, ql.prefix, ql.suffix) if present(ql.suffix) else None, -2)
 
+    def _head_set(self, x, i: int, split: bool = True):
+        """Head set ``i`` of ``x`` (..., heads, L, d): a view of its contiguous heads; ``x`` itself
+        when not ``split`` (k / v with one head every query head reads)."""
+        return x.unflatten(-3, (len(self.head_groupings), -1)).select(-4, i) if split else x
+
+    def _per_head_sets(self, q, k, v, attn_mask, assignment):
+        """Every head set regrouped by its own grouping (heads of one set in one grouped SDPA), the
+        outputs joined along the head axis in head order. A mask has no head axis here (the policy
+        admits only those), so every set reads it whole; one shuffle draw serves every set."""
+        assignment = self._assignments(assignment, q.device)
+        assignment = None if assignment[0] is None else assignment
+        outs = []
+        for i, grouping in enumerate(self.head_groupings):
+            sub = replace(self, grouping=grouping, head_groupings=())
+            kv_split = not self.kv_heads_shared
+            outs.append(sub.grouped(self._head_set(q, i), self._head_set(k, i, kv_split),
+                                    self._head_set(v, i, kv_split), attn_mask, assignment))
+        return torch.cat(outs, dim=-3)
+
+    def keep_mask(self, device=None, assignment=None):
+        """``M`` as a boolean (Lq, Lk) mask, or (heads, Lq, Lk) with per-head groupings (each set's
+        mask repeated over its heads; ``heads`` read from q at run time by :meth:`masked`)."""
+        masks = [grid_mask(self.q_layout, self.k_layout, self.stride, device, assignment, g) for g in self.groupings]
+        return masks[0] if len(masks) == 1 else torch.stack(masks)
+
     def masked(self, q, k, v, attn_mask=None, assignment=None):
         """The oracle form: dense SDPA with ``attn_mask = B + log M`` (M for ``assignment`` when shuffling)."""
         if self.pregrouped:
             raise ValueError("a pregrouped plan has only the grouped implementation")
         assignment = self._assignments(assignment, q.device)
-        keep = grid_mask(self.q_layout, self.k_layout, self.stride, q.device,
-                         None if assignment[0] is None else assignment, self.grouping)
+        keep = self.keep_mask(q.device, None if assignment[0] is None else assignment)
+        if self.head_groupings:  # (sets, Lq, Lk) -> (heads, Lq, Lk): set i's mask over its heads
+            sets = len(self.head_groupings)
+            keep = keep.unsqueeze(1).expand(-1, q.size(-3) // sets, -1, -1).flatten(0, 1)
         log_m = torch.where(keep, 0.0, float("-inf")).to(q.dtype)
+        if self.shared_pool:
+            return self._masked_with_pooled(q, k, v, log_m)
         boolean = self.mask is not None and self.mask.boolean
         if self.relpos:
             attn_mask, boolean = dense_relpos_bias(self, *attn_mask), False
         mask = log_m if attn_mask is None else _additive(attn_mask, boolean, q.dtype) + log_m
         return self._sdpa(q, k, v, mask)
+
+    def _masked_with_pooled(self, q, k, v, log_m):
+        """Dense SDPA over the keys followed by the pooled tokens: image queries see their group
+        and every pooled token, non-image queries every original key and no pooled token."""
+        _, k_img, _ = self._parts(k, self.k_layout)
+        _, v_img, _ = self._parts(v, self.k_layout)
+        keys = torch.cat([k, self._pooled(k_img)], dim=-2)
+        values = torch.cat([v, self._pooled(v_img)], dim=-2)
+        image_query = group_ids(self.q_layout, self.stride, q.device) >= 0
+        pooled = torch.where(image_query, 0.0, float("-inf")).to(q.dtype)[:, None]
+        pooled = pooled.expand(-1, self.shared_tokens())
+        if self.head_groupings:  # log_m has a head axis
+            pooled = pooled.expand(log_m.size(0), -1, -1)
+        return self._sdpa(q, keys, values, torch.cat([log_m, pooled], dim=-1))
 
     # -- cost -----------------------------------------------------------------------------------
     def grouped_pairs(self) -> int:
@@ -292,7 +404,27 @@ class GridPlan:
         ql, kl = self.q_layout, self.k_layout
         nq = math.prod(-(-n // g) for n, g in zip(ql.image_shape, self.stride))
         nk = math.prod(-(-n // g) for n, g in zip(kl.image_shape, self.stride))
-        return self.groups * nq * (kl.prefix + nk + kl.suffix) + (ql.prefix + ql.suffix) * kl.length
+        return (self.groups * nq * (kl.prefix + nk + kl.suffix + self.shared_tokens())
+                + (ql.prefix + ql.suffix) * kl.length)
+
+
+def unsupported_shared_pool(plan: GridPlan, p: int) -> str | None:
+    """Why ``plan``'s site cannot take shared tokens pooled over p x p windows (None if it can): a
+    pooled key has no value of a mask or bias, and the windows must tile the key image."""
+    if plan.mask is not None or plan.relpos:
+        return "shared pooled tokens: the site has a mask or bias, which a pooled key has no value of"
+    if plan.dropout_p:
+        return "shared pooled tokens: the site has dropout"
+    shape = plan.k_layout.image_shape[-2:]
+    if any(not isinstance(n, int) or n % p for n in shape):
+        return f"shared pooled tokens: the key image {format_stride(shape)} is not a multiple of {p}x{p} windows"
+    return None
+
+
+def kv_heads_shared(q_shape, k_shape, enable_gqa: bool) -> bool:
+    """Whether k / v have a single head that every query head reads by broadcasting (MQA written
+    without ``enable_gqa``): per-head groupings then regroup them whole for every head set."""
+    return len(k_shape) >= 3 and k_shape[-3] == 1 and q_shape[-3] != 1 and not enable_gqa
 
 
 def _join(pre, mid, suf, dim: int):
@@ -302,25 +434,27 @@ def _join(pre, mid, suf, dim: int):
 
 
 def grouped_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
-                      stride=2, enable_gqa=False, assignment=None, grouping="grid"):
+                      stride=2, enable_gqa=False, assignment=None, grouping="grid", shared_pool=0):
     """Eager grid attention, regrouped form (exactly :func:`masked_attention`, G times cheaper).
 
     ``assignment``: a (query, key) pair of shuffle assignments (:meth:`GridPlan.draw`); None for
-    straightforward distributing. ``grouping``: "grid" (the paper's) or "window" (contiguous tiles).
+    straightforward distributing. ``grouping``: "grid" (the paper's) or "window" (contiguous tiles),
+    or a tuple of those, one per equal contiguous set of heads (per-head groupings). ``shared_pool``:
+    p > 0 adds the key image averaged over p x p windows to every group's keys.
     """
     plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa,
-                                grouping)
+                                grouping, shared_pool)
     if assignment is not None:
         plan = replace(plan, shuffle=True)
     return plan.grouped(q, k, v, attn_mask, assignment)
 
 
 def masked_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=None, q_layout=None, k_layout=None,
-                     stride=2, enable_gqa=False, assignment=None, grouping="grid"):
+                     stride=2, enable_gqa=False, assignment=None, grouping="grid", shared_pool=0):
     """Eager grid attention, dense masked form: ``SDPA(q, k, v, attn_mask = B + log M)`` (the masked
     reference, gridattn_fx/grid/reference.py, for the plan's grouping)."""
     plan = GridPlan.for_tensors(q, k, attn_mask, q_layout, k_layout, stride, dropout_p, scale, enable_gqa,
-                                grouping)
+                                grouping, shared_pool)
     if assignment is not None:
         plan = replace(plan, shuffle=True)
     return plan.masked(q, k, v, attn_mask, assignment)

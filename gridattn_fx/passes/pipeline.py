@@ -231,7 +231,8 @@ def _site_row(site: AttentionSite, path: str, d, layouts: LayoutAnalysis) -> Sit
         decision=REWRITTEN if d.rewrite else SKIPPED,
         reason=d.reason,
         stride=d.plan.stride if d.plan else None,
-        grouping=d.plan.grouping.name if d.plan else "grid",
+        grouping=d.plan.grouping_name if d.plan else "grid",
+        shared_pool=d.plan.shared_pool if d.plan else 0,
         flops_before=d.flops_before,
         flops_after=d.flops_after,
         layout_source=layout_source(layouts.facts.get(site.query)) if d.q_layout else "",
@@ -249,7 +250,10 @@ def _decide_shared(site: AttentionSite, layouts: LayoutAnalysis, config: GridAtt
     first = decisions[0]
 
     def outcome(d):
-        return f"{d.plan.grouping} {'x'.join(str(g) for g in d.plan.stride)}" if d.rewrite else "dense"
+        if not d.rewrite:
+            return "dense"
+        pool = f" +pool{d.plan.shared_pool}" if d.plan.shared_pool else ""
+        return f"{d.plan.grouping_name} {'x'.join(str(g) for g in d.plan.stride)}{pool}"
     for path, d in zip(paths[1:], decisions[1:]):
         if outcome(d) != outcome(first):
             why = (f"this graph serves {len(paths)} modules that run the same code (regional compilation), and the "

@@ -29,6 +29,7 @@ from ..grid import (
     grouping_named,
     normalize_stride,
 )
+from ..grid.plan import kv_heads_shared, unsupported_shared_pool
 from ..layout.analysis import LayoutAnalysis
 from ..layout.facts import _hint, _same_size
 from ..patterns import AttentionSite
@@ -124,7 +125,11 @@ class SiteFacts:
                 else f" (traced at {self.shown_q})")
         self.configured, self.stride_from = self.config.stride_for(self.path)
         grouping_name, self.grouping_from = self.config.grouping_for(self.path)
-        self.grouping = grouping_named(grouping_name)
+        names = grouping_name if isinstance(grouping_name, tuple) else (grouping_name,)
+        self.groupings = tuple(grouping_named(n) for n in names)   # one per head set
+        self.grouping = self.groupings[0]
+        self.grouping_label = "|".join(names)
+        self.shared_pool, self.shared_from = self.config.site_value("shared_pool", self.path)
         self.shuffling = self.config.distributing == "shuffle" and self.training
 
     @cached_property
@@ -309,14 +314,52 @@ def stride_fits(f: SiteFacts) -> Skip | None:
 
 
 def grouping_applies(f: SiteFacts) -> Skip | None:
-    why = f.grouping.check(f.q_layout, f.k_layout, f.stride)
-    if why:
-        return Skip(SkipKind.GROUPING, why)
-    if f.shuffling and not f.grouping.supports_shuffle:
-        return Skip(SkipKind.GROUPING, f"{f.grouping.name} grouping, stride {f.shown_stride}{f.grouping_from}: "
-                                       f"{f.grouping.shuffle_unsupported} (distributing='shuffle', training): "
-                                       "left dense")
+    for grouping in f.groupings:
+        why = grouping.check(f.q_layout, f.k_layout, f.stride)
+        if why:
+            return Skip(SkipKind.GROUPING, why)
+        if f.shuffling and not grouping.supports_shuffle:
+            return Skip(SkipKind.GROUPING, f"{f.grouping_label} grouping, stride {f.shown_stride}{f.grouping_from}: "
+                                           f"{grouping.shuffle_unsupported} (distributing='shuffle', training): "
+                                           "left dense")
     return None
+
+
+def heads_split(f: SiteFacts) -> Skip | None:
+    """Per-head groupings split the head axis of a (batch, heads, tokens, features) site into equal
+    sets; anything that mixes heads elsewhere (heads folded into the batch, a mask or bias that
+    differs per head) leaves the site dense, with a warning: the option cannot apply there."""
+    sets = len(f.groupings)
+    if sets == 1:
+        return None
+    q, k, _ = f.shapes
+    why = None
+    if len(q) != 4 or len(k) != 4:
+        why = f"q has rank {len(q)}, not (batch, heads, tokens, features): no head axis to split"
+    elif f.site.relpos is not None:
+        why = "the site has a decomposed rel-pos bias"
+    elif q[-3] is None or q[-3] % sets:
+        why = f"{q[-3]} query heads do not split into {sets} equal sets"
+    elif k[-3] is None or (k[-3] % sets and not kv_heads_shared(q, k, f.site.enable_gqa)):
+        why = f"{k[-3]} key/value heads do not split into {sets} equal sets"
+    elif f.site.mask_shape is not None and len(f.site.mask_shape) >= 3 and _concrete(f.site.mask_shape)[-3] != 1:
+        why = "the attn_mask differs per head"
+    if why is None:
+        return None
+    detail = f"per-head groupings {f.grouping_label}{f.grouping_from}: {why}; left dense"
+    return Skip(SkipKind.GROUPING, detail, warning=detail)
+
+
+def shared_pool_applies(f: SiteFacts) -> Skip | None:
+    """Shared pooled tokens need keys every group may see whole: a site whose plan cannot take
+    them stays dense, with a warning (the option asked for something it cannot do here)."""
+    if not f.shared_pool:
+        return None
+    why = unsupported_shared_pool(_base_plan(f), f.shared_pool)
+    if why is None:
+        return None
+    detail = f"{why} (shared_pool={f.shared_pool}{f.shared_from}); left dense"
+    return Skip(SkipKind.GROUPING, detail, warning=detail)
 
 
 def supported_ranks(f: SiteFacts) -> Skip | None:
@@ -363,8 +406,8 @@ ELIGIBILITY: tuple[Rule, ...] = (
     supported_form, selected, known_sizes, lengths_match, static_where_needed, same_rank,
 )
 AT_STRIDE: tuple[Rule, ...] = (
-    stride_not_one_at_rank, enough_tokens, stride_fits, grouping_applies, supported_ranks, relpos_on_layout,
-    mask_broadcasts,
+    stride_not_one_at_rank, enough_tokens, stride_fits, grouping_applies, supported_ranks, heads_split,
+    relpos_on_layout, mask_broadcasts, shared_pool_applies,
 )
 
 
@@ -376,15 +419,22 @@ def _first_skip(rules, f: SiteFacts) -> Skip | None:
     return None
 
 
-def _plan(f: SiteFacts) -> tuple[GridPlan, str]:
-    """The plan of a site every rule admits, and how its tokens are distributed (for the reason)."""
+def _base_plan(f: SiteFacts) -> GridPlan:
+    """The site's plan from the facts every rule before ``shared_pool_applies`` has admitted."""
     site = f.site
     relpos = None
     if site.relpos is not None:
         relpos = RelPosSpec(heads=site.mask_shape[-3] if len(site.mask_shape) == 4 else 0)
-    plan = GridPlan(q_layout=f.q_layout, k_layout=f.k_layout, stride=f.stride, ndim=len(f.shapes[0]),
+    return GridPlan(q_layout=f.q_layout, k_layout=f.k_layout, stride=f.stride, ndim=len(f.shapes[0]),
                     mask=f.mask, relpos=relpos, dropout_p=site.dropout_p, scale=site.scale,
-                    enable_gqa=site.enable_gqa, grouping=f.grouping)
+                    enable_gqa=site.enable_gqa, grouping=f.grouping,
+                    head_groupings=f.groupings if len(f.groupings) > 1 else (),
+                    kv_heads_shared=len(f.groupings) > 1 and kv_heads_shared(*f.shapes[:2], site.enable_gqa))
+
+
+def _plan(f: SiteFacts) -> tuple[GridPlan, str]:
+    """The plan of a site every rule admits, and how its tokens are distributed (for the reason)."""
+    plan = replace(_base_plan(f), shared_pool=f.shared_pool)
     if f.config.distributing != "shuffle":
         return plan, ""
     if not f.training:
@@ -420,8 +470,13 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
     if f.symbolic:  # every size-dependent choice above and in the rewrite is guarded
         distributing += f", symbolic sizes {f.symbols}"
     how = f"stride {f.shown_stride}" + f.stride_from
-    if f.grouping.name != "grid":
+    if len(f.groupings) > 1:
+        how = f"per-head groupings {f.grouping_label} (equal head sets){f.grouping_from}, " + how
+    elif f.grouping.name != "grid":
         how = f"{f.grouping.name} grouping{f.grouping_from}, " + how
+    if f.shared_pool:
+        how += (f", + {plan.shared_tokens()} shared tokens pooled over {f.shared_pool}x{f.shared_pool} windows"
+                f"{f.shared_from}")
     if f.stride_warning:
         how += f" (the temporal step of {tuple(f.configured)} does not apply to a 2-D image)"
     return Decision(True, f"{kind}, {how}" + distributing, f.shown_q, f.shown_k, f.evidence, plan, f.flops, after,
