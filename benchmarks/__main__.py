@@ -6,6 +6,7 @@
     python -m benchmarks --quick --cases dynamic  # symbolic-size rewrite vs static (dynamic=True/False)
     python -m benchmarks --cases video        # video block 8x32x32 tokens + small Wan (benchmarks/video.py)
     python -m benchmarks --cases peers        # SD UNet: dense vs tomesd vs gridattn (benchmarks/peers.py)
+    python -m benchmarks --cases heads        # per-head groupings / shared tokens vs uniform grid, same stride
     python -m benchmarks --device cuda --dtype bfloat16 --cases attn   # on a GPU (CUDA events)
     python -m benchmarks relpos [--tokens 64] # benchmarks/relpos_bias_cost.py
 
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 
-CASES = ("attn", "sam", "sd-unet", "segformer", "regional", "dynamic", "video", "peers")
+CASES = ("attn", "sam", "sd-unet", "segformer", "regional", "dynamic", "video", "peers", "heads")
 
 
 def _args(argv):
@@ -126,9 +127,11 @@ def main(argv=None) -> int:
     if "attn" in cases:
         rows += C.attention_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory, target=target)
     model_warmup = args.warmup if args.warmup is not None else 1
+    if "heads" in cases:
+        rows += C.heads_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory, target=target)
     if "dynamic" in cases:
         rows += C.dynamic_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory, target=target)
-    rows += C.model_cases([c for c in cases if c not in ("attn", "regional", "dynamic", "video", "peers")],
+    rows += C.model_cases([c for c in cases if c not in ("attn", "regional", "dynamic", "video", "peers", "heads")],
                           quick=args.quick,
                           runs=model_runs, warmup=model_warmup, echo=print, memory=memory, target=target)
     if "regional" in cases:  # benchmarks/regional.py: regional vs whole-model compile

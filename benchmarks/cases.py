@@ -4,7 +4,8 @@ Case 1 ``attn-core`` / ``attn-block``: one image self-attention at 32x32, 64x64,
 dim 64 (see :mod:`benchmarks.models`); case 2 ``sam``: official SAM ViT-B image encoder at 1024x1024;
 case 3 ``sd-unet``: SD-2.1 UNet2DConditionModel at 768x768 (96x96 latents), one denoising step;
 case 4 ``segformer``: SegFormer with MiT-B1 widths at 1024x1024; case 5 (compile time) is measured
-on every compiled configuration of every case.
+on every compiled configuration of every case; case 7 ``heads`` (``--cases heads``): per-head
+groupings and shared pooled tokens against uniform grid grouping at the same stride.
 """
 
 from __future__ import annotations
@@ -239,6 +240,36 @@ def attention_cases(sizes, *, runs, warmup, heads=2, head_dim=64, echo=print, me
         echo(f"[attn-block {size}] width {heads * head_dim}, {n * n} tokens")
         rows += run_case("attn-block", size, configs, (x,), runs=runs, warmup=warmup, echo=echo, memory=memory,
                          target=target)
+    return rows
+
+
+def heads_cases(sizes, *, runs, warmup, heads=4, head_dim=32, echo=print, memory=True,
+                target: Target = CPU) -> list[Row]:
+    """Case 7 ``heads``: one attention block at stride 2 with every head on the grid, in windows,
+    half and half (per-head groupings), and on the grid with shared pooled tokens; the same
+    attention FLOPs but for the pooled tokens. Each is checked against its masked form."""
+    from .models import AttentionBlock
+
+    rows: list[Row] = []
+    variants = {"grid": {}, "window": {"grouping": "window"}, "mixed": {"grouping": ("grid", "window")},
+                "grid+pool4": {"shared_pool": 4}}
+    for n in sizes:
+        torch.manual_seed(0)
+        block = AttentionBlock(heads, head_dim).eval()
+        x = torch.randn(1, block.channels(), n, n)
+        configs = [Config("inductor", "inductor", block)]
+        for name, extra in variants.items():
+            configs.append(Config(f"gridattn s2 {name}", "gridattn", block, grid_options(None, 2, **extra),
+                                  reference=f"masked s2 {name}" if name in ("mixed", "grid+pool4") else None))
+        # Dynamo compiles one code object at most 8 times (its recompile limit), so only the new
+        # forms get a masked reference here; grid and window are checked against theirs in "attn".
+        for name in ("mixed", "grid+pool4"):
+            configs.append(Config(f"masked s2 {name}", "gridattn", block,
+                                  grid_options(None, 2, implementation="masked", **variants[name]),
+                                  reference=f"masked s2 {name}"))
+        echo(f"[attn-heads {n}x{n}] {heads} heads x d {head_dim}, {n * n} tokens")
+        rows += run_case("attn-heads", f"{n}x{n}", configs, (x,), runs=runs, warmup=warmup, echo=echo,
+                         memory=memory, target=target)
     return rows
 
 

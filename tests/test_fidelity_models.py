@@ -134,3 +134,32 @@ def test_finetune_seeds_draw_disjoint_batches():
         assert a[-1] < b[0]
     for seed in (HELDOUT_SEED, evaluate.CALIBRATION_SEED):
         assert all(seed not in r for r in blocks)
+
+
+def test_segformer_per_head_groupings_on_reduced_keys_match_the_oracle():
+    """Per-head groupings where queries and keys sit on two grids: the 2-head stage splits its heads
+    (grid / window, each side on its own grid), the 1-head stage stays dense and says why."""
+    model = small_segformer()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grouping = ("grid", "window")
+    gm, report = gridattn_fx.rewrite(model, (x,), gridattn_fx.GridAttnConfig(preset="segformer", stride=STRIDE,
+                                                                             grouping=grouping))
+    assert report.site(r"stages\.1\.blocks\.0\.attn").grouping == "grid|window", str(report)
+    single = report.site(r"stages\.0\.blocks\.0\.attn")
+    assert single.decision == "skipped" and "1 query heads do not split into 2 equal sets" in single.reason
+
+    def oracle_forward(self, x, height, width):
+        b, n, c = x.shape
+        q = self.heads(self.query(x))
+        kv = x.permute(0, 2, 1).reshape(b, c, height, width)
+        kv = self.layer_norm(self.sr(kv).reshape(b, c, -1).permute(0, 2, 1))
+        k, v = self.heads(self.key(kv)), self.heads(self.value(kv))
+        reduced = (0, height // self.sr_ratio, width // self.sr_ratio)
+        out = oracle_sdpa(q, k, v, q_layout=(0, height, width), k_layout=reduced, stride=STRIDE, grouping=grouping)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    with torch.no_grad():
+        attn = model.get_submodule("stages.1.blocks.0.attn")
+        attn.forward = types.MethodType(oracle_forward, attn)
+        expected = model(x)
+        assert_close64(gm(x), expected)

@@ -28,7 +28,9 @@ whose argmax agrees), with the 95% bootstrap interval of the drop over the held-
 fine-tuning and its control with K seeds (own batches and shuffle draws each) and reports the mean
 and spread of both drops and of their difference. Prints a table per family, writes
 ``results.json`` / ``results.csv`` (segvit) and ``results_<family>.json`` / ``.csv`` next to this
-file (``--out-dir`` to change), and ends with one ``fidelity: ...`` summary line per family.
+file (``--out-dir`` to change), and ends with one ``fidelity: ...`` summary line per family, each
+followed by its ``quality: ...`` line: the configuration ``calibrate()`` chooses within the attention
+FLOPs of uniform stride 2, scored on held-out images (``quality.py``; ``--no-quality`` skips it).
 
 The helpers (:func:`load_model`, :func:`heldout`, :func:`miou`, :func:`predict`,
 :func:`evaluate_logits`, :func:`compile_grid`) are importable by other scripts.
@@ -462,6 +464,14 @@ def evaluate_family(family: Family, args) -> dict:
                  f"{r['pixel_agreement']:.5f}"] + ["" if v is None else f"{v:.4f}" for v in r["iou_per_class"]]
             )
     out["summary"] = fidelity_line(family, rows)
+    if not args.no_quality:   # quality.py: the configuration calibrate() chooses at the FLOPs of stride 2
+        from .quality import quality_family
+
+        quality = quality_family(family, model)
+        out["quality"] = quality
+        with open(os.path.join(args.out_dir, f"quality_{family.name}.json"), "w") as f:
+            json.dump(quality, f, indent=2, default=str)
+            f.write("\n")
     return out
 
 
@@ -538,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeat the fine-tuning and its control with this many seeds (fine-tuning noise)")
     parser.add_argument("--all-rows", action="store_true", help="also finetuned2@stride1 for every family")
     parser.add_argument("--no-calibrate", action="store_true", help="skip calibrate() with the mIoU metric")
+    parser.add_argument("--no-quality", action="store_true",
+                        help="skip the equal-FLOPs study (quality.py) and its quality: line")
     parser.add_argument("--budget", type=float, default=CALIBRATION_BUDGET_PCT, help="calibration budget, %% mIoU drop")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=HERE)
@@ -553,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s")
     for r in results:
         print(r["summary"])
+        if "quality" in r:
+            print(r["quality"]["line"])
     return 0
 
 

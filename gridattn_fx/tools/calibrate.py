@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -106,8 +107,16 @@ class Calibration:
         return self.config.to_options()
 
     def describe(self) -> str:
-        """The chosen option of every site, in one line: ``blocks.0.attn=grid|window 2x2 ...``."""
-        return " ".join(f"{p}={self._choice(p) if max(s) > 1 else 'dense'}" for p, s in self.site_strides.items())
+        """The chosen option of every site in one token:
+        ``blocks.0.attn=grid:2x2,blocks.1.attn=window|grid:2x2+pool4,blocks.2.attn=dense``."""
+        def one(path: str, stride) -> str:
+            if max(stride) == 1:
+                return "dense"
+            grouping = self.site_groupings.get(path, "grid")
+            name = "|".join(grouping) if isinstance(grouping, tuple) else grouping
+            pool = self.site_pools.get(path, 0)
+            return f"{name}:{format_stride(stride)}" + (f"+pool{pool}" if pool else "")
+        return ",".join(f"{p}={one(p, s)}" for p, s in self.site_strides.items())
 
     def _choice(self, path: str) -> str:
         return _label(self.site_strides[path], self.site_groupings.get(path, "grid"), self.site_pools.get(path, 0))
@@ -175,7 +184,9 @@ class _Measurer:
     def _measure(self, sites):
         config = self.base.with_options(stride=1, sites=sites, strict=True)
         try:
-            new_gm, report = run_pass(self.gm, self.samples[0], config)
+            with warnings.catch_warnings():  # a candidate a site cannot take is a measurement, not news
+                warnings.simplefilter("ignore")
+                new_gm, report = run_pass(self.gm, self.samples[0], config)
         except Exception:
             logger.debug("calibration: the pass failed for %s", sites, exc_info=True)
             return None

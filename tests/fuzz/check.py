@@ -119,6 +119,8 @@ def expects_rewrite(spec: gen.Spec, truth: gen.SiteTruth) -> bool:
     """Whether the pass must prove and rewrite this site (conservative: skipping anything else is
     allowed, rewriting it wrongly is not)."""
     names = {o[0] for o in truth.ops_before + truth.kv_ops} - {"tokenize", "cat"}
+    if isinstance(spec.grouping, tuple) and not _heads_split(spec, truth):
+        return False
     if spec.frames:
         return _expects_video_rewrite(spec, truth, names)
     gh, gw = stride_tuple(spec.stride)
@@ -128,6 +130,14 @@ def expects_rewrite(spec: gen.Spec, truth: gen.SiteTruth) -> bool:
             and spec.tokenizer != "mirror" and names <= set(gen.KEEP_OPS)
             # documented as unsupported (the report says so): MHA given an attn_mask
             and not (truth.spec.form.startswith("mha") and truth.spec.mask != "none"))
+
+
+def _heads_split(spec: gen.Spec, truth: gen.SiteTruth) -> bool:
+    """Per-head groupings must apply (conservatively): plain SDPA on (B, H, L, d) whose heads split
+    into the spec's sets, with no mask that differs per head. Other forms may stay dense."""
+    shape = truth.spec.mask.split(":")[-1]
+    return (truth.spec.form in ("sdpa", "sdpa_scale", "sdpa_mqa") and truth.spec.heads % len(spec.grouping) == 0
+            and shape not in ("1HLL", "H1L"))
 
 
 def _expects_video_rewrite(spec: gen.Spec, truth: gen.SiteTruth, names: set) -> bool:

@@ -85,6 +85,7 @@ VIDEO_PROVABLE_TOKENIZERS = ("v_nchw", "v_nhwc", "v_nhwc_flat", "v_cols", "v_th"
 VIDEO_STRIDES = (1, 2, (2, 3), (2, 2, 2), (1, 2, 2), (2, 1, 2), (2, 2, 1), (3, 2, 2))
 VIDEO_STRIDE_WEIGHTS = (1, 3, 2, 3, 2, 2, 1, 1)
 GROUPINGS = ("grid", "window")
+HEAD_GROUPINGS = (("grid", "window"), ("window", "grid"))   # per-head groupings: two equal head sets
 
 # Per-token ops on (B, L, C) that keep every token where it is (the proof should go through).
 KEEP_OPS = ("ln", "linear", "gelu", "affine", "pos", "view_split", "transpose_rt", "channel_slice",
@@ -153,7 +154,7 @@ class Spec:
     outputs: str = "last"      # "last" | "all": also return every stage's tokens (other readers)
     embed: str = "conv2d"      # EMBEDDINGS (VIDEO_EMBEDDINGS for a video case)
     # drawn after everything above (random_spec), so their defaults leave every older spec as it was
-    grouping: str = "grid"     # GROUPINGS, the config's ``grouping``
+    grouping: object = "grid"  # GROUPINGS or HEAD_GROUPINGS, the config's ``grouping``
     frames: int = 0            # a video case: T frames of tokens (0: an image case)
     tpatch: int = 1            # temporal patch pt of a video's Conv3d embedding
     # compiled cases only: stages before which the model's forward breaks Dynamo's graph
@@ -226,6 +227,9 @@ def random_spec(seed: int, compiled: object = False) -> Spec:
     # Drawn last (the same rule), compiled cases only: graph breaks between stages.
     if compiled and rng.random() < 0.4:
         spec = replace(spec, breaks=tuple(i for i in range(len(spec.blocks)) if rng.random() < 0.6) or (0,))
+    # Drawn last (the same rule): per-head groupings, half the heads on the grid, half in windows.
+    if rng.random() < 0.15:
+        spec = replace(spec, grouping=rng.choice(HEAD_GROUPINGS))
     return spec
 
 
@@ -340,7 +344,11 @@ class SiteTruth:
     batch: int                 # batch of the attention's queries
     levels: dict | None = None  # {level: image sizes}: (H, W) or (T, H, W) of each image (reduction)
     roots: dict | None = None  # {level: root level}: levels of one root are one image (or its reductions)
-    grouping: str = "grid"
+    grouping: object = "grid"   # a name, or a tuple of names per equal head set
+
+    @property
+    def groupings(self) -> tuple:
+        return self.grouping if isinstance(self.grouping, tuple) else (self.grouping,)
 
     @property
     def causal(self) -> bool:
@@ -350,7 +358,7 @@ class SiteTruth:
     def mirrored_window(self) -> bool:
         """A mirrored raster under window grouping: its tiles are not the image's tiles (x // tile
         differs from (n - 1 - x) // tile where the tile does not divide n), so it is no image here."""
-        return self.grouping == "window" and any(side is not None and side[3] for side in (self.q_image, self.k_image))
+        return "window" in self.groupings and any(side is not None and side[3] for side in (self.q_image, self.k_image))
 
     @property
     def other_images(self) -> bool:
@@ -384,15 +392,19 @@ class SiteTruth:
 
     def log_mask(self, stride, dtype) -> torch.Tensor:
         """log M for this site's true token order (groups from the original pixel coordinates, each
-        side on its own image, with the site's grouping)."""
+        side on its own image, with the site's grouping); with per-head groupings (heads, Lq, Lk),
+        head h masked by the grouping of its equal contiguous set."""
         assert self.is_image_self_attention
 
-        def groups(order):
-            return [coord_group(_coords(t), self.levels[_level(t)], stride, self.grouping) if _is_pixel(t)
+        def groups(order, grouping):
+            return [coord_group(_coords(t), self.levels[_level(t)], stride, grouping) if _is_pixel(t)
                     else None for t in order]
 
-        m = mask_from_groups(groups(self.q_order), groups(self.k_order))
-        return torch.from_numpy(np.where(m, 0.0, -np.inf)).to(dtype)
+        masks = [torch.from_numpy(np.where(mask_from_groups(groups(self.q_order, g), groups(self.k_order, g)),
+                                           0.0, -np.inf)).to(dtype) for g in self.groupings]
+        if len(masks) == 1 or self.spec.heads % len(masks):
+            return masks[0]   # heads that do not split: the site stays dense, this mask is not used
+        return torch.stack(masks).repeat_interleave(self.spec.heads // len(masks), dim=0)
 
 
 def _short(order, n=12) -> str:
@@ -776,7 +788,10 @@ class FuzzAttention(nn.Module):
     def _mha(self, hq, hkv):
         mask = self.mask
         if self.oracle is not None:
-            mask = self.oracle if mask is None else mask + self.oracle
+            oracle = self.oracle
+            if oracle.dim() == 3:   # per head: MHA's 3-D mask is (batch * heads, Lq, Lk), batch-major
+                oracle = oracle.repeat(hq.shape[0 if self.batch_first else 1], 1, 1)
+            mask = oracle if mask is None else mask + oracle
         if not self.batch_first:
             hq, hkv = hq.transpose(0, 1), hkv.transpose(0, 1)
         out, _ = self.mha(hq, hkv, hkv, need_weights=False, attn_mask=mask)
@@ -967,6 +982,8 @@ class FuzzModel(nn.Module):
             truth_mask = None
             if truth.is_image_self_attention:
                 truth_mask = torch.isfinite(truth.log_mask(spec.stride, torch.float64))
+                if truth_mask.dim() == 3:   # per head: keys kept in every head
+                    truth_mask = truth_mask.all(0)
             stage.attn = FuzzAttention(blk, len(order), len(k_order), q_batch, truth_mask, gen, kv_ops)
             self.stages.append(stage)
             truths.append(truth)
