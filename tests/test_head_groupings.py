@@ -75,7 +75,8 @@ def test_backend_rewrites_vit_with_per_head_groupings(n_cls):
     report = gridattn_fx.last_report()
     assert report.failure is None and len(report.rewritten) == 2, str(report)
     row = report.site(r"blocks\.0\.attn")
-    assert row.grouping == "grid|window" and "per-head groupings grid|window" in row.reason, row.reason
+    assert row.grouping == "grid|window" and "per-head groupings grid|window (heads 0-1 grid, heads 2-3 window)" \
+        in row.reason, row.reason
     assert "grid|window 2x2" in str(report)
     assert row.flops_after * 4 == row.flops_before or n_cls  # the FLOPs of one grouping at stride 2
     with oracle_mode(m, (n_cls, 4, 4), stride=2, grouping=("grid", "window")):

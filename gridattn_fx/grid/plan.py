@@ -352,10 +352,9 @@ class GridPlan:
         admits only those), so every set reads it whole; one shuffle draw serves every set."""
         assignment = self._assignments(assignment, q.device)
         assignment = None if assignment[0] is None else assignment
-        outs = []
+        outs, kv_split = [], not self.kv_heads_shared
         for i, grouping in enumerate(self.head_groupings):
             sub = replace(self, grouping=grouping, head_groupings=())
-            kv_split = not self.kv_heads_shared
             outs.append(sub.grouped(self._head_set(q, i), self._head_set(k, i, kv_split),
                                     self._head_set(v, i, kv_split), attn_mask, assignment))
         return torch.cat(outs, dim=-3)
@@ -416,7 +415,9 @@ def unsupported_shared_pool(plan: GridPlan, p: int) -> str | None:
     if plan.dropout_p:
         return "shared pooled tokens: the site has dropout"
     shape = plan.k_layout.image_shape[-2:]
-    if any(not isinstance(n, int) or n % p for n in shape):
+    if not all(isinstance(n, int) for n in shape):
+        return f"shared pooled tokens: the key image {format_stride(shape)} has symbolic sizes (pooling needs static ones)"
+    if any(n % p for n in shape):
         return f"shared pooled tokens: the key image {format_stride(shape)} is not a multiple of {p}x{p} windows"
     return None
 

@@ -471,7 +471,10 @@ def decide(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig,
         distributing += f", symbolic sizes {f.symbols}"
     how = f"stride {f.shown_stride}" + f.stride_from
     if len(f.groupings) > 1:
-        how = f"per-head groupings {f.grouping_label} (equal head sets){f.grouping_from}, " + how
+        per_set = f.shapes[0][-3] // len(f.groupings)   # heads_split admitted only heads that split
+        sets = ", ".join(f"heads {i * per_set}-{(i + 1) * per_set - 1} {g.name}" if per_set > 1 else f"head {i} {g.name}"
+                         for i, g in enumerate(f.groupings))
+        how = f"per-head groupings {f.grouping_label} ({sets}){f.grouping_from}, " + how
     elif f.grouping.name != "grid":
         how = f"{f.grouping.name} grouping{f.grouping_from}, " + how
     if f.shared_pool:

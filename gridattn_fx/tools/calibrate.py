@@ -182,7 +182,7 @@ class _Measurer:
         return self.cache[key]
 
     def _measure(self, sites):
-        config = self.base.with_options(stride=1, sites=sites, strict=True)
+        config = self.base.with_options(stride=1, sites=sites, site_strides={}, site_groupings={}, strict=True)
         try:
             with warnings.catch_warnings():  # a candidate a site cannot take is a measurement, not news
                 warnings.simplefilter("ignore")
@@ -256,8 +256,8 @@ def calibrate(model, sample_inputs, budget: float = 0.01, strides=(1, 2, 4), met
     measure = _Measurer(gm, samples, metric or relative_error, base)
 
     # Every eligible site with every candidate, alone.
-    _, probe = run_pass(gm, samples[0], base.with_options(stride=candidates[0][0], grouping="grid", sites={},
-                                                          site_strides={}, site_groupings={}))
+    _, probe = run_pass(gm, samples[0], base.with_options(stride=candidates[0][0], grouping="grid", shared_pool=0,
+                                                          sites={}, site_strides={}, site_groupings={}))
     paths = list(dict.fromkeys(s.module_path for s in probe.rewritten))
     flops_before = sum(s.flops_before or 0 for s in probe.rewritten)
     measured: list[SiteOption] = []
