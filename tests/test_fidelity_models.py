@@ -163,3 +163,24 @@ def test_segformer_per_head_groupings_on_reduced_keys_match_the_oracle():
         attn.forward = types.MethodType(oracle_forward, attn)
         expected = model(x)
         assert_close64(gm(x), expected)
+
+
+def test_quality_study_chooses_within_the_flops_of_stride_2(capsys):
+    """The fidelity command's equal-FLOPs study on the committed segvit (few held-out images): the
+    chosen configuration fits the FLOPs of uniform stride 2, every row says what it ran, and the
+    ``quality:`` line has the fields the README quotes."""
+    import re
+
+    from benchmarks.fidelity.families import FAMILIES
+    from benchmarks.fidelity.quality import quality_family
+
+    result = quality_family(FAMILIES["segvit"], n=16)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"grid2", "window2", "mixed2", "grid2+pool", "calibrated-grouping", "calibrated"}
+    assert rows["grid2"]["flops_ratio"] == pytest.approx(0.25)
+    assert rows["grid2+pool"]["flops_ratio"] > 0.25           # the pooled tokens cost FLOPs
+    assert rows["calibrated"]["flops_ratio"] <= 0.25 + 1e-9
+    assert "grid|window" in rows["mixed2"]["config"] and not rows["mixed2"]["left_dense_by_option"]
+    line = result["line"]
+    assert re.fullmatch(r"quality: family=segvit flops_ratio=0\.\d{3} equal_flops_drop=-?\d+\.\d\d% "
+                        r"\(\+-\d+\.\d\d\) config=\S+", line), line
