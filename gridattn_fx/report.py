@@ -140,8 +140,14 @@ def _stride_cell(s: SiteReport) -> str:
     """``2x2`` for a grid site (as ever), ``window 2x2`` for a window one, ``-`` when not rewritten."""
     if not s.stride:
         return "-"
-    cell = format_stride(s.stride) if s.grouping == "grid" else f"{s.grouping} {format_stride(s.stride)}"
-    return cell + (f" +pool{s.shared_pool}" if s.shared_pool else "")
+    return choice_cell(s.stride, s.grouping, s.shared_pool)
+
+
+def choice_cell(stride, grouping: str = "grid", shared_pool: int = 0) -> str:
+    """How the report names a rewritten site's choice: ``2x2`` on the grid, ``window 2x2``,
+    ``grid|window 2x2 +pool4``."""
+    cell = format_stride(stride) if grouping == "grid" else f"{grouping} {format_stride(stride)}"
+    return cell + (f" +pool{shared_pool}" if shared_pool else "")
 
 
 def _gflop(flops: int | None) -> str:

@@ -30,6 +30,7 @@ import time
 import torch
 
 import gridattn_fx
+from gridattn_fx.tools.calibrate import compact_choice
 
 from .data import make_batch
 from .evaluate import CALIBRATION_SEED, EVAL_BATCH, _drop, bootstrap_drop, load_family, miou_drop_metric
@@ -74,8 +75,7 @@ def _ratio(report, eligible: set[str]) -> float:
 
 def _describe(report) -> str:
     """The rewritten sites' options in :meth:`Calibration.describe`'s format."""
-    return ",".join(f"{s.module_path}={s.grouping}:{'x'.join(map(str, s.stride))}"
-                    + (f"+pool{s.shared_pool}" if s.shared_pool else "") for s in report.rewritten)
+    return ",".join(f"{s.module_path}={compact_choice(s.stride, s.grouping, s.shared_pool)}" for s in report.rewritten)
 
 
 def _calibrate(model, family: Family, groupings, cal_x, cal_y):

@@ -152,6 +152,21 @@ class SiteFacts:
         rule, then by the plan)."""
         return mask_spec(self)
 
+    @cached_property
+    def base_plan(self) -> GridPlan:
+        """The site's plan without shared pooled tokens (asked by a rule, then by the plan; only
+        once the layouts and the stride's rules have admitted the site)."""
+        site = self.site
+        relpos = None
+        if site.relpos is not None:
+            relpos = RelPosSpec(heads=site.mask_shape[-3] if len(site.mask_shape) == 4 else 0)
+        per_head = len(self.groupings) > 1
+        return GridPlan(q_layout=self.q_layout, k_layout=self.k_layout, stride=self.stride, ndim=len(self.shapes[0]),
+                        mask=self.mask, relpos=relpos, dropout_p=site.dropout_p, scale=site.scale,
+                        enable_gqa=site.enable_gqa, grouping=self.grouping,
+                        head_groupings=self.groupings if per_head else (),
+                        kv_heads_shared=per_head and kv_heads_shared(*self.shapes[:2], site.enable_gqa))
+
     @property
     def shown_stride(self) -> str:
         return format_stride(self.stride)
@@ -355,7 +370,7 @@ def shared_pool_applies(f: SiteFacts) -> Skip | None:
     them stays dense, with a warning (the option asked for something it cannot do here)."""
     if not f.shared_pool:
         return None
-    why = unsupported_shared_pool(_base_plan(f), f.shared_pool)
+    why = unsupported_shared_pool(f.base_plan, f.shared_pool)
     if why is None:
         return None
     detail = f"{why} (shared_pool={f.shared_pool}{f.shared_from}); left dense"
@@ -419,22 +434,9 @@ def _first_skip(rules, f: SiteFacts) -> Skip | None:
     return None
 
 
-def _base_plan(f: SiteFacts) -> GridPlan:
-    """The site's plan from the facts every rule before ``shared_pool_applies`` has admitted."""
-    site = f.site
-    relpos = None
-    if site.relpos is not None:
-        relpos = RelPosSpec(heads=site.mask_shape[-3] if len(site.mask_shape) == 4 else 0)
-    return GridPlan(q_layout=f.q_layout, k_layout=f.k_layout, stride=f.stride, ndim=len(f.shapes[0]),
-                    mask=f.mask, relpos=relpos, dropout_p=site.dropout_p, scale=site.scale,
-                    enable_gqa=site.enable_gqa, grouping=f.grouping,
-                    head_groupings=f.groupings if len(f.groupings) > 1 else (),
-                    kv_heads_shared=len(f.groupings) > 1 and kv_heads_shared(*f.shapes[:2], site.enable_gqa))
-
-
 def _plan(f: SiteFacts) -> tuple[GridPlan, str]:
     """The plan of a site every rule admits, and how its tokens are distributed (for the reason)."""
-    plan = replace(_base_plan(f), shared_pool=f.shared_pool)
+    plan = replace(f.base_plan, shared_pool=f.shared_pool)
     if f.config.distributing != "shuffle":
         return plan, ""
     if not f.training:

@@ -26,6 +26,7 @@ from ..config.sites import SiteOptions, check_grouping, check_shared_pool
 from ..frontends.api import capture
 from ..grid import Stride, format_stride, normalize_stride
 from ..passes.pipeline import run_pass
+from ..report import choice_cell
 
 logger = logging.getLogger("gridattn_fx")
 
@@ -55,38 +56,64 @@ class SiteOption:
 
     @property
     def label(self) -> str:
-        return _label(self.stride, self.grouping, self.shared_pool)
+        return choice_cell(self.stride, _grouping_name(self.grouping), self.shared_pool)
+
+    @property
+    def compact(self) -> str:
+        return compact_choice(self.stride, _grouping_name(self.grouping), self.shared_pool)
 
     @property
     def key(self) -> tuple:
         return self.stride, self.grouping, self.shared_pool
 
 
-def _label(stride, grouping, shared_pool: int = 0) -> str:
-    name = "|".join(grouping) if isinstance(grouping, tuple) else grouping
-    label = format_stride(stride) if name == "grid" else f"{name} {format_stride(stride)}"
-    return label + (f" +pool{shared_pool}" if shared_pool else "")
+def compact_choice(stride, grouping: str = "grid", shared_pool: int = 0) -> str:
+    """A site's choice in one token, as :meth:`Calibration.describe` lists it: ``grid:2x2``,
+    ``window|grid:2x2+pool4``."""
+    return f"{grouping}:{format_stride(stride)}" + (f"+pool{shared_pool}" if shared_pool else "")
+
+
+def _grouping_name(grouping) -> str:
+    return "|".join(grouping) if isinstance(grouping, tuple) else grouping
+
+
+Choice = dict  # module path -> the SiteOption applied there, or None (dense)
 
 
 @dataclass
 class Calibration:
-    """The result: per-site strides and groupings, and everything measured to choose them."""
+    """The result: the option chosen per site (None: dense), and everything measured to choose it."""
 
-    site_strides: dict[str, Stride]
+    chosen: Choice
     error: float                    # measured error of the chosen combination
     budget: float
     flops_before: int               # attention FLOPs of the eligible sites, unmodified
     saved_flops: int                # attention FLOPs the chosen options save
     options_measured: list[SiteOption] = field(default_factory=list)
-    uniform: dict[Stride, tuple[float, int]] = field(default_factory=dict)   # grid stride -> (error, saved)
-    base: GridAttnConfig = field(default_factory=GridAttnConfig)
-    # the grouping of every rewritten site whose grouping is not the grid
-    site_groupings: dict[str, object] = field(default_factory=dict)
     # every uniform configuration measured: (stride, grouping, shared_pool) -> (error, saved)
     uniform_by_grouping: dict[tuple, tuple[float, int]] = field(default_factory=dict)
+    base: GridAttnConfig = field(default_factory=GridAttnConfig)
     max_flops_ratio: float | None = None
-    # the shared_pool of every rewritten site that has shared pooled tokens
-    site_pools: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def site_strides(self) -> dict[str, Stride]:
+        """Every eligible site's stride, (1, 1) where it stays dense."""
+        return {p: o.stride if o else (1, 1) for p, o in self.chosen.items()}
+
+    @property
+    def site_groupings(self) -> dict[str, object]:
+        """The grouping of every rewritten site whose grouping is not the grid."""
+        return {p: o.grouping for p, o in self.chosen.items() if o and o.grouping != "grid"}
+
+    @property
+    def site_pools(self) -> dict[str, int]:
+        """The shared_pool of every rewritten site that has shared pooled tokens."""
+        return {p: o.shared_pool for p, o in self.chosen.items() if o and o.shared_pool}
+
+    @property
+    def uniform(self) -> dict[Stride, tuple[float, int]]:
+        """Uniform grid strides without shared tokens: stride -> (error, saved)."""
+        return {s: v for (s, g, k), v in self.uniform_by_grouping.items() if g == "grid" and not k}
 
     @property
     def flops_ratio(self) -> float:
@@ -97,8 +124,7 @@ class Calibration:
     @property
     def config(self) -> GridAttnConfig:
         """The base config with these per-site strides and groupings (other sites stay at stride 1)."""
-        return self.base.with_options(stride=1, site_strides=dict(self.site_strides),
-                                      site_groupings=dict(self.site_groupings),
+        return self.base.with_options(stride=1, site_strides=self.site_strides, site_groupings=self.site_groupings,
                                       sites={p: SiteOptions(shared_pool=k) for p, k in self.site_pools.items()})
 
     @property
@@ -109,28 +135,13 @@ class Calibration:
     def describe(self) -> str:
         """The chosen option of every site in one token:
         ``blocks.0.attn=grid:2x2,blocks.1.attn=window|grid:2x2+pool4,blocks.2.attn=dense``."""
-        def one(path: str, stride) -> str:
-            if max(stride) == 1:
-                return "dense"
-            grouping = self.site_groupings.get(path, "grid")
-            name = "|".join(grouping) if isinstance(grouping, tuple) else grouping
-            pool = self.site_pools.get(path, 0)
-            return f"{name}:{format_stride(stride)}" + (f"+pool{pool}" if pool else "")
-        return ",".join(f"{p}={one(p, s)}" for p, s in self.site_strides.items())
-
-    def _choice(self, path: str) -> str:
-        return _label(self.site_strides[path], self.site_groupings.get(path, "grid"), self.site_pools.get(path, 0))
+        return ",".join(f"{p}={o.compact if o else 'dense'}" for p, o in self.chosen.items())
 
     def __str__(self) -> str:
         lines = [f"{'site':<40} {'choice':>18} {'error alone':>12} {'GFLOP saved':>12}"]
-        measured = {(o.path, o.key): o for o in self.options_measured}
-        for path, stride in self.site_strides.items():
-            key = (stride, self.site_groupings.get(path, "grid"), self.site_pools.get(path, 0))
-            o = measured.get((path, key))
-            err = f"{o.error:.2e}" if o else "0"
-            saved = f"{o.saved_flops / 1e9:.3f}" if o else "0.000"
-            choice = self._choice(path) if max(stride) > 1 else "dense"
-            lines.append(f"{path:<40} {choice:>18} {err:>12} {saved:>12}")
+        for path, o in self.chosen.items():
+            err, saved = (f"{o.error:.2e}", f"{o.saved_flops / 1e9:.3f}") if o else ("0", "0.000")
+            lines.append(f"{path:<40} {o.label if o else 'dense':>18} {err:>12} {saved:>12}")
         goal = (f"least error within {self.max_flops_ratio:.3f} of the dense attention FLOPs"
                 if self.max_flops_ratio is not None else f"budget {self.budget:.3e}")
         lines.append(
@@ -138,10 +149,11 @@ class Calibration:
             f"{self.saved_flops / 1e9:.3f} of {self.flops_before / 1e9:.3f} GFLOP "
             f"({100 * self.saved_flops / max(self.flops_before, 1):.1f}%, flops_ratio {self.flops_ratio:.3f})"
         )
-        for key, (err, saved) in self.uniform_by_grouping.items():
+        for (stride, grouping, pool), (err, saved) in self.uniform_by_grouping.items():
             fits = "within" if err <= self.budget else "over"
-            lines.append(f"uniform {_label(*key)}: error {err:.3e} ({fits} budget), saves "
-                         f"{saved / 1e9:.3f} GFLOP ({100 * saved / max(self.flops_before, 1):.1f}%)")
+            lines.append(f"uniform {choice_cell(stride, _grouping_name(grouping), pool)}: error {err:.3e} "
+                         f"({fits} budget), saves {saved / 1e9:.3f} GFLOP "
+                         f"({100 * saved / max(self.flops_before, 1):.1f}%)")
         return "\n".join(lines)
 
 
@@ -153,9 +165,6 @@ def _samples(sample_inputs) -> list[tuple]:
     if items and all(isinstance(s, (tuple, list)) for s in items):
         return [tuple(s) for s in items]
     return [tuple(items)]
-
-
-Choice = dict  # module path -> the SiteOption applied there, or None (dense)
 
 
 def _site_options(chosen: Choice) -> dict[str, SiteOptions]:
@@ -175,10 +184,9 @@ class _Measurer:
     def __call__(self, chosen: Choice):
         """(mean error, report) with exactly ``chosen`` applied; None if the pass failed. Each
         configuration is measured once."""
-        sites = _site_options(chosen)
-        key = tuple(sorted((p, o.stride, o.grouping, o.shared_pool) for p, o in sites.items()))
+        key = tuple(sorted((p, *o.key) for p, o in chosen.items() if o is not None))
         if key not in self.cache:
-            self.cache[key] = self._measure(sites)
+            self.cache[key] = self._measure(_site_options(chosen))
         return self.cache[key]
 
     def _measure(self, sites):
@@ -293,12 +301,8 @@ def calibrate(model, sample_inputs, budget: float = 0.01, strides=(1, 2, 4), met
             if best is None or saved > best[2] or (saved == best[2] and error < best[1]):
                 best = (chosen, error, saved)
         chosen, error, saved = best
-    site_strides = {p: (chosen[p].stride if chosen.get(p) else (1, 1)) for p in paths}
-    site_groupings = {p: chosen[p].grouping for p in paths if chosen.get(p) and chosen[p].grouping != "grid"}
-    site_pools = {p: chosen[p].shared_pool for p in paths if chosen.get(p) and chosen[p].shared_pool}
-    return Calibration(site_strides, error, float(budget), flops_before, saved, measured,
-                       {s: v for (s, g, k), v in uniform.items() if g == "grid" and not k}, base, site_groupings,
-                       uniform, max_flops_ratio, site_pools)
+    return Calibration({p: chosen.get(p) for p in paths}, error, float(budget), flops_before, saved, measured,
+                       uniform, base, max_flops_ratio)
 
 
 def _least_error_within(paths, measured, measure, flops_before: int, cap: float, uniform_choices,
