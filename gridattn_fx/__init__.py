@@ -5,6 +5,7 @@
     print(gridattn_fx.last_report())
     calibration = gridattn_fx.calibrate(model.eval(), (images,), budget=0.01)   # per-site strides
     gridattn_fx.prepare(model, (images,))   # layouts for regional compilation and graph breaks
+    gridattn_fx.context_parallel(model, ContextParallelConfig(ulysses_degree=2))   # diffusers, per rank
 """
 
 from .config import GridAttnConfig, SiteOptions
@@ -12,6 +13,7 @@ from .crossgraph.declarations import ImageTokens
 from .crossgraph.prepare import prepare, prepared_layouts, unprepare
 from .frontends.api import capture, rewrite
 from .frontends.backend import backend
+from .frontends.context_parallel import context_parallel
 from .grid import TokenLayout, cluster, grid_mask, grouped_attention, masked_attention, recover
 from .report import Report, SiteReport, last_report, report_history
 from .tools.calibrate import Calibration, calibrate
@@ -29,6 +31,7 @@ __all__ = [
     "backend",
     "calibrate",
     "capture",
+    "context_parallel",
     "cluster",
     "grid_mask",
     "grouped_attention",

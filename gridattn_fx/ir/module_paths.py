@@ -26,7 +26,8 @@ def normalize_module_path(path: str) -> str:
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path)
-    # A module whose forward prepare() wrapped (an instance attribute) is reached through it.
-    path = re.sub(r"\.forward\.__self__(?=\.|$)", "", path)
+    # A module whose forward prepare() or diffusers' hooks wrapped (an instance attribute: a bound
+    # method, or a partial over a closure that holds the module) is reached through the wrapper.
+    path = re.sub(r"(^|\.)forward\.(__self__|func\.__closure__\.\d+\.cell_contents)(?=\.|$)", "", path)
     return path.lstrip(".")
 

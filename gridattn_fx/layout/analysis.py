@@ -62,6 +62,7 @@ from ..ir.op_catalogue import (
     OUTER,
     PAD,
     PERMUTE,
+    PERMUTES,
     POINTWISE,
     POOL1D,
     PRODUCT,
@@ -104,6 +105,8 @@ from .facts import (
     _trail_text,
     layout_source,
 )
+from .collectives import ALL_TO_ALL, WAIT, Scattered, collective_name, equal_splits, exchange, gathered, group_of
+from .collectives import permute, scatter, view
 from .fills import Fills
 from .mutation import _alias_closure, _feature_fills, _slice_writes, _token_fills, _written_tensors
 from .patches import Patches
@@ -188,6 +191,7 @@ class LayoutAnalysis(Fills, Patches):
         self._fill_of = {w: fresh for fresh, writes in self.fills.items() for w in writes}
         self._token_fill_of = {writes[-1]: fresh for fresh, writes in self.token_fills.items()}
         self._fill_failed = set()
+        self.scattered: dict[fx.Node, Scattered] = {}   # tokens spread over axes around a collective
         for node in self.gm.graph.nodes:
             try:
                 fact = self._transfer(node)
@@ -250,6 +254,11 @@ class LayoutAnalysis(Fills, Patches):
             fact = _frames_merged(fact)
             if fact.lead:
                 return None, f"image tokens merged with the batch axis ({fact.origin} via {_trail_text(fact.trail)})"
+        if isinstance(fact, Tokens) and fact.dim == seq_dim and fact.shard:
+            index, count = fact.shard
+            return None, (f"this rank holds chunk {index} of {count} of the sequence ({fact.origin}): attention "
+                          "over a chunk, as in ring attention, is not attention within the image's grid groups; "
+                          "use Ulysses (ulysses_degree) instead of ring_degree")
         if isinstance(fact, Tokens) and fact.dim == seq_dim:
             # Symbolic sizes stay SymInts: the policy and the rewrite decide on them through the
             # ShapeEnv (guards), never on the values they were traced with.
@@ -270,6 +279,16 @@ class LayoutAnalysis(Fills, Patches):
                           f"{type(fact).__name__.lower()} axes {fact.dims()} instead (e.g. windows or "
                           "patches enumerated outside the attention's sequence)")
         return None, "no proven image layout: " + self._why_not(node)
+
+    def rank_chunk(self, node: fx.Node) -> bool:
+        """Whether ``node`` holds only this rank's chunk of its token sequence."""
+        fact = self.facts.get(node)
+        return isinstance(fact, Tokens) and bool(fact.shard)
+
+    def rank_partial(self, node: fx.Node) -> bool:
+        """Whether ``node`` holds only this rank's block of its heads (between Ulysses' all-to-alls)."""
+        fact = self.facts.get(node)
+        return isinstance(fact, Tokens) and fact.partial
 
     def _why_not(self, node: fx.Node) -> str:
         loss = self._loss(node)
@@ -339,6 +358,53 @@ class LayoutAnalysis(Fills, Patches):
 
     # -- transfer functions ---------------------------------------------------------------------
     def _transfer(self, node: fx.Node):
+        fact = self._transfer_op(node)
+        if node.op in ("call_function", "call_method"):
+            split = [f for f in (self.facts.get(a) for a in _data_inputs(node, self.gm))
+                     if isinstance(f, Tokens) and (f.shard or f.partial)]
+            if split and not (isinstance(fact, Tokens) and all(_same_positions(f, fact) for f in split)):
+                # A rank's share of the tokens (or of the heads) passes only through ops that keep
+                # every token where it is; everything else about it is the collectives' business.
+                self._why[node] = "an op on one rank's share of the tokens that moves them"
+                fact = None
+            if fact is None:
+                fact = self._through_collectives(node)
+        return fact
+
+    def _through_collectives(self, node: fx.Node):
+        """Views and collectives between a rank's chunk of tokens and the gathered sequence
+        (layout/collectives.py): a Tokens fact once the tokens sit on one axis again."""
+        name = collective_name(node) or op_name(node, self.gm)
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if name is None or src is None or not isinstance(_val(node), torch.Tensor):
+            return None
+        spread = self.scattered.get(src)
+        if spread is None and isinstance(self.facts.get(src), Tokens) and (
+                name in RESHAPES or name in PERMUTES or name in _SAME_VALUES):
+            spread = scatter(self.facts[src], _shape(src))
+        if spread is None:
+            return None
+        if name in _SAME_VALUES:
+            out = spread
+        elif name in PERMUTES:
+            out = permute(spread, permutation(node, name, len(_shape(src))))
+        elif name in RESHAPES:
+            out = view(spread, _shape(node))
+        elif name == ALL_TO_ALL:
+            group = group_of(node.args[3] if len(node.args) > 3 else node.kwargs.get("group_name"))
+            ok = group is not None and equal_splits(node, _val(src).numel(), group[0])
+            out = exchange(spread, *group) if ok else None
+        else:
+            return None
+        if out is None:
+            return None
+        tokens = gathered(out)
+        if tokens is not None:
+            return _step(tokens, name)
+        self.scattered[node] = out
+        return None
+
+    def _transfer_op(self, node: fx.Node):
         if node.op == "placeholder":
             for facts, how in ((self.inherited, "DDP bucket split"), (self.handed, "graph break")):
                 if facts.get(node) is not None:
@@ -623,6 +689,15 @@ _TRANSFERS = {
     OUTER: LayoutAnalysis._outer, TILE: LayoutAnalysis._tile, POOL1D: LayoutAnalysis._pool1d,
     IM2COL: LayoutAnalysis._im2col,
 }
+# Ops that pass a tensor's values on unchanged, for facts spread around a collective.
+_SAME_VALUES = frozenset({"contiguous", "clone", "detach", "alias", WAIT})
+
+
+def _same_positions(a: Tokens, b: Tokens) -> bool:
+    """Whether two token facts describe the same positions, whatever axis holds them."""
+    return replace(_positions(a), dim=0) == replace(_positions(b), dim=0)
+
+
 # Kinds whose result may carry a fact that reaches it through an operand other than the first.
 _FROM_SEVERAL_INPUTS = frozenset({POINTWISE, CAST, IDENTITY, CAT, STACK})
 

@@ -80,6 +80,11 @@ class Tokens:
     lead: tuple = ()
     source: LayoutSource = LayoutSource.PROVEN
     marked: str = ""
+    # Context parallelism (layout/collectives.py): (index, count) when the axis holds chunk ``index``
+    # of ``count`` equal contiguous chunks of the sequence (this rank's); ``partial`` when the tensor
+    # holds only this rank's block of another axis (the heads, between Ulysses' all-to-alls).
+    shard: tuple = ()
+    partial: bool = False
 
     def dims(self):
         return (self.dim,)

@@ -369,12 +369,23 @@ def _slice(fact, dim, sl: slice, length):
         return _resized(fact, dim, len(range(start, stop, step)))
     if fact.lead:
         fact = _frames_merged(fact)
-    if step != 1 or fact.lead:
+    if step != 1 or fact.lead or fact.shard:
         return None
     first, end = _hint(fact.prefix), _hint(fact.prefix) + _hint(fact.image_tokens)
     if start <= first and stop >= end:
         return replace(fact, prefix=fact.prefix - start, suffix=fact.suffix - (n - stop))
-    return None  # the slice keeps only non-image tokens, or cuts through the image
+    # the slice keeps only non-image tokens, or cuts through the image: a chunk, or nothing
+    return _chunk_of(fact, start, stop, n)
+
+
+def _chunk_of(fact: Tokens, start: int, stop: int, n: int) -> Tokens | None:
+    """``x.chunk(P, dim)[i]`` of a whole sequence that cuts through its image: one of P equal
+    contiguous chunks, a rank's share under context parallelism (layout/collectives.py). Only an
+    all-to-all that gathers the chunks back in order makes it a sequence again."""
+    size = stop - start
+    if size <= 0 or size == n or n % size or start % size:
+        return None
+    return replace(fact, shard=(start // size, n // size))
 
 
 def _resized(fact: Spatial, dim: int, size):

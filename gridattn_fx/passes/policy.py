@@ -213,6 +213,8 @@ def not_causal(f: SiteFacts) -> Skip | None:
 
 
 def query_is_image(f: SiteFacts) -> Skip | None:
+    if f.q_layout is None and f.layouts.rank_chunk(f.site.query) and f.site.key not in f.layouts.facts:
+        return key_is_image(f)  # a rank's chunk of queries against text: the keys say what it is
     if f.q_layout is None:
         lost_at, why = f.layouts.lost_at(f.site.query), f"query: {f.q_why}"
         if lost_at is None and f.site.query not in f.layouts.facts:
@@ -353,6 +355,9 @@ def heads_split(f: SiteFacts) -> Skip | None:
         why = f"q has rank {len(q)}, not (batch, heads, tokens, features): no head axis to split"
     elif f.site.relpos is not None:
         why = "the site has a decomposed rel-pos bias"
+    elif f.layouts.rank_partial(f.site.query):
+        why = ("this rank holds only its share of the heads (context parallelism's all-to-all), not the "
+               "model's head sets")
     elif q[-3] is None or q[-3] % sets:
         why = f"{q[-3]} query heads do not split into {sets} equal sets"
     elif k[-3] is None or (k[-3] % sets and not kv_heads_shared(q, k, f.site.enable_gqa)):

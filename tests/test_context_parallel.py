@@ -1,0 +1,140 @@
+"""Grid attention under diffusers' context parallelism (Ulysses), on gloo with 2 and 4 local processes.
+
+Each rank holds one contiguous chunk of the tokens (the split hook's ``chunk``) and Ulysses' all-to-all
+gathers the sequence for a share of the heads around each attention; the layout proof follows both
+(layout/collectives.py), so every site rewritten in one process is rewritten on every rank and the
+output equals the one-process gridded output. Collectives are counted in the graphs the backend
+receives (the model runs as one graph) and, with CommDebugMode, over an eager call of the same model.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytest.importorskip("gridattn_fx")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import gridattn_fx  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cp_worker.py")
+GRID = '{"stride": 2, "min_image_tokens": 0}'
+MIXED = ('{"stride": 2, "min_image_tokens": 0, "exclude": ["blocks\\\\.1\\\\.attn1"], '
+         '"sites": {"blocks.0.attn1": {"grouping": ["grid", "window"]}}}')
+TIMEOUT = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp, model, world, options):
+    """Run ``world`` ranks and the one-process reference; returns (per-rank results, reference)."""
+    port = _free_port()
+    tag = f"{model}-{world}-{abs(hash(options))}"
+    ranks = [subprocess.Popen([sys.executable, WORKER, str(tmp / f"{tag}-{r}.pt"), "--model", model, "--rank", str(r),
+                               "--world", str(world), "--port", str(port), "--options", options],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    try:
+        logs = [p.communicate(timeout=TIMEOUT)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    for p, log in zip(ranks, logs):
+        assert p.returncode == 0, log[-4000:]
+    single = subprocess.run([sys.executable, WORKER, str(tmp / f"{tag}-single.pt"), "--model", model,
+                             "--options", options], capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
+    load = lambda name: torch.load(tmp / name, weights_only=False)  # noqa: E731
+    return [load(f"{tag}-{r}.pt") for r in range(world)], load(f"{tag}-single.pt")
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("cp")
+
+
+def _decisions(result):
+    return sorted((path, decision) for path, decision, _ in result["reports"])
+
+
+def _self_attention(result):
+    return {path: (decision, reason) for path, decision, reason in result["reports"] if path.endswith("attn1")}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_video_rewrites_the_one_process_sites_with_the_same_output(tmp, world):
+    ranks, single = _launch(tmp, "wan", world, GRID)
+    assert [d for d, _ in _self_attention(single).values()] == ["rewritten", "rewritten"]
+    for result in ranks:
+        assert _decisions(result) == _decisions(single)
+        assert "1x2x2" in _self_attention(result)["blocks.0.attn1"][1]  # the (T, H, W) grid, not a 2-D one
+        # the gathered sequence is gridded exactly as in one process: float32, same kernels
+        assert (result["out"] - single["out"]).abs().max().item() <= 1e-5
+        # one graph per rank; its collectives are the engine's: 4 all-to-alls per self-attention
+        # (q, k, v, out), the output gather; the eager call runs exactly those
+        assert result["graphs"] == 1
+        assert result["collectives"] == {"all_to_all_single": 8, "all_gather_into_tensor": 1}
+        assert result["eager_collectives"] == result["collectives"]
+
+
+def test_ulysses_with_prefix_tokens(tmp):
+    """A cls and a register token before the image: rank 0's chunk starts with them, rank 1's is all image."""
+    ranks, single = _launch(tmp, "vit-cls", 2, GRID)
+    assert _decisions(single) == [("blocks.0.attn", "rewritten"), ("blocks.1.attn", "rewritten")]
+    for result in ranks:
+        assert _decisions(result) == _decisions(single)
+        assert (result["out"] - single["out"]).abs().max().item() <= 1e-5
+        assert result["eager_collectives"] == result["collectives"] == {"all_to_all_single": 8,
+                                                                        "all_gather_into_tensor": 1}
+
+
+def test_ulysses_with_sites_left_dense(tmp):
+    """An excluded site stays dense everywhere; per-head groupings cannot apply to a rank's share of
+    the heads, so that site stays dense under Ulysses (with the reason), gridded in one process."""
+    ranks, single = _launch(tmp, "wan", 2, MIXED)
+    one = _self_attention(single)
+    assert one["blocks.0.attn1"][0] == "rewritten" and "grid|window" in one["blocks.0.attn1"][1]
+    assert one["blocks.1.attn1"][0] == "skipped"
+    dense, _ = _launch(tmp, "wan", 2, '{"stride": 1}')
+    for result, reference in zip(ranks, dense):
+        sites = _self_attention(result)
+        assert sites["blocks.1.attn1"] == one["blocks.1.attn1"]
+        assert sites["blocks.0.attn1"][0] == "skipped"
+        assert "share of the heads" in sites["blocks.0.attn1"][1]
+        # both sites dense: the engine's dense output
+        assert (result["out"] - reference["out"]).abs().max().item() <= 1e-5
+
+
+class _ChunkedAttention(nn.Module):
+    """Attention over one chunk of an image's tokens, as ring attention's local step sees it."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 2, 2)
+        self.heads = heads
+
+    def forward(self, img):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        local = x.chunk(2, dim=1)[1]
+        q = local.unflatten(2, (self.heads, -1)).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q)
+
+
+def test_a_chunk_of_the_sequence_is_left_dense():
+    model = _ChunkedAttention().eval()
+    img = torch.randn(1, 3, 16, 16)
+    gm, report = gridattn_fx.rewrite(model, (img,), stride=2, min_image_tokens=0)
+    (site,) = report.sites
+    assert site.decision == "skipped"
+    assert "chunk 1 of 2" in site.reason and "ulysses" in site.reason.lower()
+    torch.testing.assert_close(gm(img), model(img))
