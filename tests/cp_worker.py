@@ -95,19 +95,23 @@ def vit_cls():
 MODELS = {"wan": wan, "wan-2frames": lambda: wan(frames=2), "vit-cls": vit_cls}
 
 
-def collectives_in(graphs) -> dict[str, int]:
+def collectives_in(graphs) -> tuple[dict[str, int], int]:
+    """The collective calls in ``graphs`` and the bytes this rank sends through them."""
+    from gridattn_fx.ir.values import value_of
     from gridattn_fx.layout.collectives import collective_name
 
-    counts: dict[str, int] = {}
+    counts, sent = {}, 0
     for gm in graphs:
         for node in gm.graph.nodes:
             name = collective_name(node)
             if name is not None and name != "wait_tensor":
                 counts[name] = counts.get(name, 0) + 1
-    return counts
+                value = value_of(node.args[0])
+                sent += value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    return counts, sent
 
 
-def run(out_path, model_name, options, rank=0, world=1, port=None, ring=False):
+def run(out_path, model_name, options, rank=0, world=1, port=None, ring=False, group=None):
     from torch.distributed.tensor.debug import CommDebugMode
 
     import gridattn_fx
@@ -121,11 +125,20 @@ def run(out_path, model_name, options, rank=0, world=1, port=None, ring=False):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
         config = ContextParallelConfig(ring_degree=world) if ring else ContextParallelConfig(ulysses_degree=world)
-        gridattn_fx.context_parallel(model, config)
+        gridattn_fx.context_parallel(model, config, group_stride=group)
     graphs = []
+    from gridattn_fx.frontends import backend as backend_module
+
+    passed = backend_module.apply_pass
+
+    def recording(*args, **kwargs):  # the graphs as the pass leaves them: what each call runs
+        new_gm, report = passed(*args, **kwargs)
+        graphs.append(new_gm)
+        return new_gm, report
+
+    backend_module.apply_pass = recording
 
     def counting(gm, example_inputs):
-        graphs.append(gm)
         return gridattn_fx.backend(gm, example_inputs, options=options)
 
     with torch.no_grad(), CommDebugMode() as comm:  # eager: every collective one step runs
@@ -139,8 +152,9 @@ def run(out_path, model_name, options, rank=0, world=1, port=None, ring=False):
     out, again = (o[0] if isinstance(o, (tuple, list)) else o for o in (out, again))
     assert torch.equal(out, again)
     reports = [(s.module_path, s.decision, s.reason) for r in gridattn_fx.report_history() for s in r.sites]
-    torch.save({"out": out, "reports": reports, "eager_collectives": eager, "collectives": collectives_in(graphs),
-                "graphs": len(graphs)}, out_path)
+    collectives, sent = collectives_in(graphs)
+    torch.save({"out": out, "reports": reports, "eager_collectives": eager, "collectives": collectives,
+                "bytes": sent, "graphs": len(graphs)}, out_path)
     if port is not None:
         torch.distributed.destroy_process_group()
 
@@ -153,6 +167,7 @@ if __name__ == "__main__":
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--port", type=int)
     parser.add_argument("--ring", action="store_true")
+    parser.add_argument("--group", type=json.loads, help="grid-group sharding: the group stride (JSON)")
     parser.add_argument("--options", default='{"stride": 2, "min_image_tokens": 0}')
     a = parser.parse_args()
-    run(a.out, a.model, json.loads(a.options), a.rank, a.world, a.port, a.ring)
+    run(a.out, a.model, json.loads(a.options), a.rank, a.world, a.port, a.ring, a.group)

@@ -3,8 +3,10 @@
 Each rank holds one contiguous chunk of the tokens (the split hook's ``chunk``) and Ulysses' all-to-all
 gathers the sequence for a share of the heads around each attention; the layout proof follows both
 (layout/collectives.py), so every site rewritten in one process is rewritten on every rank and the
-output equals the one-process gridded output. Collectives are counted in the graphs the backend
-receives (the model runs as one graph) and, with CommDebugMode, over an eager call of the same model.
+output equals the one-process gridded output. With grid-group sharding (``group_stride``) each rank
+holds whole grid groups and every gridded site runs on them with no collective. Collectives are
+counted in the graphs as the pass leaves them (the model runs as one graph; CommDebugMode cannot see
+inside compiled code) and, with CommDebugMode, over an eager call of the same model.
 """
 
 import os
@@ -23,6 +25,8 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 import gridattn_fx  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cp_worker.py")
 GRID = '{"stride": 2, "min_image_tokens": 0}'
 MIXED = ('{"stride": 2, "min_image_tokens": 0, "exclude": ["blocks\\\\.1\\\\.attn1"], '
@@ -36,12 +40,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp, model, world, options):
+def _launch(tmp, model, world, options, group=None):
     """Run ``world`` ranks and the one-process reference; returns (per-rank results, reference)."""
     port = _free_port()
-    tag = f"{model}-{world}-{abs(hash(options))}"
+    tag = f"{model}-{world}-{abs(hash((options, group)))}"
+    extra = ["--group", group] if group else []
     ranks = [subprocess.Popen([sys.executable, WORKER, str(tmp / f"{tag}-{r}.pt"), "--model", model, "--rank", str(r),
-                               "--world", str(world), "--port", str(port), "--options", options],
+                               "--world", str(world), "--port", str(port), "--options", options, *extra],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     try:
@@ -138,3 +143,45 @@ def test_a_chunk_of_the_sequence_is_left_dense():
     assert site.decision == "skipped"
     assert "chunk 1 of 2" in site.reason and "ulysses" in site.reason.lower()
     torch.testing.assert_close(gm(img), model(img))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_grid_group_sharding_runs_gridded_sites_without_collectives(tmp, world):
+    """4 grid groups of stride (1, 2, 2) over 2 or 4 ranks: each rank attends within its own groups,
+    for all heads; only the output gather is left. The output is the one-process gridded output."""
+    ranks, single = _launch(tmp, "wan", world, GRID, group="[1, 2, 2]")
+    for result in ranks:
+        sites = _self_attention(result)
+        assert [d for d, _ in sites.values()] == ["rewritten", "rewritten"]
+        assert all("own grid groups" in reason for _, reason in sites.values())
+        assert (result["out"] - single["out"]).abs().max().item() <= 1e-5
+        assert result["collectives"] == {"all_gather_into_tensor": 1}
+        assert result["eager_collectives"] == {"all_to_all_single": 8, "all_gather_into_tensor": 1}
+
+
+def test_grid_group_sharding_keeps_the_exchange_of_dense_sites(tmp):
+    """A site left dense keeps Ulysses' all-to-all pair (dense attention is exact in group order)."""
+    options = '{"stride": 2, "min_image_tokens": 0, "exclude": ["blocks\\\\.1\\\\.attn1"]}'
+    ranks, single = _launch(tmp, "wan", 2, options, group="[1, 2, 2]")
+    assert _self_attention(single)["blocks.1.attn1"][0] == "skipped"
+    for result in ranks:
+        sites = _self_attention(result)
+        assert sites["blocks.0.attn1"][0] == "rewritten" and sites["blocks.1.attn1"][0] == "skipped"
+        assert (result["out"] - single["out"]).abs().max().item() <= 1e-5
+        assert result["collectives"] == {"all_to_all_single": 4, "all_gather_into_tensor": 1}
+
+
+def test_grid_group_sharding_errors():
+    from diffusers import ContextParallelConfig
+
+    from cp_worker import wan
+
+    model, _ = wan()
+    with pytest.raises(ValueError, match="do not split evenly over 4 ranks"):
+        gridattn_fx.context_parallel(model, ContextParallelConfig(ulysses_degree=4), group_stride=(1, 1, 2))
+    with pytest.raises(ValueError, match="attention heads do not split"):
+        gridattn_fx.context_parallel(model, ContextParallelConfig(ulysses_degree=8), group_stride=(2, 2, 2))
+    with pytest.raises(ValueError, match="Ulysses only"):
+        gridattn_fx.context_parallel(model, ContextParallelConfig(ring_degree=2), group_stride=2)
+    with pytest.raises(TypeError, match="diffusers model"):
+        gridattn_fx.context_parallel(nn.Linear(2, 2), ContextParallelConfig(ulysses_degree=2))

@@ -86,6 +86,7 @@ from ..ir.op_catalogue import (
 from ..ir.ops import mutates, op_name, written_args
 from ..ir.values import shape_of as _shape
 from ..ir.values import value_of as _val
+from .collectives import ALL_TO_ALL, SAME_VALUES, Scattered, collective_name, follow, gathered, scatter
 from .facts import (
     LayoutSource,
     Loss,
@@ -105,8 +106,6 @@ from .facts import (
     _trail_text,
     layout_source,
 )
-from .collectives import ALL_TO_ALL, WAIT, Scattered, collective_name, equal_splits, exchange, gathered, group_of
-from .collectives import permute, scatter, view
 from .fills import Fills
 from .mutation import _alias_closure, _feature_fills, _slice_writes, _token_fills, _written_tensors
 from .patches import Patches
@@ -254,6 +253,9 @@ class LayoutAnalysis(Fills, Patches):
             fact = _frames_merged(fact)
             if fact.lead:
                 return None, f"image tokens merged with the batch axis ({fact.origin} via {_trail_text(fact.trail)})"
+        if isinstance(fact, Tokens) and fact.dim == seq_dim and fact.groups and not fact.shard:
+            return None, (f"tokens in grid-group order ({fact.origin}): attention here is either gridded on each "
+                          "rank's own groups (grid-group sharding) or dense, which is exact in any token order")
         if isinstance(fact, Tokens) and fact.dim == seq_dim and fact.shard:
             index, count = fact.shard
             return None, (f"this rank holds chunk {index} of {count} of the sequence ({fact.origin}): attention "
@@ -361,14 +363,15 @@ class LayoutAnalysis(Fills, Patches):
         fact = self._transfer_op(node)
         if node.op in ("call_function", "call_method"):
             split = [f for f in (self.facts.get(a) for a in _data_inputs(node, self.gm))
-                     if isinstance(f, Tokens) and (f.shard or f.partial)]
-            if split and not (isinstance(fact, Tokens) and all(_same_positions(f, fact) for f in split)):
+                     if isinstance(f, Tokens) and (f.shard or f.partial or f.groups)]
+            if split and not _keeps_positions(split, fact):
                 # A rank's share of the tokens (or of the heads) passes only through ops that keep
                 # every token where it is; everything else about it is the collectives' business.
                 self._why[node] = "an op on one rank's share of the tokens that moves them"
                 fact = None
+            gathered_fact = self._through_collectives(node)
             if fact is None:
-                fact = self._through_collectives(node)
+                fact = gathered_fact
         return fact
 
     def _through_collectives(self, node: fx.Node):
@@ -378,24 +381,15 @@ class LayoutAnalysis(Fills, Patches):
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if name is None or src is None or not isinstance(_val(node), torch.Tensor):
             return None
+        if name not in RESHAPES and name not in PERMUTES and name not in SAME_VALUES and name != ALL_TO_ALL:
+            return None
         spread = self.scattered.get(src)
-        if spread is None and isinstance(self.facts.get(src), Tokens) and (
-                name in RESHAPES or name in PERMUTES or name in _SAME_VALUES):
+        if spread is None and isinstance(self.facts.get(src), Tokens):
             spread = scatter(self.facts[src], _shape(src))
         if spread is None:
             return None
-        if name in _SAME_VALUES:
-            out = spread
-        elif name in PERMUTES:
-            out = permute(spread, permutation(node, name, len(_shape(src))))
-        elif name in RESHAPES:
-            out = view(spread, _shape(node))
-        elif name == ALL_TO_ALL:
-            group = group_of(node.args[3] if len(node.args) > 3 else node.kwargs.get("group_name"))
-            ok = group is not None and equal_splits(node, _val(src).numel(), group[0])
-            out = exchange(spread, *group) if ok else None
-        else:
-            return None
+        perm = permutation(node, name, len(_shape(src))) if name in PERMUTES else None
+        out = follow(spread, name, node, _shape(src), _shape(node), perm)
         if out is None:
             return None
         tokens = gathered(out)
@@ -689,13 +683,23 @@ _TRANSFERS = {
     OUTER: LayoutAnalysis._outer, TILE: LayoutAnalysis._tile, POOL1D: LayoutAnalysis._pool1d,
     IM2COL: LayoutAnalysis._im2col,
 }
-# Ops that pass a tensor's values on unchanged, for facts spread around a collective.
-_SAME_VALUES = frozenset({"contiguous", "clone", "detach", "alias", WAIT})
-
-
-def _same_positions(a: Tokens, b: Tokens) -> bool:
-    """Whether two token facts describe the same positions, whatever axis holds them."""
-    return replace(_positions(a), dim=0) == replace(_positions(b), dim=0)
+def _keeps_positions(inputs: list[Tokens], result) -> bool:
+    """Whether an op on a rank's share of tokens (or on tokens in grid-group order) keeps each token
+    where it is: the result describes the same positions on whatever axis, or (a ``chunk`` / ``split``,
+    a tuple) takes equal contiguous chunks of a whole sequence, each then a rank's share."""
+    pieces = result if isinstance(result, tuple) else (result,)
+    if not any(isinstance(p, Tokens) for p in pieces):
+        return False
+    for piece in pieces:
+        if piece is None:
+            continue
+        if not isinstance(piece, Tokens):
+            return False
+        for f in inputs:
+            chunked = piece.shard if not f.shard else f.shard
+            if replace(_positions(piece), dim=0) != replace(_positions(f), dim=0, shard=chunked):
+                return False
+    return True
 
 
 # Kinds whose result may carry a fact that reaches it through an operand other than the first.

@@ -8,20 +8,25 @@ ends the tokens are spread over several axes of flattened views: ``(B, S/P, H, D
 ``(B, S/P, P, H/P, D)``, permuted to ``(P, S/P, B, H/P, D)``, flattened, exchanged, reshaped and
 merged again. :class:`Scattered` follows them there.
 
-A Scattered fact lists, for every tensor axis, its *virtual axes* in row-major order: (size, token
-weight, indexes images), where a token's offset in the whole sequence is the sum of index x weight
-over the virtual axes, plus this rank's index in the process group times ``rank_weight``. Views
-regroup virtual axes (splitting one where a new axis boundary falls inside it), permutes reorder
-tensor axes, and ``all_to_all_single`` with equal splits over P ranks swaps the first virtual axis
-(the block sent to rank i) with the rank: on rank r, block j of the result is block r of rank j's
-input. That holds when every rank runs the same program on its own chunk (SPMD), so the chunk index
-a graph baked in must equal the rank's index in the all-to-all's group: checked here, at compile
-time, on every rank. Once the tokens sit on one axis again with weight 1 the fact is a Tokens fact:
-the whole sequence (weight 0 on the rank), or the rank's chunk.
+A Scattered fact lists, for every tensor axis, its *virtual axes* in row-major order:
+``(size, token weight, feature weight, indexes images)``. An element's token is the sum of index x
+token weight over the virtual axes, and its feature (the row-major index over the other axes of the
+tensor it was scattered from: heads and channels) the sum of index x feature weight; this rank's
+index in the process group contributes through ``rank``, virtual axes of its own. Views regroup
+virtual axes (splitting one where a new axis boundary falls inside it), permutes reorder tensor
+axes, and ``all_to_all_single`` with equal splits over P ranks swaps the leading virtual axes of
+the flat tensor (the block sent to rank i) with the rank's: on rank r, block j of the result is
+block r of rank j's input. That holds when every rank runs the same program on its own chunk
+(SPMD), so the chunk index a graph baked in must equal the rank's index in the all-to-all's group:
+checked here, at compile time, on every rank. Once the tokens sit on one axis again the fact is a
+Tokens fact: the whole sequence, or this rank's chunk of it; in row-major order, or in the
+group-major order of grid-group sharding (``Tokens.groups``: all tokens of grid group 0, then of
+group 1, ..., each group's tokens row-major).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -36,38 +41,112 @@ WAIT = "wait_tensor"
 
 @dataclass(frozen=True)
 class Scattered:
-    tokens: Tokens       # the sequence the positions belong to (its ``dim``, ``batch`` and ``shard`` unused)
-    axes: tuple          # per tensor axis: ((size, token weight, indexes images), ...)
-    rank_weight: int     # token offset per unit of this rank's group index
-    rank: tuple = ()     # (index, count): the group index the rank weight assumes
-    partial: bool = False  # holds this rank's block of a non-token axis (heads, after Ulysses)
+    tokens: Tokens        # the sequence the positions belong to (dim, batch, shard, groups, partial unused)
+    axes: tuple           # per tensor axis: ((size, token weight, feature weight, indexes images), ...)
+    rank: tuple = ()      # virtual axes of this rank's group index ((size, token w, feature w, False), ...)
+    rank_index: tuple = ()  # (index, count): the group index ``rank`` assumes
+    partial: bool = False   # holds this rank's block of a non-token axis (the heads, after Ulysses)
+
+
+# --- token orders ---------------------------------------------------------------------------------
+
+def canonical(virtual) -> tuple:
+    """Virtual axes with size-1 axes dropped and neighbours that index contiguously merged."""
+    out = []
+    for n, tw, fw, b in virtual:
+        if n == 1:
+            continue
+        if out:
+            pn, ptw, pfw, pb = out[-1]
+            if pb == b and fw is not None and pfw is not None and ptw == tw * n and pfw == fw * n:
+                out[-1] = (pn * n, tw, fw, b)
+                continue
+        out.append((n, tw, fw, b))
+    return tuple(out)
+
+
+def group_major(image_shape, strides) -> tuple:
+    """The virtual token axes of grid-group order: residues (the group) outermost, then row-major."""
+    weights = [math.prod(image_shape[a + 1:]) for a in range(len(image_shape))]
+    residues = [(g, w, 0, False) for g, w in zip(strides, weights)]
+    quotients = [(n // g, w * g, 0, False) for n, g, w in zip(image_shape, strides, weights)]
+    return canonical(residues + quotients)
+
+
+def grouped_by(fact: Tokens, strides) -> bool:
+    """Whether ``fact``'s tokens are in the group-major order of grid stride ``strides``."""
+    return bool(fact.groups) and len(strides) == fact.rank and fact.groups == group_major(fact.image_shape, strides)
+
+
+def _order_of(fact: Tokens, virtual) -> tuple | None:
+    """``()`` when ``virtual`` (the whole sequence's token axes) is row-major, the canonical list when
+    it is the group-major order of some grid stride, None otherwise."""
+    virtual = canonical(virtual)
+    total = total_tokens(fact)
+    if virtual == canonical([(total, 1, 0, False)]):
+        return ()
+    if _hint(fact.prefix) or _hint(fact.suffix) or not all(isinstance(n, int) for n in fact.image_shape):
+        return None
+    options = [[g for g in range(1, n + 1) if n % g == 0] for n in fact.image_shape]
+    for strides in itertools.product(*options):
+        if virtual == group_major(fact.image_shape, strides):
+            return virtual
+    return None
 
 
 def total_tokens(fact: Tokens) -> int | None:
     sizes = [_hint(s) for s in (fact.prefix, *fact.image_shape, fact.suffix)]
-    return None if any(s is None for s in sizes) else sum(sizes[:1] + sizes[-1:]) + math.prod(sizes[1:-1])
+    return None if any(s is None for s in sizes) else sizes[0] + sizes[-1] + math.prod(sizes[1:-1])
 
+
+# --- the algebra -----------------------------------------------------------------------------------
 
 def scatter(fact: Tokens, shape) -> Scattered | None:
-    """A Tokens fact as a Scattered one (static sizes only)."""
+    """A Tokens fact as a Scattered one (static sizes only); features are numbered row-major over
+    the axes that are neither the token axis nor image axes."""
     sizes = [_hint(s) for s in shape]
-    if fact.lead or any(not isinstance(s, int) for s in sizes) or any(
-            not isinstance(s, int) for s in (fact.prefix, fact.suffix, *fact.image_shape)):
-        return None
     total = total_tokens(fact)
-    chunk = sizes[fact.dim]
+    if fact.lead or total is None or any(not isinstance(s, int) for s in sizes):
+        return None
+    order = list(fact.groups) if fact.groups else [(total, 1, 0, False)]
+    rank = ()
     if fact.shard:
         index, count = fact.shard
-        if chunk * count != total:
+        split = _split_front(order, count)
+        if split is None:
             return None
-        rank_weight = chunk
-    elif chunk != total:
+        rank, order = split
+        rank = tuple(rank)
+    if math.prod(n for n, *_ in order) != sizes[fact.dim]:
         return None
-    else:
-        rank_weight = 0
-    axes = tuple(((n, 1 if d == fact.dim else 0, d in fact.batch),) for d, n in enumerate(sizes))
-    return Scattered(replace(fact, dim=0, batch=(), shard=(), partial=False), axes, rank_weight,
-                     fact.shard, fact.partial)
+    feature_axes = [d for d in range(len(sizes)) if d != fact.dim and d not in fact.batch]
+    fweight = {d: math.prod(sizes[e] for e in feature_axes if e > d) for d in feature_axes}
+    axes = tuple(tuple(order) if d == fact.dim else ((n, 0, fweight.get(d, 0), d in fact.batch),)
+                 for d, n in enumerate(sizes))
+    base = replace(fact, dim=0, batch=(), shard=(), partial=False)
+    # a share of the heads already: which share this rank holds is not known from here
+    rank_unknown = ((1, 0, None, False),) if fact.partial else ()
+    return Scattered(base, axes, rank or rank_unknown, fact.shard, fact.partial)
+
+
+def _split_front(virtual, size):
+    """Split a virtual-axis list into a leading part of product ``size`` and the rest (or None)."""
+    rest, front, have = list(virtual), [], 1
+    while have < size:
+        if not rest:
+            return None
+        n, tw, fw, b = rest.pop(0)
+        need = size // have
+        if size % have or (n % need and need % n):
+            return None
+        if n <= need:
+            front.append((n, tw, fw, b))
+            have *= n
+        else:
+            front.append((need, tw * (n // need), None if fw is None else fw * (n // need), b))
+            rest.insert(0, (n // need, tw, fw, b))
+            have *= need
+    return (front, rest) if have == size else None
 
 
 def permute(fact: Scattered, perm) -> Scattered:
@@ -77,27 +156,16 @@ def permute(fact: Scattered, perm) -> Scattered:
 def view(fact: Scattered, out_shape) -> Scattered | None:
     """A row-major reshape: regroup the virtual axes, splitting one where an output axis ends inside it."""
     out = [_hint(s) for s in out_shape]
-    virtual = [v for axis in fact.axes for v in axis if v[0] != 1]
-    if any(not isinstance(s, int) for s in out) or math.prod(out) != math.prod(v[0] for v in virtual):
+    pending = [v for axis in fact.axes for v in axis if v[0] != 1]
+    if any(not isinstance(s, int) for s in out) or math.prod(out) != math.prod(v[0] for v in pending):
         return None
-    groups, pending = [], list(virtual)
+    groups = []
     for size in out:
-        group, have = [], 1
-        while have < size:
-            if not pending:
-                return None
-            n, w, b = pending.pop(0)
-            if size % (have * n) == 0:
-                group.append((n, w, b))
-                have *= n
-                continue
-            need = size // have
-            if size % have or n % need:
-                return None  # an output axis boundary no virtual axis can be split at
-            group.append((need, w * (n // need), b))
-            pending.insert(0, (n // need, w, b))
-            have *= need
-        groups.append(tuple(group) or ((1, 0, False),))
+        split = _split_front(pending, size)
+        if split is None:
+            return None
+        group, pending = split
+        groups.append(tuple(group) or ((1, 0, 0, False),))
     return replace(fact, axes=tuple(groups)) if not pending else None
 
 
@@ -105,59 +173,86 @@ def exchange(fact: Scattered, group_size: int, group_rank: int) -> Scattered | N
     """``all_to_all_single`` with equal splits on a 1-D tensor over ``group_size`` ranks."""
     if len(fact.axes) != 1:
         return None
-    if fact.rank_weight and fact.rank != (group_rank, group_size):
+    rank_tokens = any(tw for _, tw, _, _ in fact.rank)
+    if rank_tokens and fact.rank_index != (group_rank, group_size):
         return None  # the chunk this graph holds is not its rank's: other ranks' blocks are unknown
-    numel = _numel(fact)
-    split = view(fact, (group_size, numel // group_size)) if numel % group_size == 0 else None
-    if split is None or len(split.axes[0]) != 1:
+    split = _split_front(list(fact.axes[0]), group_size)
+    if split is None:
         return None
-    (n, w, is_batch), = split.axes[0]
-    if is_batch:
+    front, rest = split
+    if any(b for *_, b in front):
         return None
-    if fact.rank_weight and w:
+    front_tokens = any(tw for _, tw, _, _ in front)
+    if rank_tokens and front_tokens:
         partial = fact.partial                 # chunks of tokens traded for chunks of tokens
-    elif fact.rank_weight and not fact.partial:
+    elif rank_tokens and not fact.partial:
         partial = True                         # tokens gathered, a block of another axis kept (Ulysses: heads)
-    elif w and fact.partial:
+    elif front_tokens and fact.partial:
         partial = False                        # and back: tokens split again, the other axis whole
     else:
         return None
-    first = ((n, fact.rank_weight, False),)
-    return Scattered(fact.tokens, (first, split.axes[1]), w, (group_rank, group_size) if w else (), partial)
-
-
-def _numel(fact: Scattered) -> int:
-    return math.prod(n for axis in fact.axes for n, _, _ in axis)
+    # the leading axes now index the source rank, which held its own rank's share
+    incoming = fact.rank if fact.rank and math.prod(n for n, *_ in fact.rank) == group_size else (
+        (group_size, 0, None, False),)
+    return Scattered(fact.tokens, (tuple(incoming) + tuple(rest),), tuple(front), (group_rank, group_size), partial)
 
 
 def gathered(fact: Scattered) -> Tokens | None:
-    """The Tokens fact, once the tokens sit on one tensor axis with weight 1 (row-major within it)."""
-    carrying = [d for d, axis in enumerate(fact.axes) if any(w for _, w, _ in axis)]
+    """The Tokens fact, once the tokens sit on one tensor axis (with any image axes elsewhere)."""
+    carrying = [d for d, axis in enumerate(fact.axes) if any(tw for _, tw, _, _ in axis)]
     if len(carrying) != 1:
         return None
     dim = carrying[0]
-    stride = 1
-    for n, w, is_batch in reversed(fact.axes[dim]):
-        if w != stride or is_batch:
-            return None
-        stride *= n
-    total = total_tokens(fact.tokens)
-    if fact.rank_weight == 0 and stride == total:
-        shard = ()
-    elif fact.rank_weight == stride and fact.rank and stride * fact.rank[1] == total:
-        shard = fact.rank
-    else:
+    local = list(fact.axes[dim])
+    if any(fw != 0 or b for _, _, fw, b in local if True):
+        return None  # tokens merged with features or images on one axis
+    rank_tokens = [v for v in fact.rank if v[1]]
+    if rank_tokens and (len(rank_tokens) != len([v for v in fact.rank if v[0] != 1]) or any(v[2] for v in rank_tokens)):
+        return None  # the rank picks tokens and something else at once
+    order = _order_of(fact.tokens, [*rank_tokens, *local])
+    if order is None:
         return None
     batch = []
     for d, axis in enumerate(fact.axes):
         if d == dim:
             continue
-        flags = {b for n, _, b in axis if n != 1}
+        flags = {b for n, _, _, b in axis if n != 1}
         if len(flags) > 1:
             return None  # images merged with non-image entries on one axis
         if flags == {True}:
             batch.append(d)
-    return replace(fact.tokens, dim=dim, batch=tuple(batch), shard=shard, partial=fact.partial)
+    shard = fact.rank_index if rank_tokens else ()
+    return replace(fact.tokens, dim=dim, batch=tuple(batch), shard=shard, groups=order, partial=fact.partial)
+
+
+def same_elements(a: Scattered, b: Scattered) -> bool:
+    """Whether two Scattered facts put the same token and feature at every index (features known)."""
+    if len(a.axes) != len(b.axes):
+        return False
+    known = all(fw is not None for axes in (*a.axes, *b.axes, a.rank, b.rank) for _, _, fw, _ in axes)
+    return known and all(canonical(x) == canonical(y) for x, y in zip(a.axes, b.axes)) and (
+        canonical(a.rank) == canonical(b.rank)) and a.rank_index == b.rank_index
+
+
+# --- reading the graph -------------------------------------------------------------------------------
+
+def follow(fact: Scattered, name: str, node, in_shape, out_shape, permutation=None) -> Scattered | None:
+    """One view or collective applied to a Scattered fact (None: not followed)."""
+    if name in SAME_VALUES:
+        return fact
+    if permutation is not None:
+        return permute(fact, permutation)
+    if name == ALL_TO_ALL:
+        group = group_of(node.args[3] if len(node.args) > 3 else node.kwargs.get("group_name"))
+        numel = math.prod(_hint(s) for s in in_shape)
+        if group is None or not equal_splits(node, numel, group[0]):
+            return None
+        return exchange(fact, *group)
+    return view(fact, out_shape)
+
+
+# Ops that pass a tensor's values on unchanged.
+SAME_VALUES = frozenset({"contiguous", "clone", "detach", "alias", WAIT})
 
 
 def group_of(name) -> tuple[int, int] | None:
@@ -173,6 +268,8 @@ def group_of(name) -> tuple[int, int] | None:
 
 def equal_splits(node, numel: int, group_size: int) -> bool:
     """``all_to_all_single(x, output_split_sizes, input_split_sizes, group)`` with equal blocks."""
+    if numel % group_size:
+        return False
     for splits in node.args[1:3]:
         if splits is None:
             continue

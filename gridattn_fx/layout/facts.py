@@ -85,6 +85,9 @@ class Tokens:
     # holds only this rank's block of another axis (the heads, between Ulysses' all-to-alls).
     shard: tuple = ()
     partial: bool = False
+    # Grid-group sharding (frontends/context_parallel.py): the tokens in the group-major order of a
+    # grid stride, as canonical virtual axes (layout/collectives.py); () for the ``order`` above.
+    groups: tuple = ()
 
     def dims(self):
         return (self.dim,)

@@ -374,8 +374,9 @@ def _slice(fact, dim, sl: slice, length):
     first, end = _hint(fact.prefix), _hint(fact.prefix) + _hint(fact.image_tokens)
     if start <= first and stop >= end:
         return replace(fact, prefix=fact.prefix - start, suffix=fact.suffix - (n - stop))
-    # the slice keeps only non-image tokens, or cuts through the image: a chunk, or nothing
-    return _chunk_of(fact, start, stop, n)
+    if stop <= first or start >= end:
+        return None  # only non-image tokens
+    return _chunk_of(fact, start, stop, n)  # cuts through the image: a rank's chunk, or nothing
 
 
 def _chunk_of(fact: Tokens, start: int, stop: int, n: int) -> Tokens | None:

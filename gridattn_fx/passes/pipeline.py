@@ -16,6 +16,7 @@ from ..crossgraph.break_handoff import fact_key, handed_facts, output_facts
 from ..crossgraph.hints import strip_layout_hints
 from ..crossgraph.region import find_region
 from ..crossgraph.split_handoff import inherited_facts, leave_facts
+from ..grid import format_stride
 from ..ir.graphs import copy_graph_module, ensure_values, fake_evaluation
 from ..ir.module_paths import module_path
 from ..ir.values import value_of as _val
@@ -25,6 +26,7 @@ from ..layout.positions import read_position_inputs
 from ..patterns import AttentionSite, find_attention_sites
 from ..reasons import Skip, SkipKind
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
+from .local_groups import LocalGroups, apply_local_groups, plan_local_groups
 from .motion import apply_motion, check_motion, plan_motion
 from .policy import decide
 from .rewrite import plan_sizes, rewrite_site
@@ -150,18 +152,25 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
                              inherited_facts(new_gm), hints, hint_conflicts, positions, handed)
     leave_facts(new_gm, layouts.facts)  # before the rewrite: output names are still the original ones
     outputs = output_facts(new_gm, layouts.facts) if checked else {}
-    chosen, shared_graph, served_paths, stride_warnings = [], [], [], {}
+    chosen, shared_graph, served_paths, stride_warnings, locals_ = [], [], [], {}, []
     for site in sites:
         relative = module_path(site.output)
         path = region.full_path(relative) if region else relative
         paths = region.paths(relative) if region else [path]  # the site in every module this graph serves
         served_paths += paths
+        local = plan_local_groups(site, layouts, config, path) if len(paths) == 1 and not training else None
+        if isinstance(local, LocalGroups):
+            report.sites.append(_local_row(site, path, local))
+            locals_.append((site, local))
+            continue
         if len(paths) > 1:
             d, disagreement = _decide_shared(site, layouts, config, paths, training)
             if disagreement:
                 shared_graph.append(f"{path}: {disagreement}")
         else:
             d = decide(site, layouts, config, path, training)
+        if isinstance(local, str) and not d.rewrite:
+            d = replace(d, reason=local)
         row = _site_row(site, path, d, layouts)
         report.sites.append(row)
         if d.stride_warning:
@@ -175,6 +184,9 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
             f"{text} ({', '.join(paths)})" for text, paths in stride_warnings.items()))
     _check_site_keys(report, config, served_paths)
     rewritten = []
+    for site, local in locals_:
+        apply_local_groups(new_gm, site, local)
+        rewritten.append(site)
     for row, site, plan in chosen:
         try:
             row.regrouping = _rewrite(new_gm, site, plan, config)
@@ -239,6 +251,18 @@ def _site_row(site: AttentionSite, path: str, d, layouts: LayoutAnalysis) -> Sit
         skip=d.skip.kind if d.skip else None,
         lost_at=d.skip.lost_at if d.skip else None,
     )
+
+
+def _local_row(site: AttentionSite, path: str, local: LocalGroups) -> SiteReport:
+    """The report's row for a site that runs on this rank's own grid groups."""
+    return SiteReport(
+        node=site.output.name, module_path=path, form=site.form, q_shape=tuple(site.q_shape or ()),
+        k_shape=tuple(site.k_shape or ()), q_layout=None, k_layout=None, evidence="grid-group sharding",
+        decision=REWRITTEN, stride=local.stride,
+        reason=(f"image self-attention on this rank's own grid groups (grid-group sharding, stride "
+                f"{format_stride(local.stride)}, {local.group_tokens} tokens per group): the all-to-all pair "
+                "around it removed"),
+        flops_before=local.flops_before, flops_after=local.flops_after, layout_source="proven in this graph")
 
 
 def _decide_shared(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, paths: list[str],

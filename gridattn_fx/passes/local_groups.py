@@ -1,0 +1,188 @@
+"""Grid-group sharding: a gridded site runs on this rank's own grid groups, without collectives.
+
+Under ``gridattn_fx.context_parallel(model, config, group_stride=G)`` the tokens are in group-major
+order before the engine's contiguous split, so each of the P ranks holds whole grid groups (P
+divides the number of groups). Ulysses still wraps every attention in an all-to-all pair: it
+gathers the sequence for a share of the heads, attends, and scatters back. At a site gridded with
+the sharding's own stride every group lies on one rank, so the pair is useless: the site becomes
+attention within each contiguous block of N/G tokens of the rank's chunk, for all heads, and the
+all-to-alls around it leave the graph.
+
+The replacement is proven, not assumed: from each of q, k and v the chain back to the rank's chunk
+(views and exactly one all-to-all) is replayed on the chunk's Scattered fact (layout/collectives.py),
+which tracks every element's token and feature (head, channel); so is the chain from the output to
+the tensor that comes back in the chunk's layout. The site is replaced only when that tensor holds,
+at every index, the same token and feature as the query chunk, and q, k and v reach the attention
+the same way: then the engine computes, per element of the chunk, exactly what the local attention
+computes. Anything else keeps the engine's exchange (dense, exact in any token order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..grid import format_stride, normalize_stride
+from ..ir.op_catalogue import PERMUTES, RESHAPES, permutation
+from ..ir.ops import op_name
+from ..ir.values import shape_of as _shape
+from ..layout.collectives import (
+    ALL_TO_ALL,
+    SAME_VALUES,
+    collective_name,
+    follow,
+    grouped_by,
+    same_elements,
+    scatter,
+)
+from ..layout.facts import Tokens, _hint
+
+
+@dataclass
+class LocalGroups:
+    """A site that runs on this rank's groups: the chunks q0, k0, v0 (B, L, H, D), the node whose
+    value the local attention replaces, the tokens per group and the nodes that become dead."""
+
+    chunks: tuple
+    end: fx.Node
+    group_tokens: int
+    stride: tuple
+    nodes: list
+    flops_before: int
+    flops_after: int
+
+
+def _name(node: fx.Node, gm) -> str | None:
+    return collective_name(node) or op_name(node, gm)
+
+
+def _movement(name) -> bool:
+    return name is not None and (name in RESHAPES or name in PERMUTES or name in SAME_VALUES or name == ALL_TO_ALL)
+
+
+def _chain_back(node: fx.Node, facts: dict, gm) -> tuple[fx.Node, list] | None:
+    """From an attention input back through views and collectives to the earliest tensor that is
+    this rank's chunk as (batch, tokens, heads, features): (chunk, the movement nodes in order)."""
+    chain, found = [], None
+    while True:
+        fact = facts.get(node)
+        if (isinstance(fact, Tokens) and fact.shard and fact.groups and not fact.partial and fact.dim == 1
+                and len(_shape(node)) == 4):
+            found = (node, chain[::-1])
+        if node.op not in ("call_function", "call_method") or not _movement(_name(node, gm)):
+            return found
+        chain.append(node)
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return found
+
+
+def _chain_forward(node: fx.Node, facts: dict, gm, shape) -> tuple[fx.Node, list] | None:
+    """From the attention output to the first tensor back in the chunk's layout (single users only)."""
+    chain = []
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if user.op not in ("call_function", "call_method") or not _movement(_name(user, gm)) or user.args[0] is not node:
+            return None
+        chain.append(user)
+        fact = facts.get(user)
+        if isinstance(fact, Tokens) and fact.shard and fact.groups and not fact.partial and tuple(
+                _hint(s) for s in _shape(user)) == shape:
+            return user, chain
+        node = user
+
+
+def _replay(spread, chain, gm):
+    for node in chain:
+        name = _name(node, gm)
+        src = node.args[0]
+        perm = permutation(node, name, len(_shape(src))) if name in PERMUTES else None
+        spread = follow(spread, name, node, _shape(src), _shape(node), perm)
+        if spread is None:
+            return None
+    return spread
+
+
+def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | None:
+    """The local plan of a site whose inputs are a group-sharded exchange, a reason why such a site
+    keeps the exchange, or None for any other site."""
+    facts, gm = layouts.facts, layouts.gm
+    q_fact = facts.get(site.query)
+    if not (isinstance(q_fact, Tokens) and q_fact.groups and not q_fact.shard):
+        return None
+    if site.form != "sdpa" or len(site.inputs) != 3 or site.is_causal or site.dropout_p or site.enable_gqa:
+        return "a grouped site that is not plain SDPA (mask, dropout, causal or GQA): the engine's exchange is kept"
+    left_out = config.left_out(path)
+    if left_out:
+        return left_out + " (the engine's exchange is kept)"
+    configured, _ = config.stride_for(path)
+    stride = normalize_stride(configured, q_fact.rank)
+    if all(g == 1 for g in stride) or not grouped_by(q_fact, stride):
+        return (f"the tokens are in the group order of another stride than this site's {format_stride(stride)}: "
+                "the engine's exchange is kept (dense)")
+    ends = [_chain_back(n, facts, gm) for n in site.inputs]
+    if any(e is None for e in ends):
+        return "q, k or v does not come from this rank's chunk through one all-to-all: the exchange is kept"
+    chunks = tuple(anchor for anchor, _ in ends)
+    shapes = [tuple(_hint(s) for s in _shape(a)) for a in chunks]
+    if len(set(shapes)) != 1:
+        return "q, k and v chunks are not (batch, tokens, heads, features) of one shape: the exchange is kept"
+    spreads = []
+    for (anchor, chain) in ends:
+        start = scatter(replace(facts[anchor], batch=facts[chunks[0]].batch), _shape(anchor))
+        spreads.append(_replay(start, chain, gm) if start is not None else None)
+        if sum(_name(n, gm) == ALL_TO_ALL for n in chain) != 1:
+            return "q, k or v passes through more or fewer than one all-to-all: the exchange is kept"
+    if any(s is None for s in spreads) or not (same_elements(spreads[0], spreads[1]) and same_elements(spreads[0], spreads[2])):
+        return "q, k and v do not reach the attention the same way from their chunks: the exchange is kept"
+    back = _chain_forward(site.output, facts, gm, shapes[0])
+    if back is None:
+        return "the output does not return to this rank's chunk through one all-to-all: the exchange is kept"
+    end, out_chain = back
+    done = _replay(spreads[0], out_chain, gm)
+    home = scatter(facts[chunks[0]], _shape(chunks[0]))
+    if done is None or home is None or not same_elements(done, home):
+        return "the output comes back in another arrangement than the query chunk's: the exchange is kept"
+    b, length, heads, d = shapes[0]
+    groups = 1
+    for g in stride:
+        groups *= g
+    count = facts[chunks[0]].shard[1]
+    group_tokens = length * count // groups
+    full = length * count
+    before = 4 * b * (heads // count) * full * full * d   # per rank: its heads over the whole sequence
+    after = 4 * b * heads * length * group_tokens * d
+    nodes = [n for _, chain in ends for n in chain] + [site.output] + list(site.nodes) + out_chain[:-1]
+    return LocalGroups(chunks, end, group_tokens, stride, nodes, before, after)
+
+
+def local_grid_attention(q, k, v, group_tokens: int, scale=None):
+    """Attention within each contiguous block of ``group_tokens`` tokens of (B, L, H, D) inputs."""
+    b, length, heads, d = q.shape
+    # blocks folded into the batch: a 4-D SDPA (inductor's CPU lowering of 5-D SDPA is wrong on
+    # these strides in torch 2.13, see tests/test_context_parallel.py)
+    blocks = [t.reshape(b * (length // group_tokens), group_tokens, t.shape[2], t.shape[3]).transpose(1, 2)
+              for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*blocks, scale=scale)
+    return out.transpose(1, 2).reshape(b, length, heads, v.shape[3])
+
+
+def apply_local_groups(gm: fx.GraphModule, site, plan: LocalGroups) -> None:
+    with gm.graph.inserting_after(plan.end):
+        local = gm.graph.call_function(local_grid_attention, (*plan.chunks, plan.group_tokens, site.scale))
+    plan.end.replace_all_uses_with(local)
+    dead = [plan.end, *reversed(plan.nodes)]
+    changed = True
+    while changed:  # the exchange's collectives and waits go too: nothing uses them any more
+        changed = False
+        for node in dead:
+            if node.graph is gm.graph and not node.users and node.op != "output" and node in gm.graph.nodes:
+                gm.graph.erase_node(node)
+                dead.remove(node)
+                changed = True
+                break
