@@ -7,6 +7,8 @@
     python -m benchmarks --cases video        # video block 8x32x32 tokens + small Wan (benchmarks/video.py)
     python -m benchmarks --cases peers        # SD UNet: dense vs tomesd vs gridattn (benchmarks/peers.py)
     python -m benchmarks --cases heads        # per-head groupings / shared tokens vs uniform grid, same stride
+    python -m benchmarks --cases parallel     # context parallelism on gloo: dense Ulysses, gridattn, grid-group
+                                              # sharding; 8-GPU cost model (benchmarks/parallel.py)
     python -m benchmarks --device cuda --dtype bfloat16 --cases attn   # on a GPU (CUDA events)
     python -m benchmarks relpos [--tokens 64] # benchmarks/relpos_bias_cost.py
 
@@ -30,7 +32,7 @@ import sys
 import tempfile
 import time
 
-CASES = ("attn", "sam", "sd-unet", "segformer", "regional", "dynamic", "video", "peers", "heads")
+CASES = ("attn", "sam", "sd-unet", "segformer", "regional", "dynamic", "video", "peers", "heads", "parallel")
 
 
 def _args(argv):
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
         rows += C.heads_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory, target=target)
     if "dynamic" in cases:
         rows += C.dynamic_cases(sizes, runs=runs, warmup=warmup, echo=print, memory=memory, target=target)
-    rows += C.model_cases([c for c in cases if c not in ("attn", "regional", "dynamic", "video", "peers", "heads")],
+    rows += C.model_cases([c for c in cases if c not in ("attn", "regional", "dynamic", "video", "peers", "heads",
+                                                         "parallel")],
                           quick=args.quick,
                           runs=model_runs, warmup=model_warmup, echo=print, memory=memory, target=target)
     if "regional" in cases:  # benchmarks/regional.py: regional vs whole-model compile
@@ -149,6 +152,11 @@ def main(argv=None) -> int:
 
         rows += peers.peers_cases(quick=args.quick, runs=model_runs, warmup=model_warmup, echo=print,
                                   memory=memory, target=target)
+    if "parallel" in cases:  # benchmarks/parallel.py: its own processes; prints parallel: lines, writes parallel.csv
+        from benchmarks import parallel
+
+        parallel.run(args.quick, [2] if args.quick else [2, 4], 1 if args.quick else 2, 3 if args.quick else 5,
+                     os.path.join(out, "parallel"), echo=print)
     meta["load_average_end"] = common.load_average()
     meta["wall_s"] = round(time.time() - started, 1)
 

@@ -13,6 +13,10 @@ that on a fresh model:
   once, eagerly, as the hooks would.
 * ``enable_parallelism`` picks ``rank % torch.accelerator.device_count()``, which divides by zero
   on a machine without an accelerator (gloo on CPU): one device is stood in for that call only.
+
+``group_stride=`` adds grid-group sharding: the tokens in group-major order around the engine's own
+split and gather (:class:`_GroupOrder`), so that each rank holds whole grid groups and gridded sites
+need no collective (passes/local_groups.py).
 """
 
 from __future__ import annotations
@@ -79,10 +83,15 @@ def _prime_split_hooks(model: nn.Module) -> int:
                 continue
             metadata = hook.module_forward_metadata
             if metadata.cached_parameter_indices is None:
-                names = list(inspect.signature(metadata._cls.forward).parameters)[1:]  # without self
-                metadata.cached_parameter_indices = {name: i for i, name in enumerate(names)}
+                metadata.cached_parameter_indices = _parameter_indices(metadata._cls)
             count += 1
     return count
+
+
+def _parameter_indices(cls) -> dict[str, int]:
+    """The positions of ``cls.forward``'s parameters (without self), as diffusers' hooks cache them."""
+    names = list(inspect.signature(cls.forward).parameters)[1:]
+    return {name: i for i, name in enumerate(names)}
 
 
 class _GroupOrder:
@@ -220,8 +229,7 @@ def _hooks():
 
         def initialize_hook(self, module):
             self.metadata = ModuleForwardMetadata(_cls=unwrap_module(module).__class__)
-            names = list(inspect.signature(self.metadata._cls.forward).parameters)[1:]
-            self.metadata.cached_parameter_indices = {name: i for i, name in enumerate(names)}
+            self.metadata.cached_parameter_indices = _parameter_indices(self.metadata._cls)
             return module
 
         def _apply(self, x, entry):

@@ -87,7 +87,8 @@ def _order_of(fact: Tokens, virtual) -> tuple | None:
         return ()
     if _hint(fact.prefix) or _hint(fact.suffix) or not all(isinstance(n, int) for n in fact.image_shape):
         return None
-    options = [[g for g in range(1, n + 1) if n % g == 0] for n in fact.image_shape]
+    # proper divisors: a stride as large as its axis would read a transposed order as groups
+    options = [[g for g in range(1, n) if n % g == 0] or [1] for n in fact.image_shape]
     for strides in itertools.product(*options):
         if virtual == group_major(fact.image_shape, strides):
             return virtual

@@ -164,8 +164,8 @@ def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | N
 def local_grid_attention(q, k, v, group_tokens: int, scale=None):
     """Attention within each contiguous block of ``group_tokens`` tokens of (B, L, H, D) inputs."""
     b, length, heads, d = q.shape
-    # blocks folded into the batch: a 4-D SDPA (inductor's CPU lowering of 5-D SDPA is wrong on
-    # these strides in torch 2.13, see tests/test_context_parallel.py)
+    # blocks folded into the batch: a 4-D SDPA. On 5-D inputs permuted like these, inductor (torch
+    # 2.13, CPU) returns the output with its axes in another order than eager's: wrong values here.
     blocks = [t.reshape(b * (length // group_tokens), group_tokens, t.shape[2], t.shape[3]).transpose(1, 2)
               for t in (q, k, v)]
     out = F.scaled_dot_product_attention(*blocks, scale=scale)
