@@ -362,13 +362,20 @@ class LayoutAnalysis(Fills, Patches):
     def _transfer(self, node: fx.Node):
         fact = self._transfer_op(node)
         if node.op in ("call_function", "call_method"):
-            split = [f for f in (self.facts.get(a) for a in _data_inputs(node, self.gm))
-                     if isinstance(f, Tokens) and (f.shard or f.partial or f.groups)]
-            if split and not _keeps_positions(split, fact):
-                # A rank's share of the tokens (or of the heads) passes only through ops that keep
-                # every token where it is; everything else about it is the collectives' business.
-                self._why[node] = "an op on one rank's share of the tokens that moves them"
-                fact = None
+            split = {a: f for a in _data_inputs(node, self.gm) if _split_fact(f := self.facts.get(a))}
+            if split and not _keeps_positions(list(split.values()), fact):
+                # A rank's share of the tokens (or of the heads, or tokens in grid-group order) passes
+                # only through ops that keep every token where it is. Any other op reads those
+                # inputs as carrying no layout, as it did before such facts existed (a slice of
+                # tokens appended to the sequence is just more tokens).
+                for a in split:
+                    del self.facts[a]
+                try:
+                    fact = self._transfer_op(node)
+                finally:
+                    self.facts.update(split)
+                if fact is None:
+                    self._why[node] = "an op on one rank's share of the tokens that moves them"
             gathered_fact = self._through_collectives(node)
             if fact is None:
                 fact = gathered_fact
@@ -683,6 +690,10 @@ _TRANSFERS = {
     OUTER: LayoutAnalysis._outer, TILE: LayoutAnalysis._tile, POOL1D: LayoutAnalysis._pool1d,
     IM2COL: LayoutAnalysis._im2col,
 }
+def _split_fact(fact) -> bool:
+    return isinstance(fact, Tokens) and bool(fact.shard or fact.partial or fact.groups)
+
+
 def _keeps_positions(inputs: list[Tokens], result) -> bool:
     """Whether an op on a rank's share of tokens (or on tokens in grid-group order) keeps each token
     where it is: the result describes the same positions on whatever axis, or (a ``chunk`` / ``split``,
