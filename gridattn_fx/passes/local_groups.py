@@ -120,6 +120,15 @@ def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | N
     left_out = config.left_out(path)
     if left_out:
         return left_out + " (the engine's exchange is kept)"
+    tokens = q_fact.image_tokens
+    if tokens < config.min_image_tokens:  # as the policy's rule for any site
+        return (f"{tokens} image tokens < min_image_tokens={config.min_image_tokens}"
+                f"{config.credit('min_image_tokens')} (the engine's exchange is kept)")
+    grouping, _ = config.grouping_for(path)
+    pool, _ = config.site_value("shared_pool", path)
+    if grouping != "grid" or pool:
+        return (f"grid-group sharding runs the grid grouping only (this site asks for {grouping!r}"
+                f"{f', shared_pool={pool}' if pool else ''}): the engine's exchange is kept (dense)")
     configured, _ = config.stride_for(path)
     stride = normalize_stride(configured, q_fact.rank)
     if all(g == 1 for g in stride) or not grouped_by(q_fact, stride):
