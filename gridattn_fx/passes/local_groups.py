@@ -37,7 +37,7 @@ from ..layout.collectives import (
     same_elements,
     scatter,
 )
-from ..layout.facts import Tokens, _hint
+from ..layout.facts import Tokens, _hint, _positions
 
 
 @dataclass
@@ -134,12 +134,15 @@ def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | N
     if all(g == 1 for g in stride) or not grouped_by(q_fact, stride):
         return (f"the tokens are in the group order of another stride than this site's {format_stride(stride)}: "
                 "the engine's exchange is kept (dense)")
+    other = layouts.same_image(site.query, site.key)
+    if other is not None:
+        return other + " (the engine's exchange is kept)"
     ends = [_chain_back(n, facts, gm) for n in site.inputs]
     if any(e is None for e in ends):
         return "q, k or v does not come from this rank's chunk through one all-to-all: the exchange is kept"
     chunks = tuple(anchor for anchor, _ in ends)
     shapes = [tuple(_hint(s) for s in _shape(a)) for a in chunks]
-    if len(set(shapes)) != 1:
+    if len(set(shapes)) != 1 or len({_positions(facts[a]) for a in chunks}) != 1:
         return "q, k and v chunks are not (batch, tokens, heads, features) of one shape: the exchange is kept"
     spreads = []
     for (anchor, chain) in ends:
