@@ -46,6 +46,7 @@ class Scattered:
     rank: tuple = ()      # virtual axes of this rank's group index ((size, token w, feature w, False), ...)
     rank_index: tuple = ()  # (index, count): the group index ``rank`` assumes
     partial: bool = False   # holds this rank's block of a non-token axis (the heads, after Ulysses)
+    rank_group: object = None  # the process group an exchange made ``rank`` in (None: a chunk's index)
 
 
 # --- token orders ---------------------------------------------------------------------------------
@@ -170,13 +171,16 @@ def view(fact: Scattered, out_shape) -> Scattered | None:
     return replace(fact, axes=tuple(groups)) if not pending else None
 
 
-def exchange(fact: Scattered, group_size: int, group_rank: int) -> Scattered | None:
-    """``all_to_all_single`` with equal splits on a 1-D tensor over ``group_size`` ranks."""
+def exchange(fact: Scattered, group_size: int, group_rank: int, group=None) -> Scattered | None:
+    """``all_to_all_single`` with equal splits on a 1-D tensor over ``group_size`` ranks of ``group``."""
     if len(fact.axes) != 1:
         return None
     rank_tokens = any(tw for _, tw, _, _ in fact.rank)
-    if rank_tokens and fact.rank_index != (group_rank, group_size):
-        return None  # the chunk this graph holds is not its rank's: other ranks' blocks are unknown
+    if math.prod(n for n, *_ in fact.rank) > 1 and (
+            fact.rank_index != (group_rank, group_size) or fact.rank_group not in (None, group)):
+        # the chunk this graph holds is not its rank's, or the share it holds is another group's:
+        # what the other ranks send is unknown
+        return None
     split = _split_front(list(fact.axes[0]), group_size)
     if split is None:
         return None
@@ -195,7 +199,8 @@ def exchange(fact: Scattered, group_size: int, group_rank: int) -> Scattered | N
     # the leading axes now index the source rank, which held its own rank's share
     incoming = fact.rank if fact.rank and math.prod(n for n, *_ in fact.rank) == group_size else (
         (group_size, 0, None, False),)
-    return Scattered(fact.tokens, (tuple(incoming) + tuple(rest),), tuple(front), (group_rank, group_size), partial)
+    return Scattered(fact.tokens, (tuple(incoming) + tuple(rest),), tuple(front), (group_rank, group_size), partial,
+                     group)
 
 
 def gathered(fact: Scattered) -> Tokens | None:
@@ -205,7 +210,7 @@ def gathered(fact: Scattered) -> Tokens | None:
         return None
     dim = carrying[0]
     local = list(fact.axes[dim])
-    if any(fw != 0 or b for _, _, fw, b in local if True):
+    if any(fw != 0 or b for _, _, fw, b in local):
         return None  # tokens merged with features or images on one axis
     rank_tokens = [v for v in fact.rank if v[1]]
     if rank_tokens and (len(rank_tokens) != len([v for v in fact.rank if v[0] != 1]) or any(v[2] for v in rank_tokens)):
@@ -244,11 +249,12 @@ def follow(fact: Scattered, name: str, node, in_shape, out_shape, permutation=No
     if permutation is not None:
         return permute(fact, permutation)
     if name == ALL_TO_ALL:
-        group = group_of(node.args[3] if len(node.args) > 3 else node.kwargs.get("group_name"))
+        name = node.args[3] if len(node.args) > 3 else node.kwargs.get("group_name")
+        group = group_of(name)
         numel = math.prod(_hint(s) for s in in_shape)
         if group is None or not equal_splits(node, numel, group[0]):
             return None
-        return exchange(fact, *group)
+        return exchange(fact, *group, group=name)
     return view(fact, out_shape)
 
 
