@@ -40,6 +40,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _single(tmp, model, options):
+    """The one-process run of ``model`` with ``options``."""
+    path = tmp / f"{model}-single-{abs(hash(options))}.pt"
+    single = subprocess.run([sys.executable, WORKER, str(path), "--model", model, "--options", options],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
+    return torch.load(path, weights_only=False)
+
+
 def _launch(tmp, model, world, options, group=None):
     """Run ``world`` ranks and the one-process reference; returns (per-rank results, reference)."""
     port = _free_port()
@@ -56,11 +65,7 @@ def _launch(tmp, model, world, options, group=None):
             p.kill()
     for p, log in zip(ranks, logs):
         assert p.returncode == 0, log[-4000:]
-    single = subprocess.run([sys.executable, WORKER, str(tmp / f"{tag}-single.pt"), "--model", model,
-                             "--options", options], capture_output=True, text=True, timeout=TIMEOUT)
-    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
-    load = lambda name: torch.load(tmp / name, weights_only=False)  # noqa: E731
-    return [load(f"{tag}-{r}.pt") for r in range(world)], load(f"{tag}-single.pt")
+    return [torch.load(tmp / f"{tag}-{r}.pt", weights_only=False) for r in range(world)], _single(tmp, model, options)
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +190,18 @@ def test_grid_group_sharding_errors():
         gridattn_fx.context_parallel(model, ContextParallelConfig(ring_degree=2), group_stride=2)
     with pytest.raises(TypeError, match="diffusers model"):
         gridattn_fx.context_parallel(nn.Linear(2, 2), ContextParallelConfig(ulysses_degree=2))
+
+
+def test_grid_group_sharding_runs_the_grid_grouping_only(tmp):
+    """A site configured for window groups keeps the engine's exchange (dense, with the reason):
+    the local form computes grid groups only. Its output is the one-process output with that site
+    left dense."""
+    window = '{"stride": 2, "min_image_tokens": 0, "sites": {"blocks.0.attn1": {"grouping": "window"}}}'
+    ranks, _ = _launch(tmp, "wan", 2, window, group="[1, 2, 2]")
+    dense_there = _single(tmp, "wan", '{"stride": 2, "min_image_tokens": 0, "exclude": ["blocks\\\\.0\\\\.attn1"]}')
+    for result in ranks:
+        sites = _self_attention(result)
+        assert sites["blocks.0.attn1"][0] == "skipped" and "grid grouping only" in sites["blocks.0.attn1"][1]
+        assert sites["blocks.1.attn1"][0] == "rewritten"
+        assert result["collectives"] == {"all_to_all_single": 4, "all_gather_into_tensor": 1}
+        assert (result["out"] - dense_there["out"]).abs().max().item() <= 1e-5
