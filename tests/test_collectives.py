@@ -156,3 +156,12 @@ def test_the_round_trip_returns_every_element_to_its_chunk(p):
         assert torch.equal(token, returned[0][r]) and torch.equal(feature, returned[1][r])
         assert C.same_elements(spread, home)
         assert not C.same_elements(C.permute(spread, (0, 1, 2, 3)), C.permute(home, (0, 1, 3, 2)))
+
+
+def test_group_order_is_read_only_off_a_row_major_image():
+    """The same views on a column-major sequence reorder sequence places, not image positions."""
+    hh, ww = IMAGE
+    column_major = Tokens(dim=1, prefix=0, image_shape=IMAGE, suffix=0, order=(1, 0), origin="test", batch=(0,))
+    spread = C.view(C.scatter(column_major, (B, S, H * D)), (B, hh // 2, 2, ww // 2, 2, H * D))
+    spread = C.view(C.permute(spread, (0, 2, 4, 1, 3, 5)), (B, S, H * D))
+    assert C.gathered(spread) is None

@@ -88,6 +88,8 @@ def _order_of(fact: Tokens, virtual) -> tuple | None:
         return ()
     if _hint(fact.prefix) or _hint(fact.suffix) or not all(isinstance(n, int) for n in fact.image_shape):
         return None
+    if tuple(fact.order) != tuple(range(fact.rank)):
+        return None  # the weights count sequence places; groups are read off a row-major image only
     # proper divisors: a stride as large as its axis would read a transposed order as groups
     options = [[g for g in range(1, n) if n % g == 0] or [1] for n in fact.image_shape]
     for strides in itertools.product(*options):
