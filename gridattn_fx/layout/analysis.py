@@ -62,7 +62,6 @@ from ..ir.op_catalogue import (
     OUTER,
     PAD,
     PERMUTE,
-    PERMUTES,
     POINTWISE,
     POOL1D,
     PRODUCT,
@@ -86,7 +85,7 @@ from ..ir.op_catalogue import (
 from ..ir.ops import mutates, op_name, written_args
 from ..ir.values import shape_of as _shape
 from ..ir.values import value_of as _val
-from .collectives import ALL_TO_ALL, SAME_VALUES, Scattered, collective_name, follow, gathered, scatter
+from .collectives import Scattered, follow_node, gathered, movement_name, scatter
 from .facts import (
     LayoutSource,
     Loss,
@@ -382,26 +381,22 @@ class LayoutAnalysis(Fills, Patches):
         return fact
 
     def _through_collectives(self, node: fx.Node):
-        """Views and collectives between a rank's chunk of tokens and the gathered sequence
-        (layout/collectives.py): a Tokens fact once the tokens sit on one axis again."""
-        name = collective_name(node) or op_name(node, self.gm)
-        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if name is None or src is None or not isinstance(_val(node), torch.Tensor):
+        """Views and collectives between a rank's chunk of tokens and the gathered sequence, or a
+        grid-group order (layout/collectives.py): a Tokens fact once the tokens sit on one axis
+        again. Followed beside the ordinary rules: a view they read as image axes may be the
+        first step of such a chain."""
+        if movement_name(node, self.gm) is None or not isinstance(_val(node), torch.Tensor):
             return None
-        if name not in RESHAPES and name not in PERMUTES and name not in SAME_VALUES and name != ALL_TO_ALL:
-            return None
+        src = node.args[0]
         spread = self.scattered.get(src)
         if spread is None and isinstance(self.facts.get(src), Tokens):
             spread = scatter(self.facts[src], _shape(src))
-        if spread is None:
-            return None
-        perm = permutation(node, name, len(_shape(src))) if name in PERMUTES else None
-        out = follow(spread, name, node, _shape(src), _shape(node), perm)
+        out = follow_node(spread, node, self.gm) if spread is not None else None
         if out is None:
             return None
         tokens = gathered(out)
         if tokens is not None:
-            return _step(tokens, name)
+            return _step(tokens, movement_name(node, self.gm))
         self.scattered[node] = out
         return None
 

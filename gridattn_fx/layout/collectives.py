@@ -32,6 +32,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..ir.op_catalogue import PERMUTES, RESHAPES, permutation
+from ..ir.ops import op_name
+from ..ir.values import shape_of
 from .facts import Tokens, _hint
 
 # The functional collectives as they appear in Dynamo graphs and in ATen graphs.
@@ -243,6 +246,24 @@ def same_elements(a: Scattered, b: Scattered) -> bool:
 
 
 # --- reading the graph -------------------------------------------------------------------------------
+
+def movement_name(node, gm) -> str | None:
+    """The name of a view, value-preserving op or all-to-all a node calls (what :func:`follow_node`
+    follows), else None."""
+    name = collective_name(node) or op_name(node, gm)
+    moves = name is not None and (name in RESHAPES or name in PERMUTES or name in SAME_VALUES or name == ALL_TO_ALL)
+    return name if moves and node.args and isinstance(node.args[0], torch.fx.Node) else None
+
+
+def follow_node(fact: Scattered, node, gm) -> Scattered | None:
+    """The fact of ``node``'s output from the fact of its first input (None: not followed)."""
+    name = movement_name(node, gm)
+    if name is None:
+        return None
+    src = node.args[0]
+    perm = permutation(node, name, len(shape_of(src))) if name in PERMUTES else None
+    return follow(fact, name, node, shape_of(src), shape_of(node), perm)
+
 
 def follow(fact: Scattered, name: str, node, in_shape, out_shape, permutation=None) -> Scattered | None:
     """One view or collective applied to a Scattered fact (None: not followed)."""

@@ -25,18 +25,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..grid import format_stride, normalize_stride
-from ..ir.op_catalogue import PERMUTES, RESHAPES, permutation
-from ..ir.ops import op_name
 from ..ir.values import shape_of as _shape
-from ..layout.collectives import (
-    ALL_TO_ALL,
-    SAME_VALUES,
-    collective_name,
-    follow,
-    grouped_by,
-    same_elements,
-    scatter,
-)
+from ..layout.collectives import ALL_TO_ALL, follow_node, grouped_by, movement_name, same_elements, scatter
 from ..layout.facts import Tokens, _hint, _positions
 
 
@@ -54,14 +44,6 @@ class LocalGroups:
     flops_after: int
 
 
-def _name(node: fx.Node, gm) -> str | None:
-    return collective_name(node) or op_name(node, gm)
-
-
-def _movement(name) -> bool:
-    return name is not None and (name in RESHAPES or name in PERMUTES or name in SAME_VALUES or name == ALL_TO_ALL)
-
-
 def _chain_back(node: fx.Node, facts: dict, gm) -> tuple[fx.Node, list] | None:
     """From an attention input back through views and collectives to the earliest tensor that is
     this rank's chunk as (batch, tokens, heads, features): (chunk, the movement nodes in order)."""
@@ -71,7 +53,7 @@ def _chain_back(node: fx.Node, facts: dict, gm) -> tuple[fx.Node, list] | None:
         if (isinstance(fact, Tokens) and fact.shard and fact.groups and not fact.partial and fact.dim == 1
                 and len(_shape(node)) == 4):
             found = (node, chain[::-1])
-        if node.op not in ("call_function", "call_method") or not _movement(_name(node, gm)):
+        if node.op not in ("call_function", "call_method") or movement_name(node, gm) is None:
             return found
         chain.append(node)
         node = node.args[0]
@@ -87,7 +69,7 @@ def _chain_forward(node: fx.Node, facts: dict, gm, shape) -> tuple[fx.Node, list
         if len(users) != 1:
             return None
         user = users[0]
-        if user.op not in ("call_function", "call_method") or not _movement(_name(user, gm)) or user.args[0] is not node:
+        if user.op not in ("call_function", "call_method") or movement_name(user, gm) is None or user.args[0] is not node:
             return None
         chain.append(user)
         fact = facts.get(user)
@@ -99,10 +81,7 @@ def _chain_forward(node: fx.Node, facts: dict, gm, shape) -> tuple[fx.Node, list
 
 def _replay(spread, chain, gm):
     for node in chain:
-        name = _name(node, gm)
-        src = node.args[0]
-        perm = permutation(node, name, len(_shape(src))) if name in PERMUTES else None
-        spread = follow(spread, name, node, _shape(src), _shape(node), perm)
+        spread = follow_node(spread, node, gm)
         if spread is None:
             return None
     return spread
@@ -148,7 +127,7 @@ def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | N
     for (anchor, chain) in ends:
         start = scatter(replace(facts[anchor], batch=facts[chunks[0]].batch), _shape(anchor))
         spreads.append(_replay(start, chain, gm) if start is not None else None)
-        if sum(_name(n, gm) == ALL_TO_ALL for n in chain) != 1:
+        if sum(movement_name(n, gm) == ALL_TO_ALL for n in chain) != 1:
             return "q, k or v passes through more or fewer than one all-to-all: the exchange is kept"
     if any(s is None for s in spreads) or not (same_elements(spreads[0], spreads[1]) and same_elements(spreads[0], spreads[2])):
         return "q, k and v do not reach the attention the same way from their chunks: the exchange is kept"
@@ -188,13 +167,9 @@ def apply_local_groups(gm: fx.GraphModule, site, plan: LocalGroups) -> None:
     with gm.graph.inserting_after(plan.end):
         local = gm.graph.call_function(local_grid_attention, (*plan.chunks, plan.group_tokens, site.scale))
     plan.end.replace_all_uses_with(local)
-    dead = [plan.end, *reversed(plan.nodes)]
-    changed = True
-    while changed:  # the exchange's collectives and waits go too: nothing uses them any more
-        changed = False
-        for node in dead:
-            if node.graph is gm.graph and not node.users and node.op != "output" and node in gm.graph.nodes:
-                gm.graph.erase_node(node)
-                dead.remove(node)
-                changed = True
-                break
+    # the exchange's collectives and waits go too: nothing uses them any more. Users come after
+    # what they use, so erasing from the last node back frees each node before it is reached.
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in sorted({plan.end, *plan.nodes}, key=position.__getitem__, reverse=True):
+        if not node.users:
+            gm.graph.erase_node(node)
