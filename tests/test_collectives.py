@@ -165,3 +165,32 @@ def test_group_order_is_read_only_off_a_row_major_image():
     spread = C.view(C.scatter(column_major, (B, S, H * D)), (B, hh // 2, 2, ww // 2, 2, H * D))
     spread = C.view(C.permute(spread, (0, 2, 4, 1, 3, 5)), (B, S, H * D))
     assert C.gathered(spread) is None
+
+
+@pytest.mark.parametrize("image, stride, ranks", [((8, 8), (2, 2), 2), ((4, 8, 8), (1, 2, 2), 4), ((4, 6, 4), (2, 3, 2), 3)])
+def test_local_grid_attention_on_each_ranks_groups_is_the_grid_semantics(image, stride, ranks):
+    """passes/local_groups.py's replacement: tokens in group-major order (built here from each token's
+    grid group, a stable sort), split in equal chunks, attention within each chunk's contiguous
+    groups; put back in place, the masked oracle's output in float64."""
+    from oracle import assert_close64, oracle_sdpa
+
+    from gridattn_fx.grid import TokenLayout
+    from gridattn_fx.passes.local_groups import local_grid_attention
+
+    n = math.prod(image)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(s) for s in image], indexing="ij"), -1).reshape(n, -1)
+    group = torch.zeros(n, dtype=torch.long)
+    for axis, g in enumerate(stride):
+        group = group * g + coords[:, axis] % g
+    order = torch.sort(group, stable=True).indices
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    per_group = n // math.prod(stride)
+    chunks = [local_grid_attention(*(t[:, order].chunk(ranks, dim=1)[r] for t in (q, k, v)), per_group)
+              for r in range(ranks)]
+    got = torch.empty_like(q)
+    got[:, order] = torch.cat(chunks, dim=1)
+    layout = TokenLayout(0, image_shape=image)
+    expected = oracle_sdpa(*(t.transpose(1, 2) for t in (q, k, v)), q_layout=layout, k_layout=layout,
+                           stride=stride).transpose(1, 2)
+    assert_close64(got, expected)
