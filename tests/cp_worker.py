@@ -92,7 +92,24 @@ def vit_cls():
     return model, (torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)),)
 
 
-MODELS = {"wan": wan, "wan-2frames": lambda: wan(frames=2), "vit-cls": vit_cls}
+def wan_masked():
+    """Wan whose self-attention takes a mask over the whole sequence in the model's token order."""
+    import diffusers.models.transformers.transformer_wan as transformer_wan
+
+    dispatch = transformer_wan.dispatch_attention_fn
+
+    def masked_self_attention(q, k, v, *args, **kwargs):
+        if q.shape[1] == k.shape[1]:
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            tokens = q.shape[1] * world
+            kwargs["attn_mask"] = torch.ones(tokens, tokens, dtype=torch.bool).tril()[None, None]
+        return dispatch(q, k, v, *args, **kwargs)
+
+    transformer_wan.dispatch_attention_fn = masked_self_attention  # this process only
+    return wan()
+
+
+MODELS = {"wan": wan, "wan-2frames": lambda: wan(frames=2), "vit-cls": vit_cls, "wan-masked": wan_masked}
 
 
 def collectives_in(graphs) -> tuple[dict[str, int], int]:

@@ -192,6 +192,25 @@ def test_grid_group_sharding_errors():
         gridattn_fx.context_parallel(nn.Linear(2, 2), ContextParallelConfig(ulysses_degree=2))
 
 
+def test_grid_group_sharding_refuses_masked_attention(tmp):
+    """Group-major order changes which token pairs a mask written in the model's order keeps: an
+    error, not a silently different result (the engine's dense exchange would apply the mask to
+    other pairs). diffusers itself refuses causal attention under context parallelism."""
+    port = _free_port()
+    ranks = [subprocess.Popen([sys.executable, WORKER, str(tmp / f"masked-{r}.pt"), "--model", "wan-masked",
+                               "--rank", str(r), "--world", "2", "--port", str(port), "--options", GRID,
+                               "--group", "[1, 2, 2]"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=TIMEOUT)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    for p, log in zip(ranks, logs):
+        assert p.returncode != 0
+        assert "is masked (attn_mask or position bias) and runs on tokens that grid-group sharding" in log, log[-4000:]
+
+
 def test_grid_group_sharding_runs_the_grid_grouping_only(tmp):
     """A site configured for window groups keeps the engine's exchange (dense, with the reason):
     the local form computes grid groups only. Its output is the one-process output with that site

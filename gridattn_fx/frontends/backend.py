@@ -9,6 +9,7 @@ import torch.fx as fx
 
 from ..config.options import GridAttnConfig
 from ..ir.module_paths import module_path
+from ..passes.local_groups import GroupOrderError
 from ..passes.pipeline import RUNTIME_CHECKS, is_dynamo_restart, run_pass
 from ..patterns import find_attention_sites
 from ..reasons import SkipKind
@@ -62,7 +63,7 @@ def apply_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
     try:
         new_gm, report = run_pass(gm, example_inputs, config, report, training, checked)
     except Exception as err:
-        if config.strict or is_dynamo_restart(err):
+        if config.strict or is_dynamo_restart(err) or isinstance(err, GroupOrderError):
             raise
         _fall_back(report, f"the rewrite pass failed ({type(err).__name__}: {err})")
         _report_undecided_sites(gm, report)

@@ -30,6 +30,11 @@ from ..layout.collectives import ALL_TO_ALL, follow_node, grouped_by, movement_n
 from ..layout.facts import Tokens, _hint, _positions
 
 
+class GroupOrderError(ValueError):
+    """The model computes something else in group-major order: raised through the backend's safety
+    net, since running the graph unmodified would be as wrong as rewriting it."""
+
+
 @dataclass
 class LocalGroups:
     """A site that runs on this rank's groups: the chunks q0, k0, v0 (B, L, H, D), the node whose
@@ -87,6 +92,21 @@ def _replay(spread, chain, gm):
     return spread
 
 
+def check_group_order(site, layouts, path: str) -> None:
+    """Raise GroupOrderError for a site that runs on tokens in group-major order (grid-group
+    sharding) and has a token order of its own: a causal flag, or a mask or bias written for the
+    model's order, would apply to other token pairs. Every other attention is exact in any order."""
+    facts = (layouts.facts.get(site.query), layouts.facts.get(site.key))
+    if not any(isinstance(f, Tokens) and f.groups for f in facts):
+        return
+    if site.is_causal or site.mask_shape is not None or site.relpos is not None or len(site.inputs) != 3:
+        what = "causal" if site.is_causal else "masked (attn_mask or position bias)"
+        raise GroupOrderError(
+            f"gridattn: attention site '{path}' is {what} and runs on tokens that grid-group sharding "
+            "(context_parallel(..., group_stride=...)) put in group-major order: its mask would apply to "
+            "other token pairs than the model's. Run this model without group_stride (plain Ulysses).")
+
+
 def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | None:
     """The local plan of a site whose inputs are a group-sharded exchange, a reason why such a site
     keeps the exchange, or None for any other site."""
@@ -94,8 +114,8 @@ def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | N
     q_fact = facts.get(site.query)
     if not (isinstance(q_fact, Tokens) and q_fact.groups and not q_fact.shard):
         return None
-    if site.form != "sdpa" or len(site.inputs) != 3 or site.is_causal or site.dropout_p or site.enable_gqa:
-        return "a grouped site that is not plain SDPA (mask, dropout, causal or GQA): the engine's exchange is kept"
+    if site.form != "sdpa" or site.dropout_p or site.enable_gqa:
+        return "a grouped site that is not plain SDPA (dropout or GQA): the engine's exchange is kept"
     left_out = config.left_out(path)
     if left_out:
         return left_out + " (the engine's exchange is kept)"

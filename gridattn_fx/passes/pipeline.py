@@ -26,7 +26,7 @@ from ..layout.positions import read_position_inputs
 from ..patterns import AttentionSite, find_attention_sites
 from ..reasons import Skip, SkipKind
 from ..report import REWRITTEN, SKIPPED, Report, SiteReport
-from .local_groups import LocalGroups, apply_local_groups, plan_local_groups
+from .local_groups import LocalGroups, apply_local_groups, check_group_order, plan_local_groups
 from .motion import apply_motion, check_motion, plan_motion
 from .policy import decide
 from .rewrite import plan_sizes, rewrite_site
@@ -158,6 +158,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
         path = region.full_path(relative) if region else relative
         paths = region.paths(relative) if region else [path]  # the site in every module this graph serves
         served_paths += paths
+        check_group_order(site, layouts, path)
         local = plan_local_groups(site, layouts, config, path) if len(paths) == 1 and not training else None
         if isinstance(local, LocalGroups):
             report.sites.append(_local_row(site, path, local))
