@@ -6,6 +6,7 @@
     calibration = gridattn_fx.calibrate(model.eval(), (images,), budget=0.01)   # per-site strides
     gridattn_fx.prepare(model, (images,))   # layouts for regional compilation and graph breaks
     gridattn_fx.context_parallel(model, ContextParallelConfig(ulysses_degree=2))   # diffusers, per rank
+    sharding = gridattn_fx.GroupSharding(mesh, grid=(T, H, W), stride=(1, 2, 2))  # torch's context parallel
 """
 
 from .config import GridAttnConfig, SiteOptions
@@ -14,6 +15,7 @@ from .crossgraph.prepare import prepare, prepared_layouts, unprepare
 from .frontends.api import capture, rewrite
 from .frontends.backend import backend
 from .frontends.context_parallel import context_parallel
+from .frontends.group_sharding import GroupSharding
 from .grid import TokenLayout, cluster, grid_mask, grouped_attention, masked_attention, recover
 from .report import Report, SiteReport, last_report, report_history
 from .tools.calibrate import Calibration, calibrate
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Calibration",
     "GridAttnConfig",
+    "GroupSharding",
     "ImageTokens",
     "Report",
     "SiteOptions",

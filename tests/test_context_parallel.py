@@ -49,22 +49,28 @@ def _single(tmp, model, options):
     return torch.load(path, weights_only=False)
 
 
-def _launch(tmp, model, world, options, group=None):
-    """Run ``world`` ranks and the one-process reference; returns (per-rank results, reference)."""
+def _run_ranks(world, command):
+    """Start ``world`` ranks (``command(rank, port)`` is each one's argv); returns [(returncode, log)]."""
     port = _free_port()
-    tag = f"{model}-{world}-{abs(hash((options, group)))}"
-    extra = ["--group", group] if group else []
-    ranks = [subprocess.Popen([sys.executable, WORKER, str(tmp / f"{tag}-{r}.pt"), "--model", model, "--rank", str(r),
-                               "--world", str(world), "--port", str(port), "--options", options, *extra],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ranks = [subprocess.Popen(command(r, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     try:
         logs = [p.communicate(timeout=TIMEOUT)[0] for p in ranks]
     finally:
         for p in ranks:
             p.kill()
-    for p, log in zip(ranks, logs):
-        assert p.returncode == 0, log[-4000:]
+    return [(p.returncode, log) for p, log in zip(ranks, logs)]
+
+
+def _launch(tmp, model, world, options, group=None):
+    """Run ``world`` ranks and the one-process reference; returns (per-rank results, reference)."""
+    tag = f"{model}-{world}-{abs(hash((options, group)))}"
+    extra = ["--group", group] if group else []
+    runs = _run_ranks(world, lambda r, port: [
+        sys.executable, WORKER, str(tmp / f"{tag}-{r}.pt"), "--model", model, "--rank", str(r), "--world", str(world),
+        "--port", str(port), "--options", options, *extra])
+    for returncode, log in runs:
+        assert returncode == 0, log[-4000:]
     return [torch.load(tmp / f"{tag}-{r}.pt", weights_only=False) for r in range(world)], _single(tmp, model, options)
 
 
@@ -196,18 +202,11 @@ def test_grid_group_sharding_refuses_masked_attention(tmp):
     """Group-major order changes which token pairs a mask written in the model's order keeps: an
     error, not a silently different result (the engine's dense exchange would apply the mask to
     other pairs). diffusers itself refuses causal attention under context parallelism."""
-    port = _free_port()
-    ranks = [subprocess.Popen([sys.executable, WORKER, str(tmp / f"masked-{r}.pt"), "--model", "wan-masked",
-                               "--rank", str(r), "--world", "2", "--port", str(port), "--options", GRID,
-                               "--group", "[1, 2, 2]"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=TIMEOUT)[0] for p in ranks]
-    finally:
-        for p in ranks:
-            p.kill()
-    for p, log in zip(ranks, logs):
-        assert p.returncode != 0
+    runs = _run_ranks(2, lambda r, port: [
+        sys.executable, WORKER, str(tmp / f"masked-{r}.pt"), "--model", "wan-masked", "--rank", str(r), "--world", "2",
+        "--port", str(port), "--options", GRID, "--group", "[1, 2, 2]"])
+    for returncode, log in runs:
+        assert returncode != 0
         assert "is masked (attn_mask or position bias) and runs on tokens that grid-group sharding" in log, log[-4000:]
 
 
@@ -224,3 +223,95 @@ def test_grid_group_sharding_runs_the_grid_grouping_only(tmp):
         assert sites["blocks.1.attn1"][0] == "rewritten"
         assert result["collectives"] == {"all_to_all_single": 4, "all_gather_into_tensor": 1}
         assert (result["out"] - dense_there["out"]).abs().max().item() <= 1e-5
+
+
+# -- torch's context parallelism (gridattn_fx.GroupSharding) ------------------------------------------
+
+TORCH_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cp_torch_worker.py")
+TORCH_GRID = '{"stride": [1, 2, 2], "min_image_tokens": 0}'
+
+
+def _launch_torch(tmp, world, options):
+    """``world`` ranks under torch's context parallelism and the one-process run (tokens declared)."""
+    tag = f"torch-{world}-{abs(hash(options))}"
+    runs = _run_ranks(world, lambda r, port: [
+        sys.executable, TORCH_WORKER, str(tmp / f"{tag}-{r}.pt"), "--rank", str(r), "--world", str(world),
+        "--port", str(port), "--options", options])
+    for returncode, log in runs:
+        assert returncode == 0, log[-4000:]
+    single = subprocess.run([sys.executable, TORCH_WORKER, str(tmp / f"{tag}-single.pt"), "--options", options],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
+    return ([torch.load(tmp / f"{tag}-{r}.pt", weights_only=False) for r in range(world)],
+            torch.load(tmp / f"{tag}-single.pt", weights_only=False))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_torch_context_parallel_group_sharding_runs_gridded_sites_without_collectives(tmp, world):
+    """A 2 x 8 x 8 video's 4 groups of stride (1, 2, 2) over 2 or 4 ranks, cut by torch's own shard
+    with the group-major load balancer: every site attends within the rank's own groups, with none
+    of torch's all-gathers (2 per site in the eager call). The output, gathered by torch's unshard, is
+    the one-process gridded output."""
+    ranks, single = _launch_torch(tmp, world, TORCH_GRID)
+    assert [d for _, d, _ in single["reports"]] == ["rewritten", "rewritten"]
+    for result in ranks:
+        assert [d for _, d, _ in result["reports"]] == ["rewritten", "rewritten"]
+        assert all("own grid groups" in reason and "DTensor" in reason for _, _, reason in result["reports"])
+        assert (result["out"] - single["out"]).abs().max().item() <= 1e-5
+        assert result["graphs"] == 1
+        assert result["eager_collectives"] == {"all_gather_into_tensor": 4}
+        assert result["collectives"] == {}
+
+
+def test_torch_context_parallel_keeps_the_exchange_of_dense_sites(tmp):
+    """An excluded site keeps torch's DTensor attention (its all-gather of k and v): exact in group order."""
+    options = '{"stride": [1, 2, 2], "min_image_tokens": 0, "exclude": ["blocks\\\\.1"]}'
+    ranks, single = _launch_torch(tmp, 2, options)
+    assert [d for _, d, _ in single["reports"]] == ["rewritten", "skipped"]
+    for result in ranks:
+        decisions = {path: (d, reason) for path, d, reason in result["reports"]}
+        assert decisions["blocks.0"][0] == "rewritten" and decisions["blocks.1"][0] == "skipped"
+        assert (result["out"] - single["out"]).abs().max().item() <= 1e-5
+        assert result["collectives"] == {"all_gather_into_tensor": 2}
+
+
+def test_torch_context_parallel_without_group_sharding_stays_dense(tmp):
+    """Under torch's own context_parallel each rank's graph sees a chunk it cannot prove anything
+    about: every site stays dense (torch's DTensor attention), the report says how to shard by
+    groups, and the output is the model's."""
+    runs = _run_ranks(2, lambda r, port: [
+        sys.executable, TORCH_WORKER, str(tmp / f"plain-{r}.pt"), "--plain", "--rank", str(r), "--world", "2",
+        "--port", str(port), "--options", TORCH_GRID])
+    for r, (returncode, log) in enumerate(runs):
+        assert returncode == 0, log[-4000:]
+        result = torch.load(tmp / f"plain-{r}.pt", weights_only=False)
+        assert [d for _, d, _ in result["reports"]] == ["skipped", "skipped"]
+        assert all("GroupSharding" in reason for _, _, reason in result["reports"])
+        assert (result["out"] - result["dense"]).abs().max().item() <= 1e-5
+
+
+class _Mesh:
+    """What GroupSharding reads of a device mesh before any collective."""
+
+    ndim, device_type = 1, "cpu"
+
+    def __init__(self, size):
+        self._size = size
+
+    def size(self):
+        return self._size
+
+
+def test_torch_group_sharding_errors():
+    with pytest.raises(ValueError, match="do not split evenly over 8 ranks"):
+        gridattn_fx.GroupSharding(_Mesh(8), grid=(2, 8, 8), stride=(1, 2, 2))
+    with pytest.raises(ValueError, match="does not divide the token grid"):
+        gridattn_fx.GroupSharding(_Mesh(2), grid=(8, 6), stride=(4, 4))
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(T, H, W\)"):
+        gridattn_fx.GroupSharding(_Mesh(2), grid=(8, 8), stride=(2, 2, 2))
+    sharding = gridattn_fx.GroupSharding(_Mesh(2), grid=(4, 4), stride=(2, 2))
+    with pytest.raises(ValueError, match="not the 16 image tokens"):
+        sharding.shard(torch.zeros(1, 17, 8))
+    # the order is group-major: group (0, 0)'s tokens, then (0, 1)'s, ... each row-major
+    assert sharding.order().tolist() == [0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15]
+    assert torch.equal(sharding.order()[sharding.order(restore=True)], torch.arange(16))

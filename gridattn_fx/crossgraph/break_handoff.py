@@ -40,8 +40,14 @@ def record_outputs(outputs, facts: dict[int, object]) -> None:
     for index, fact in facts.items():
         t = outputs[index] if index < len(outputs) else None
         if isinstance(t, torch.Tensor):
-            key = id(t)
-            _recorded[key] = (weakref.ref(t, lambda ref, key=key: _forget(ref, key)), t._version, fact)
+            record_tensor(t, fact)
+
+
+def record_tensor(t: torch.Tensor, fact) -> None:
+    """Remember ``fact`` for this very tensor object until it is written to or freed (also what
+    frontends/group_sharding.py states about the shard it hands the model)."""
+    key = id(t)
+    _recorded[key] = (weakref.ref(t, lambda ref, key=key: _forget(ref, key)), t._version, fact)
 
 
 def fact_of(t) -> object | None:

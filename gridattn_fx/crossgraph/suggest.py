@@ -92,6 +92,12 @@ def _declaration_for(gm: fx.GraphModule, node: fx.Node, seq_dim: int) -> str | N
     shape = getattr(value_of(node), "shape", None)
     if shape is None:
         return None
+    if getattr(value_of(node), "placements", None) is not None:
+        # torch's context parallelism: the model received one rank's chunk; declaring that chunk an
+        # image would be wrong (the DTensor attends over every rank's tokens)
+        return ("the query is a DTensor over every rank's tokens (torch's context parallelism): if the sharded "
+                "input holds image tokens, shard it with gridattn_fx.GroupSharding(mesh, grid=..., stride=...) "
+                "so that each rank holds whole grid groups")
     length = shape[seq_dim]
     inputs = [p for p in _token_inputs(node)
               if isinstance(value_of(p).shape[1], int) and isinstance(length, int) and value_of(p).shape[1] <= length]

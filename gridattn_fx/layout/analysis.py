@@ -85,7 +85,7 @@ from ..ir.op_catalogue import (
 from ..ir.ops import mutates, op_name, written_args
 from ..ir.values import shape_of as _shape
 from ..ir.values import value_of as _val
-from .collectives import Scattered, follow_node, gathered, movement_name, scatter
+from .collectives import Scattered, dtensor_step, follow_node, gathered, movement_name, scatter
 from .facts import (
     LayoutSource,
     Loss,
@@ -378,6 +378,9 @@ class LayoutAnalysis(Fills, Patches):
             gathered_fact = self._through_collectives(node)
             if fact is None:
                 fact = gathered_fact
+            if fact is None and node.args and isinstance(node.args[0], fx.Node):
+                step = dtensor_step(node, self.facts.get(node.args[0]))
+                fact = _step(step, node.target if node.op == "call_method" else "from_local") if step else None
         return fact
 
     def _through_collectives(self, node: fx.Node):

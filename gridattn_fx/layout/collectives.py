@@ -318,3 +318,29 @@ def collective_name(node) -> str | None:
     if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("_c10d_functional::"):
         return target._qualified_op_name.split("::", 1)[1]
     return None
+
+
+def dtensor_step(node, fact) -> Tokens | None:
+    """torch's context parallelism wraps each rank's q, k, v as a DTensor sharded along the tokens
+    (``DTensor.from_local(x, mesh, [Shard(d)])``) and unwraps the result (``.to_local()``). A DTensor
+    with one Shard placement on a 1-D mesh is its ranks' local tensors concatenated in mesh order
+    along ``d``: ``from_local`` of this rank's chunk (index = its mesh rank) is the whole sequence,
+    ``to_local`` of the whole sequence is this rank's chunk. None for anything else."""
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "from_local" and str(
+            getattr(node.target, "__module__", "")).startswith("torch.distributed.tensor"):
+        wrapped, local, gathering = node.meta.get("example_value"), node.args[0], True
+    elif node.op == "call_method" and node.target == "to_local" and isinstance(node.args[0], torch.fx.Node):
+        wrapped, local, gathering = node.args[0].meta.get("example_value"), node, False
+    else:
+        return None
+    mesh, placements = getattr(wrapped, "device_mesh", None), getattr(wrapped, "placements", None)
+    local_shape = shape_of(local)
+    if (not isinstance(fact, Tokens) or fact.partial or fact.lead or mesh is None or mesh.ndim != 1
+            or placements is None or len(placements) != 1 or not placements[0].is_shard() or local_shape is None):
+        return None
+    axis, rank, world = placements[0].dim % wrapped.dim(), mesh.get_local_rank(), mesh.size()
+    if fact.dim != axis or _hint(wrapped.shape[axis]) != _hint(local_shape[axis]) * world:
+        return None  # not the token axis, or not P equal chunks
+    if gathering:
+        return replace(fact, shard=()) if tuple(fact.shard) == (rank, world) else None
+    return replace(fact, shard=(rank, world)) if not fact.shard else None

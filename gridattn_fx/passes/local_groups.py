@@ -19,10 +19,11 @@ computes. Anything else keeps the engine's exchange (dense, exact in any token o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
+import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from ..grid import format_stride, normalize_stride
 from ..ir.values import shape_of as _shape
@@ -47,6 +48,8 @@ class LocalGroups:
     nodes: list
     flops_before: int
     flops_after: int
+    token_axis: int = 1                                 # (B, L, H, D) chunks; 2: (B, H, L, D)
+    exchange: str = "the all-to-all pair around it"     # what the replacement leaves out
 
 
 def _chain_back(node: fx.Node, facts: dict, gm) -> tuple[fx.Node, list] | None:
@@ -136,6 +139,8 @@ def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | N
     other = layouts.same_image(site.query, site.key)
     if other is not None:
         return other + " (the engine's exchange is kept)"
+    if all(_from_local(n) for n in site.inputs):
+        return _plan_dtensor(site, facts, stride)
     ends = [_chain_back(n, facts, gm) for n in site.inputs]
     if any(e is None for e in ends):
         return "q, k or v does not come from this rank's chunk through one all-to-all: the exchange is kept"
@@ -172,20 +177,58 @@ def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | N
     return LocalGroups(chunks, end, group_tokens, stride, nodes, before, after)
 
 
-def local_grid_attention(q, k, v, group_tokens: int, scale=None):
-    """Attention within each contiguous block of ``group_tokens`` tokens of (B, L, H, D) inputs."""
+def _from_local(node) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and getattr(node.target, "__name__", "") == "from_local")
+
+
+def _plan_dtensor(site, facts, stride) -> LocalGroups | str:
+    """Under torch's context parallelism: SDPA over DTensors wrapped from this rank's chunks, the
+    result unwrapped by ``to_local``. The layout analysis states those chunks (from_local / to_local,
+    layout/collectives.py ``dtensor_step``), so equal facts prove the local form: q, k, v and the
+    output are the same rank's whole groups, in the same order, on the same axis."""
+    chunks = tuple(n.args[0] for n in site.inputs)
+    chunk_facts = [facts.get(c) for c in chunks]
+    if (not all(isinstance(f, Tokens) and f.shard and f.groups and not f.partial for f in chunk_facts)
+            or len({_positions(f) for f in chunk_facts}) != 1):
+        return "q, k and v are not this rank's chunks of one grid-group order: torch's exchange is kept (dense)"
+    shapes = [tuple(_hint(s) for s in _shape(c)) for c in chunks]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 4 or chunk_facts[0].dim != 2:
+        return "q, k and v are not (batch, heads, tokens, features) of one shape: torch's exchange is kept (dense)"
+    users = list(site.output.users)
+    if (len(users) != 1 or users[0].op != "call_method" or users[0].target != "to_local"
+            or not isinstance(facts.get(users[0]), Tokens) or _positions(facts[users[0]]) != _positions(chunk_facts[0])):
+        return "the output does not come back to the query's chunk through to_local: torch's exchange is kept (dense)"
+    b, heads, length, d = shapes[0]
+    count = chunk_facts[0].shard[1]
+    group_tokens = length * count // math.prod(stride)
+    before = 4 * b * heads * length * (length * count) * d   # per rank: its queries against every key
+    after = 4 * b * heads * length * group_tokens * d
+    return LocalGroups(chunks, users[0], group_tokens, stride, [*site.inputs, site.output, *site.nodes], before, after,
+                       token_axis=2, exchange="torch's DTensor exchange (the all-gather of k and v, or ring)")
+
+
+def local_grid_attention(q, k, v, group_tokens: int, scale=None, token_axis: int = 1):
+    """Attention within each contiguous block of ``group_tokens`` tokens of (B, L, H, D) inputs
+    (``token_axis=2``: (B, H, L, D) inputs and output)."""
+    if token_axis == 2:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return local_grid_attention(q, k, v, group_tokens, scale).transpose(1, 2)
     b, length, heads, d = q.shape
     # blocks folded into the batch: a 4-D SDPA. On 5-D inputs permuted like these, inductor (torch
     # 2.13, CPU) returns the output with its axes in another order than eager's: wrong values here.
     blocks = [t.reshape(b * (length // group_tokens), group_tokens, t.shape[2], t.shape[3]).transpose(1, 2)
               for t in (q, k, v)]
-    out = F.scaled_dot_product_attention(*blocks, scale=scale)
+    # The builtin, not F.scaled_dot_product_attention: torch's context parallelism replaces that
+    # attribute with its DTensor wrapper, which would attend across the ranks' blocks again.
+    out = torch._C._nn.scaled_dot_product_attention(*blocks, scale=scale)
     return out.transpose(1, 2).reshape(b, length, heads, v.shape[3])
 
 
 def apply_local_groups(gm: fx.GraphModule, site, plan: LocalGroups) -> None:
     with gm.graph.inserting_after(plan.end):
-        local = gm.graph.call_function(local_grid_attention, (*plan.chunks, plan.group_tokens, site.scale))
+        local = gm.graph.call_function(local_grid_attention,
+                                       (*plan.chunks, plan.group_tokens, site.scale, plan.token_axis))
     plan.end.replace_all_uses_with(local)
     # the exchange's collectives and waits go too: nothing uses them any more. Users come after
     # what they use, so erasing from the last node back frees each node before it is reached.

@@ -261,8 +261,8 @@ def _local_row(site: AttentionSite, path: str, local: LocalGroups) -> SiteReport
         k_shape=tuple(site.k_shape or ()), q_layout=None, k_layout=None, evidence="grid-group sharding",
         decision=REWRITTEN, stride=local.stride,
         reason=(f"image self-attention on this rank's own grid groups (grid-group sharding, stride "
-                f"{format_stride(local.stride)}, {local.group_tokens} tokens per group): the all-to-all pair "
-                "around it removed"),
+                f"{format_stride(local.stride)}, {local.group_tokens} tokens per group): {local.exchange} "
+                "removed"),
         flops_before=local.flops_before, flops_after=local.flops_after, layout_source="proven in this graph")
 
 
