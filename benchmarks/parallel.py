@@ -19,11 +19,20 @@ output gather is counted apart); ``max_err`` compares rank 0's output with the o
 Prints one ``parallel:`` line per world size and mode, then the 8-GPU cost model (``costmodel:``).
 
     python -m benchmarks.parallel [--quick] [--worlds 2,4] [--rounds 2] [--out DIR]
+    python -m benchmarks.parallel --engine torch [--quick] ...   # torch's context parallelism
+
+``--engine torch``: a 4-block token transformer (128 wide, 4 heads) under torch's context
+parallelism through gridattn_fx.GroupSharding (torch's own shard with the group-major load
+balancer, torch's DTensor attention for dense sites): ``torch-dense`` at stride 1 (torch's
+all-gather of k and v at every site), ``torch-group`` with every site gridded at (1, 2, 2) on the
+rank's own groups; the one-process baselines declare the tokens (``prepare``). Collectives and bytes
+are counted over an eager run of the graphs as the pass left them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -130,11 +139,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp, tag, options, group, quick, steps, world):
+def _launch(tmp, tag, options, group, quick, steps, world, engine="diffusers"):
     path = os.path.join(tmp, f"{tag}-{world}.pt")
     port = _free_port()
     base = [sys.executable, "-m", "benchmarks.parallel", "--worker", path, "--options", json.dumps(options),
-            "--steps", str(steps)] + (["--group", json.dumps(group)] if group else []) + (["--quick"] if quick else [])
+            "--steps", str(steps), "--engine", engine] + (["--group", json.dumps(group)] if group else []) + (
+            ["--quick"] if quick else [])
     ranks = [subprocess.Popen(base + ["--rank", str(r), "--world", str(world), "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = [p.communicate(timeout=1800)[0] for p in ranks]
@@ -187,6 +197,162 @@ def run(quick: bool, worlds, rounds: int, steps: int, out_dir: str, echo=print):
     return rows
 
 
+# --- torch's context parallelism (gridattn_fx.GroupSharding) --------------------------------------
+
+TORCH_MODES = {  # mode -> (gridattn options, one-process baseline); both through GroupSharding
+    "torch-dense": ({"stride": 1}, "dense"),
+    "torch-group": ({"stride": [1, 2, 2], "min_image_tokens": 0}, "grid"),
+}
+
+
+class TokenBlock(torch.nn.Module):
+    """A pre-norm transformer block over tokens with ``F.scaled_dot_product_attention`` in (B, H, L, D)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm = torch.nn.LayerNorm(dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(x)
+
+
+class TokenTransformer(torch.nn.Module):
+    """Takes tokens (B, T*H*W, C), as a model under torch's context parallelism does (the engine
+    shards its inputs before the forward)."""
+
+    def __init__(self, dim=128, heads=4, depth=4):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([TokenBlock(dim, heads) for _ in range(depth)])
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def torch_grid(quick: bool) -> tuple:
+    return (4, 16, 16) if quick else (8, 32, 32)
+
+
+def _sent_by_collectives(run) -> tuple[int, int]:
+    """(collective calls, bytes this rank sends) while ``run()`` executes eagerly."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counted = [0, 0]
+
+    class Sent(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(issubclass(t, DTensor) for t in types):
+                return NotImplemented  # DTensor first desugars into collectives on plain tensors (as CommDebugMode)
+            name = func.__name__.split(".")[0]
+            if func.namespace == "_c10d_functional" and name != "wait_tensor" and not name.startswith("_"):
+                counted[0] += 1
+                counted[1] += args[0].numel() * args[0].element_size()
+            return func(*args, **(kwargs or {}))
+
+    with Sent():
+        run()
+    return counted[0], counted[1]
+
+
+def torch_worker(out, options, quick, steps, rank=0, world=1, port=None):
+    import torch.distributed as dist
+
+    import gridattn_fx
+    from gridattn_fx.frontends import backend as backend_module
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, grid, layers = TokenTransformer().eval(), torch_grid(quick), 4
+    tokens = torch.randn(1, grid[0] * grid[1] * grid[2], 128, generator=torch.Generator().manual_seed(1))
+    graphs, passed = [], backend_module.apply_pass
+
+    def recording(gm, example_inputs, *a, **k):
+        new_gm, report = passed(gm, example_inputs, *a, **k)
+        graphs.append((new_gm, list(example_inputs)))
+        return new_gm, report
+
+    backend_module.apply_pass = recording
+    compiled = torch.compile(model, backend="gridattn", options=options, dynamic=False)
+    context, x = contextlib.nullcontext(), tokens
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        sharding = gridattn_fx.GroupSharding(init_device_mesh("cpu", (world,)), grid=grid, stride=(1, 2, 2))
+        context = sharding.attention()
+    else:
+        gridattn_fx.prepare(model, (tokens,), x=gridattn_fx.ImageTokens(frames=grid[0], height=grid[1], width=grid[2]))
+    times = []
+    with torch.no_grad(), context:
+        for step in range(2 + steps):
+            if world > 1:
+                x = sharding.shard(tokens, dim=1)
+                dist.barrier()
+            start = time.perf_counter()
+            result = compiled(x)
+            elapsed = torch.tensor([time.perf_counter() - start])
+            if world > 1:
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if step >= 2:
+                times.append(elapsed.item())
+        calls, sent = _sent_by_collectives(lambda: [gm(*inputs) for gm, inputs in graphs])
+    if world > 1:
+        result = sharding.unshard(result, dim=1)
+    sites = [(s.module_path, s.decision, s.reason) for r in gridattn_fx.report_history() for s in r.sites]
+    if rank == 0:
+        torch.save({"out": result, "step_s": statistics.median(times), "calls": calls, "bytes": sent,
+                    "layers": layers, "sites": sites}, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def run_torch(quick: bool, worlds, rounds: int, steps: int, out_dir: str, echo=print):
+    grid = torch_grid(quick)
+    echo(f"parallel: torch's context parallelism (GroupSharding), token transformer over {'x'.join(map(str, grid))} "
+         f"tokens, worlds {worlds}, {rounds} round(s) x {steps} steps, one thread per rank")
+    samples: dict[tuple, list] = {}
+    last: dict[tuple, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for mode, (options, base) in TORCH_MODES.items():
+                result = _launch(tmp, f"base-{base}", options, None, quick, steps, 1, engine="torch")
+                samples.setdefault(("base", base), []).append(result["step_s"])
+                last[("base", base)] = result
+                for world in worlds:
+                    result = _launch(tmp, mode, options, None, quick, steps, world, engine="torch")
+                    samples.setdefault((world, mode), []).append(result["step_s"])
+                    last[(world, mode)] = result
+    rows = []
+    for world in worlds:
+        for mode, (_, base) in TORCH_MODES.items():
+            r, t = last[(world, mode)], statistics.median(samples[(world, mode)])
+            t1 = statistics.median(samples[("base", base)])
+            err = (r["out"] - last[("base", base)]["out"]).abs().max().item()
+            row = dict(engine="torch", world=world, mode=mode, collectives_per_block=r["calls"] / r["layers"],
+                       bytes_per_block=int(r["bytes"] / r["layers"]), step_ms=round(1000 * t, 1),
+                       one_process_ms=round(1000 * t1, 1), speedup_vs_1=round(t1 / t, 2), max_err=f"{err:.1e}")
+            rows.append(row)
+            echo("parallel: " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "parallel_torch.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
 # --- the 8-GPU cost model ------------------------------------------------------------------------
 
 def cost_model(gpus: int = 8, steps: int = 50):
@@ -224,6 +390,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="rounds over all configurations (default 2; quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per process (default 5; quick 3)")
     p.add_argument("--out", default=None)
+    p.add_argument("--engine", choices=("diffusers", "torch"), default="diffusers",
+                   help="diffusers' Ulysses (default) or torch's context parallelism with GroupSharding")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--group", default=None, help=argparse.SUPPRESS)
@@ -232,13 +400,16 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     steps = a.steps or (3 if a.quick else 5)
+    if a.worker and a.engine == "torch":
+        torch_worker(a.worker, json.loads(a.options), a.quick, steps, a.rank, a.world, a.port)
+        return 0
     if a.worker:
         worker(a.worker, json.loads(a.options), json.loads(a.group) if a.group else None, a.quick, steps,
                a.rank, a.world, a.port)
         return 0
     worlds = [int(w) for w in (a.worlds or ("2" if a.quick else "2,4")).split(",")]
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out" if a.quick else "results", "parallel")
-    run(a.quick, worlds, a.rounds or (1 if a.quick else 2), steps, out)
+    (run_torch if a.engine == "torch" else run)(a.quick, worlds, a.rounds or (1 if a.quick else 2), steps, out)
     return 0
 
 

@@ -21,50 +21,18 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-GRID, STRIDE = (2, 8, 8), (1, 2, 2)
+GRID, STRIDE, WIDTH = (2, 8, 8), (1, 2, 2), 32
 
 
-class Block(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+def model_and_tokens(width=32):
+    from benchmarks.parallel import TokenTransformer  # the benchmark's model, smaller
 
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, c))
-        return x + self.mlp(x)
-
-
-class TokenTransformer(nn.Module):
-    """Takes tokens (B, T*H*W, C), as models under torch's context parallelism do (the engine shards
-    its inputs before the forward)."""
-
-    def __init__(self, dim=32, heads=4, depth=2):
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-
-def model_and_tokens():
     torch.manual_seed(0)
-    model = TokenTransformer().eval()
-    tokens = torch.randn(1, GRID[0] * GRID[1] * GRID[2], 32, generator=torch.Generator().manual_seed(1))
+    model = TokenTransformer(dim=width, heads=4, depth=2).eval()
+    tokens = torch.randn(1, GRID[0] * GRID[1] * GRID[2], width, generator=torch.Generator().manual_seed(1))
     return model, tokens
 
 
@@ -108,7 +76,7 @@ def run(out_path, options, rank=0, world=1, port=None):
     from gridattn_fx.frontends import backend as backend_module
 
     torch.set_num_threads(1)
-    model, tokens = model_and_tokens()
+    model, tokens = model_and_tokens(WIDTH)
     graphs = []
     passed = backend_module.apply_pass
 
@@ -161,5 +129,8 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int)
     parser.add_argument("--options", default='{"stride": [1, 2, 2], "min_image_tokens": 0}')
     parser.add_argument("--plain", action="store_true", help="torch's context_parallel without grid groups")
+    parser.add_argument("--grid", default="2,8,8", help="the token grid T,H,W")
+    parser.add_argument("--width", type=int, default=32, help="model width (4 heads)")
     a = parser.parse_args()
+    GRID, WIDTH = tuple(int(n) for n in a.grid.split(",")), a.width
     (run_plain if a.plain else run)(a.out, json.loads(a.options), a.rank, a.world, a.port)

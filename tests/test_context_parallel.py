@@ -231,16 +231,16 @@ TORCH_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cp_torc
 TORCH_GRID = '{"stride": [1, 2, 2], "min_image_tokens": 0}'
 
 
-def _launch_torch(tmp, world, options):
+def _launch_torch(tmp, world, options, extra=()):
     """``world`` ranks under torch's context parallelism and the one-process run (tokens declared)."""
-    tag = f"torch-{world}-{abs(hash(options))}"
+    tag = f"torch-{world}-{abs(hash((options, extra)))}"
     runs = _run_ranks(world, lambda r, port: [
         sys.executable, TORCH_WORKER, str(tmp / f"{tag}-{r}.pt"), "--rank", str(r), "--world", str(world),
-        "--port", str(port), "--options", options])
+        "--port", str(port), "--options", options, *extra])
     for returncode, log in runs:
         assert returncode == 0, log[-4000:]
-    single = subprocess.run([sys.executable, TORCH_WORKER, str(tmp / f"{tag}-single.pt"), "--options", options],
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    single = subprocess.run([sys.executable, TORCH_WORKER, str(tmp / f"{tag}-single.pt"), "--options", options,
+                             *extra], capture_output=True, text=True, timeout=TIMEOUT)
     assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
     return ([torch.load(tmp / f"{tag}-{r}.pt", weights_only=False) for r in range(world)],
             torch.load(tmp / f"{tag}-single.pt", weights_only=False))
@@ -273,6 +273,24 @@ def test_torch_context_parallel_keeps_the_exchange_of_dense_sites(tmp):
         assert decisions["blocks.0"][0] == "rewritten" and decisions["blocks.1"][0] == "skipped"
         assert (result["out"] - single["out"]).abs().max().item() <= 1e-5
         assert result["collectives"] == {"all_gather_into_tensor": 2}
+
+
+def test_torch_context_parallel_dense_sites_return_the_query_chunk(tmp):
+    """At 2048 tokens on 4 ranks DTensor's attention returns its output sharded over the heads;
+    torch's output hook unwraps it as it is (the query chunk's size, other contents). Under
+    GroupSharding.attention() the output is redistributed to the tokens first: dense sites equal the
+    one-process output, and gridded sites still run on the rank's own groups."""
+    extra = ("--grid", "2,32,32", "--width", "128")
+    dense, single = _launch_torch(tmp, 4, '{"stride": 1}', extra)
+    for result in dense:
+        assert [d for _, d, _ in result["reports"]] == ["skipped", "skipped"]
+        assert (result["out"] - single["out"]).abs().max().item() <= 1e-5
+        assert result["collectives"]  # torch's exchange ran
+    gridded, single = _launch_torch(tmp, 4, TORCH_GRID, extra)
+    for result in gridded:
+        assert [d for _, d, _ in result["reports"]] == ["rewritten", "rewritten"]
+        assert (result["out"] - single["out"]).abs().max().item() <= 1e-5
+        assert result["collectives"] == {}
 
 
 def test_torch_context_parallel_without_group_sharding_stays_dense(tmp):

@@ -21,6 +21,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..crossgraph.break_handoff import record_tensor
 from ..layout.collectives import group_major
@@ -100,21 +101,46 @@ class GroupSharding:
 
     @contextlib.contextmanager
     def attention(self):
-        """torch's context-parallel SDPA for the sites that stay dense (``F.scaled_dot_product_attention``
-        through DTensor over the mesh). On a CPU mesh the math SDPA kernel is selected: Dynamo's trace
-        of DTensor's CPU flash-attention kernel did not finish in 10 minutes here (torch 2.13)."""
+        """torch's context-parallel SDPA for the sites that stay dense: ``F.scaled_dot_product_attention``
+        through DTensor over the mesh (torch's input wrapping and attention dispatch), with two
+        corrections:
+
+        * the result is redistributed to the query's placement (the tokens, ``Shard(2)``) before
+          ``to_local()``. torch's output hook unwraps whatever placement sharding propagation chose:
+          with the math kernel at 8192 tokens on 4 ranks it is the heads (``Shard(1)``), whose local
+          tensor has the query chunk's size and other contents, so the model went on silently wrong;
+        * on a CPU mesh the math SDPA kernel is selected around the DTensor call only: Dynamo's trace
+          of DTensor's CPU flash-attention kernel did not finish in 10 minutes here (torch 2.13). The
+          local attention of gridded sites keeps the default kernel."""
+        from torch.distributed.tensor import DTensor, Shard
         from torch.distributed.tensor.experimental._context_parallel import _attention as cp
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        original = F.scaled_dot_product_attention
+        wrapping = cp._ContextParallel(seq_dim=2, attention_type=cp._ContextParallel.AttentionType.SDPA)
+
+        def on_query_placement(module, inputs, outputs, mesh):
+            if isinstance(outputs, DTensor):
+                outputs = outputs.redistribute(mesh, [Shard(2)])
+            return wrapping.sdpa_output_fn(module, inputs, outputs, mesh)
+
         previous = cp._dispatch_mode
         cp._dispatch_mode = cp._DispatchMode.MONKEY_PATCH
-        cp._enable_context_parallel_dispatcher_impl(seq_dim=2, mesh=self.mesh)
-        kernel = sdpa_kernel(SDPBackend.MATH) if self.mesh.device_type == "cpu" else contextlib.nullcontext()
+        cp._distribute_function(original, F, self.mesh, wrapping.sdpa_input_fn, on_query_placement)
+        cp._enable_cp_dtensor_dispatcher()
+        distributed = F.scaled_dot_product_attention
+        if self.mesh.device_type == "cpu":
+            def math_kernel_for_dtensors(*args, **kwargs):
+                with sdpa_kernel(SDPBackend.MATH):
+                    return distributed(*args, **kwargs)
+
+            F.scaled_dot_product_attention = math_kernel_for_dtensors
         try:
-            with kernel:
-                yield
+            yield
         finally:
-            cp._disable_context_parallel_dispatcher_impl()
+            F.scaled_dot_product_attention = distributed
+            cp._restore_function(distributed, F)
+            cp._disable_cp_dtensor_dispatcher()
             cp._dispatch_mode = previous
 
 

@@ -331,6 +331,8 @@ def dtensor_step(node, fact) -> Tokens | None:
         wrapped, local, gathering = node.meta.get("example_value"), node.args[0], True
     elif node.op == "call_method" and node.target == "to_local" and isinstance(node.args[0], torch.fx.Node):
         wrapped, local, gathering = node.args[0].meta.get("example_value"), node, False
+    elif node.op == "call_method" and node.target == "redistribute" and isinstance(fact, Tokens) and not fact.shard:
+        return fact  # another placement of the same global values
     else:
         return None
     mesh, placements = getattr(wrapped, "device_mesh", None), getattr(wrapped, "placements", None)

@@ -195,16 +195,20 @@ def _plan_dtensor(site, facts, stride) -> LocalGroups | str:
     shapes = [tuple(_hint(s) for s in _shape(c)) for c in chunks]
     if len(set(shapes)) != 1 or len(shapes[0]) != 4 or chunk_facts[0].dim != 2:
         return "q, k and v are not (batch, heads, tokens, features) of one shape: torch's exchange is kept (dense)"
-    users = list(site.output.users)
-    if (len(users) != 1 or users[0].op != "call_method" or users[0].target != "to_local"
-            or not isinstance(facts.get(users[0]), Tokens) or _positions(facts[users[0]]) != _positions(chunk_facts[0])):
+    end, dead = site.output, []
+    while len(end.users) == 1 and next(iter(end.users)).op == "call_method" and next(iter(end.users)).target in (
+            "redistribute", "to_local"):
+        dead.append(end)
+        end = next(iter(end.users))
+    if (end.target != "to_local" or not isinstance(facts.get(end), Tokens)
+            or _positions(facts[end]) != _positions(chunk_facts[0])):
         return "the output does not come back to the query's chunk through to_local: torch's exchange is kept (dense)"
     b, heads, length, d = shapes[0]
     count = chunk_facts[0].shard[1]
     group_tokens = length * count // math.prod(stride)
     before = 4 * b * heads * length * (length * count) * d   # per rank: its queries against every key
     after = 4 * b * heads * length * group_tokens * d
-    return LocalGroups(chunks, users[0], group_tokens, stride, [*site.inputs, site.output, *site.nodes], before, after,
+    return LocalGroups(chunks, end, group_tokens, stride, [*site.inputs, *dead, *site.nodes], before, after,
                        token_axis=2, exchange="torch's DTensor exchange (the all-gather of k and v, or ring)")
 
 
