@@ -15,6 +15,11 @@ the tensor that comes back in the chunk's layout. The site is replaced only when
 at every index, the same token and feature as the query chunk, and q, k and v reach the attention
 the same way: then the engine computes, per element of the chunk, exactly what the local attention
 computes. Anything else keeps the engine's exchange (dense, exact in any token order).
+
+Under torch's context parallelism (``gridattn_fx.GroupSharding``) there is no exchange to replay:
+q, k and v are this rank's chunks wrapped as DTensors (``from_local``) and the output is unwrapped
+(``to_local``); the layout analysis states the chunk on both sides, so equal facts prove the local
+form (:func:`_plan_dtensor`).
 """
 
 from __future__ import annotations
@@ -106,8 +111,8 @@ def check_group_order(site, layouts, path: str) -> None:
         what = "causal" if site.is_causal else "masked (attn_mask or position bias)"
         raise GroupOrderError(
             f"gridattn: attention site '{path}' is {what} and runs on tokens that grid-group sharding "
-            "(context_parallel(..., group_stride=...)) put in group-major order: its mask would apply to "
-            "other token pairs than the model's. Run this model without group_stride (plain Ulysses).")
+            "(context_parallel(..., group_stride=...) or GroupSharding) put in group-major order: its mask "
+            "would apply to other token pairs than the model's. Run this model without grid-group sharding.")
 
 
 def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | None:
