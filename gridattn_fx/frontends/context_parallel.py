@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn as nn
 
+from ..layout.collectives import group_major_axes
+
 
 def context_parallel(model: nn.Module, config, *, cp_plan=None, group_stride=None) -> nn.Module:
     """``model.enable_parallelism(config=config, cp_plan=cp_plan)`` (diffusers), then readies its
@@ -172,12 +174,9 @@ class _GroupOrder:
             raise ValueError(f"grid-group sharding: stride {stride} does not divide the token grid {grid}")
         dim = dim % x.dim()
         lead, tail, k = x.shape[:dim], x.shape[dim + 1:], len(grid)
-        if not inverse:
-            split = [s for n, g in zip(grid, stride) for s in (n // g, g)]
-            order = [2 * a + 1 for a in range(k)] + [2 * a for a in range(k)]
-        else:
-            split = [*stride, *(n // g for n, g in zip(grid, stride))]
-            order = [p for a in range(k) for p in (k + a, a)]
+        split, order = group_major_axes(grid, stride)
+        if inverse:  # from the permuted sizes back: the inverse permutation
+            split, order = [split[a] for a in order], sorted(range(2 * k), key=order.__getitem__)
         y = x.reshape(*lead, *split, *tail)
         axes = [*range(dim), *(dim + a for a in order), *range(dim + 2 * k, y.dim())]
         return y.permute(*axes).reshape(x.shape)

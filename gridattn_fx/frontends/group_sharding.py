@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..crossgraph.break_handoff import record_tensor
-from ..layout.collectives import group_major
+from ..layout.collectives import group_major, group_major_axes
 from ..layout.facts import Tokens
 
 ORIGIN = "a grid-group shard (gridattn_fx.GroupSharding)"
@@ -63,9 +63,7 @@ class GroupSharding:
 
     def order(self, restore: bool = False) -> torch.Tensor:
         """Token indices of group-major order (``x[..., order, ...]`` reorders); ``restore``: the inverse."""
-        k = len(self.grid)
-        split = [s for n, g in zip(self.grid, self.stride) for s in (n // g, g)]
-        axes = [2 * a + 1 for a in range(k)] + [2 * a for a in range(k)]  # residues (the group) outermost
+        split, axes = group_major_axes(self.grid, self.stride)
         forward = torch.arange(self.tokens).reshape(split).permute(axes).reshape(-1)
         return torch.argsort(forward) if restore else forward
 

@@ -77,6 +77,15 @@ def group_major(image_shape, strides) -> tuple:
     return canonical(residues + quotients)
 
 
+def group_major_axes(image_shape, strides) -> tuple[list, list]:
+    """(split, axes): a row-major image's tokens reshaped to ``split`` (each axis as (n / g, g)) and
+    permuted by ``axes`` (the residues, i.e. the group, outermost) are in grid-group order, the
+    order :func:`group_major` describes."""
+    k = len(image_shape)
+    split = [s for n, g in zip(image_shape, strides) for s in (n // g, g)]
+    return split, [2 * a + 1 for a in range(k)] + [2 * a for a in range(k)]
+
+
 def grouped_by(fact: Tokens, strides) -> bool:
     """Whether ``fact``'s tokens are in the group-major order of grid stride ``strides``."""
     return bool(fact.groups) and len(strides) == fact.rank and fact.groups == group_major(fact.image_shape, strides)
@@ -320,14 +329,20 @@ def collective_name(node) -> str | None:
     return None
 
 
+def is_from_local(node) -> bool:
+    """Whether ``node`` is ``DTensor.from_local`` as Dynamo records it."""
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and getattr(node.target, "__name__", "") == "from_local"
+            and str(getattr(node.target, "__module__", "")).startswith("torch.distributed.tensor"))
+
+
 def dtensor_step(node, fact) -> Tokens | None:
     """torch's context parallelism wraps each rank's q, k, v as a DTensor sharded along the tokens
     (``DTensor.from_local(x, mesh, [Shard(d)])``) and unwraps the result (``.to_local()``). A DTensor
     with one Shard placement on a 1-D mesh is its ranks' local tensors concatenated in mesh order
     along ``d``: ``from_local`` of this rank's chunk (index = its mesh rank) is the whole sequence,
     ``to_local`` of the whole sequence is this rank's chunk. None for anything else."""
-    if node.op == "call_function" and getattr(node.target, "__name__", "") == "from_local" and str(
-            getattr(node.target, "__module__", "")).startswith("torch.distributed.tensor"):
+    if is_from_local(node):
         wrapped, local, gathering = node.meta.get("example_value"), node.args[0], True
     elif node.op == "call_method" and node.target == "to_local" and isinstance(node.args[0], torch.fx.Node):
         wrapped, local, gathering = node.args[0].meta.get("example_value"), node, False

@@ -32,7 +32,15 @@ import torch.fx as fx
 
 from ..grid import format_stride, normalize_stride
 from ..ir.values import shape_of as _shape
-from ..layout.collectives import ALL_TO_ALL, follow_node, grouped_by, movement_name, same_elements, scatter
+from ..layout.collectives import (
+    ALL_TO_ALL,
+    follow_node,
+    grouped_by,
+    is_from_local,
+    movement_name,
+    same_elements,
+    scatter,
+)
 from ..layout.facts import Tokens, _hint, _positions
 
 
@@ -144,7 +152,7 @@ def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | N
     other = layouts.same_image(site.query, site.key)
     if other is not None:
         return other + " (the engine's exchange is kept)"
-    if all(_from_local(n) for n in site.inputs):
+    if all(is_from_local(n) for n in site.inputs):
         return _plan_dtensor(site, facts, stride)
     ends = [_chain_back(n, facts, gm) for n in site.inputs]
     if any(e is None for e in ends):
@@ -180,11 +188,6 @@ def plan_local_groups(site, layouts, config, path: str) -> LocalGroups | str | N
     after = 4 * b * heads * length * group_tokens * d
     nodes = [n for _, chain in ends for n in chain] + [site.output] + list(site.nodes) + out_chain[:-1]
     return LocalGroups(chunks, end, group_tokens, stride, nodes, before, after)
-
-
-def _from_local(node) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_function"
-            and getattr(node.target, "__name__", "") == "from_local")
 
 
 def _plan_dtensor(site, facts, stride) -> LocalGroups | str:

@@ -161,7 +161,7 @@ def run_pass(gm: fx.GraphModule, example_inputs, config: GridAttnConfig,
         check_group_order(site, layouts, path)
         local = plan_local_groups(site, layouts, config, path) if len(paths) == 1 and not training else None
         if isinstance(local, LocalGroups):
-            report.sites.append(_local_row(site, path, local))
+            report.sites.append(_local_row(site, path, local, layouts))
             locals_.append((site, local))
             continue
         if len(paths) > 1:
@@ -254,7 +254,7 @@ def _site_row(site: AttentionSite, path: str, d, layouts: LayoutAnalysis) -> Sit
     )
 
 
-def _local_row(site: AttentionSite, path: str, local: LocalGroups) -> SiteReport:
+def _local_row(site: AttentionSite, path: str, local: LocalGroups, layouts: LayoutAnalysis) -> SiteReport:
     """The report's row for a site that runs on this rank's own grid groups."""
     return SiteReport(
         node=site.output.name, module_path=path, form=site.form, q_shape=tuple(site.q_shape or ()),
@@ -263,7 +263,8 @@ def _local_row(site: AttentionSite, path: str, local: LocalGroups) -> SiteReport
         reason=(f"image self-attention on this rank's own grid groups (grid-group sharding, stride "
                 f"{format_stride(local.stride)}, {local.group_tokens} tokens per group): {local.exchange} "
                 "removed"),
-        flops_before=local.flops_before, flops_after=local.flops_after, layout_source="proven in this graph")
+        flops_before=local.flops_before, flops_after=local.flops_after,
+        layout_source=layout_source(layouts.facts.get(site.query)))
 
 
 def _decide_shared(site: AttentionSite, layouts: LayoutAnalysis, config: GridAttnConfig, paths: list[str],
